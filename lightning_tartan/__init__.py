@@ -1,0 +1,5 @@
+"""End-task aware training (TARTAN) for PyTorch Lightning."""
+from lightning_tartan.module import TartanModule
+from lightning_tartan.weighting import Weighting, build_weighting
+
+__all__ = ["TartanModule", "Weighting", "build_weighting"]

@@ -1,0 +1,95 @@
+"""The dev gradient of META-TARTAN: fit a fresh end-task head on a dev sample, then backpropagate its loss.
+
+The encoder is frozen (eval mode) while the head is fitted, so its features are fixed: one forward serves
+every fitting step (the paper's code re-ran the encoder at each one; `on_cached_features=False` restores
+that for comparison). The same forward, kept with its graph, then gives the gradient with respect to the
+encoder's parameters, taken with `torch.autograd.grad` so `.grad` and DDP's reducer are left untouched.
+"""
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_tartan.heads import ClassificationHead
+
+
+class DevHead:
+    """Fits a dev head and returns the flat dev gradient over `params`."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_labels: int,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        max_steps: int = 10,
+        tolerance: float = 1e-3,
+        init_std: float = 0.02,
+        on_cached_features: bool = True,
+    ) -> None:
+        if max_steps < 1:
+            raise ValueError(f"dev_head_steps must be >= 1, got {max_steps}")
+        self.hidden_size = hidden_size
+        self.num_labels = num_labels
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.max_steps = max_steps
+        self.tolerance = tolerance
+        self.init_std = init_std
+        self.on_cached_features = on_cached_features
+
+    def fit(self, features: Callable[[], Tensor], labels: Tensor, seed: int) -> ClassificationHead:
+        """A fresh head fitted on `features()`: AdamW, stopping early once the loss moves less than `tolerance`.
+
+        `seed` fixes the head's initialisation, so every DDP rank (and a resumed run) fits the same head.
+        """
+        head = ClassificationHead(self.hidden_size, self.num_labels, dropout=0.0)
+        head.reset_parameters(self.init_std, torch.Generator().manual_seed(seed))
+        head.to(labels.device)
+        optimizer = torch.optim.AdamW(head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        previous = None
+        with torch.enable_grad():
+            for _ in range(self.max_steps):
+                loss = F.cross_entropy(head(features()).float(), labels)
+                if previous is not None and abs(previous - loss.item()) < self.tolerance:
+                    break
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                previous = loss.item()
+        return head.requires_grad_(False)
+
+    def gradient(
+        self,
+        encode: Callable[[], Tensor],
+        labels: Tensor,
+        params: Sequence[nn.Parameter],
+        seed: int,
+        loss_scale: float = 1.0,
+    ) -> Tensor:
+        """Flat gradient of the fitted dev head's loss w.r.t. `params`; `encode()` runs the (frozen) encoder.
+
+        `loss_scale` multiplies the loss before differentiation so fp16 gradients do not underflow; only
+        the direction of the result is used.
+        """
+        with torch.enable_grad():
+            hidden = encode()
+            if self.on_cached_features:
+                cached = hidden.detach()
+                head = self.fit(lambda: cached, labels, seed)
+            else:
+                head = self.fit(self._no_grad(encode), labels, seed)
+            loss = F.cross_entropy(head(hidden).float(), labels) * loss_scale
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return torch.cat(
+            [(g if g is not None else torch.zeros_like(p)).reshape(-1).float() for g, p in zip(grads, params)]
+        )
+
+    @staticmethod
+    def _no_grad(encode: Callable[[], Tensor]) -> Callable[[], Tensor]:
+        def run() -> Tensor:
+            with torch.no_grad():
+                return encode()
+
+        return run

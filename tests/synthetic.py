@@ -1,0 +1,43 @@
+"""Deterministic hand-made TARTAN batches for the core tests, independent of the datamodules."""
+import torch
+from torch.utils.data import DataLoader
+
+VOCAB_LOW, VOCAB_HIGH = 1000, 2000  # ordinary WordPiece ids, clear of special tokens
+
+
+def make_batches(n: int, batch_size: int = 4, length: int = 12, num_labels: int = 3, seed: int = 0) -> list[dict]:
+    """`n` training batches with `end_task`, `tapt`, `dapt` and `meta_dev`; MLM masks every 4th position, so
+    any split of a batch along its rows has the same number of masked tokens per row."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def ids() -> torch.Tensor:
+        return torch.randint(VOCAB_LOW, VOCAB_HIGH, (batch_size, length), generator=generator)
+
+    def labeled() -> dict:
+        return {
+            "input_ids": ids(),
+            "attention_mask": torch.ones(batch_size, length, dtype=torch.long),
+            "labels": torch.randint(0, num_labels, (batch_size,), generator=generator),
+        }
+
+    def mlm() -> dict:
+        input_ids = ids()
+        labels = torch.full_like(input_ids, -100)
+        labels[:, 1::4] = input_ids[:, 1::4]
+        input_ids[:, 1::4] = 103  # [MASK]
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+    return [{"end_task": labeled(), "tapt": mlm(), "dapt": mlm(), "meta_dev": labeled()} for _ in range(n)]
+
+
+def shard(batch: dict, rank: int, world_size: int) -> dict:
+    """Rows of every source but `meta_dev` split across ranks; `meta_dev` is the same everywhere."""
+    def part(source: dict) -> dict:
+        rows = len(source["input_ids"]) // world_size
+        return {key: value[rank * rows : (rank + 1) * rows] for key, value in source.items()}
+
+    return {name: source if name == "meta_dev" else part(source) for name, source in batch.items()}
+
+
+def loader(batches: list[dict]) -> DataLoader:
+    return DataLoader(batches, batch_size=None)
