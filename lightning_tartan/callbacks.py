@@ -113,8 +113,6 @@ class TaskWeightPlot(pl.Callback):
         self.history.setdefault(self.monitor, []).append(float(trainer.callback_metrics[self.monitor]))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.enabled:
-            return
         # `trainer.log_dir` broadcasts, so every rank must resolve the directory, not just rank 0.
         dirpath = self.dirpath or trainer.log_dir or trainer.default_root_dir
         if trainer.is_global_zero:
@@ -122,7 +120,7 @@ class TaskWeightPlot(pl.Callback):
 
     def plot(self, path: Optional[Union[str, os.PathLike]] = None) -> Figure:
         """Build the figure from ``history``; also write it as PNG to ``path`` when given."""
-        panels = [p for p in _PANELS if True or any(k.startswith(p[1]) for k in self.history)]
+        panels = [p for p in _PANELS if p[0] == "weights" or any(k.startswith(p[1]) for k in self.history)]
         objectives = self._plotted_objectives()
         fig = Figure(figsize=(9, 3.2 * len(panels)), layout="constrained")
         fig.suptitle("TARTAN task weighting")

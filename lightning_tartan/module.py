@@ -5,12 +5,11 @@ objective its forward, loss and `manual_backward` (weighted, divided by the accu
 every `accumulate_grad_batches` batches, gradient clipping, the optimizer and LR-scheduler steps, and the
 meta-weight update.
 """
+import copy
 import math
-import random
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -19,7 +18,13 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+from transformers import (
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    get_linear_schedule_with_warmup,
+)
 
 from lightning_tartan.dev_head import DevHead
 from lightning_tartan.heads import ClassificationHead, load_encoder_and_mlm_head
@@ -262,12 +267,10 @@ class TartanModule(pl.LightningModule):
     # ----- checkpoints and export ---------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Dropout and MLM masking draw from these generators; restoring them makes a resumed run exact.
+        # Dropout and MLM masking draw from torch's generators; restoring them makes a resumed run exact.
         checkpoint["rng_states"] = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -280,24 +283,37 @@ class TartanModule(pl.LightningModule):
         torch.set_rng_state(states["torch"])
         if states["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(states["cuda"])
-        np.random.set_state(states["numpy"])
-        random.setstate(states["python"])
 
     def save_end_task_model(self, path: str | Path) -> None:
         """Write a standard HF model folder (`AutoModelForSequenceClassification`) plus tokenizer."""
-        config = self.encoder.config.__class__.from_dict(self.encoder.config.to_dict())
+        config = copy.deepcopy(self.encoder.config)
         config.num_labels = self.hparams.num_labels
         names = self.hparams.label_names or [str(i) for i in range(self.hparams.num_labels)]
         config.id2label = dict(enumerate(names))
         config.label2id = {name: i for i, name in enumerate(names)}
         model = AutoModelForSequenceClassification.from_config(config)
-        missing, unexpected = model.base_model.load_state_dict(self.encoder.state_dict(), strict=False)
-        if unexpected or any(not key.startswith("pooler.") for key in missing):
-            raise RuntimeError(f"encoder weights do not fit {type(model).__name__}: {missing=} {unexpected=}")
+        _load_encoder(model, self.encoder)
         _copy_classification_head(self.end_task_head, model)
+        self._save_with_tokenizer(model, path)
+
+    def save_mlm_model(self, path: str | Path) -> None:
+        """Write encoder + MLM head as an HF masked-LM folder: the input of a later fine-tuning run (TAPT/DAPT)."""
+        model = AutoModelForMaskedLM.from_config(copy.deepcopy(self.encoder.config))
+        _load_encoder(model, self.encoder)
+        head = next(child for child in model.children() if child is not model.base_model)
+        head.load_state_dict(self.mlm_head.state_dict())
+        self._save_with_tokenizer(model, path)
+
+    def _save_with_tokenizer(self, model: PreTrainedModel, path: str | Path) -> None:
         model.save_pretrained(path)
         tokenizer = self.hparams.tokenizer_name_or_path or self.hparams.encoder_name_or_path
         AutoTokenizer.from_pretrained(tokenizer).save_pretrained(path)
+
+
+def _load_encoder(model: PreTrainedModel, encoder: torch.nn.Module) -> None:
+    missing, unexpected = model.base_model.load_state_dict(encoder.state_dict(), strict=False)
+    if unexpected or any(not key.startswith("pooler.") for key in missing):
+        raise RuntimeError(f"encoder weights do not fit {type(model).__name__}: {missing=} {unexpected=}")
 
 
 def _copy_classification_head(head: ClassificationHead, model: torch.nn.Module) -> None:

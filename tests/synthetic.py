@@ -40,4 +40,5 @@ def shard(batch: dict, rank: int, world_size: int) -> dict:
 
 
 def loader(batches: list[dict]) -> DataLoader:
-    return DataLoader(batches, batch_size=None)
+    # Its own generator keeps the global RNG (dropout) untouched by iterator creation, as the datamodules do.
+    return DataLoader(batches, batch_size=None, generator=torch.Generator())
