@@ -113,6 +113,8 @@ class TaskWeightPlot(pl.Callback):
         self.history.setdefault(self.monitor, []).append(float(trainer.callback_metrics[self.monitor]))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.enabled:
+            return
         # `trainer.log_dir` broadcasts, so every rank must resolve the directory, not just rank 0.
         dirpath = self.dirpath or trainer.log_dir or trainer.default_root_dir
         if trainer.is_global_zero:
@@ -176,5 +178,5 @@ class TaskWeightPlot(pl.Callback):
         return {"history": copy.deepcopy(self.history), "monitor": self.monitor}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        self.history = copy.deepcopy(state_dict["history"])
+        self.history = state_dict["history"]
         self.monitor = state_dict["monitor"]

@@ -4,6 +4,7 @@ The encoder is frozen (eval mode) while the head is fitted, so its features are 
 every fitting step (the paper's code re-ran the encoder at each one; `on_cached_features=False` restores
 that for comparison). The same forward, kept with its graph, then gives the gradient with respect to the
 encoder's parameters, taken with `torch.autograd.grad` so `.grad` and DDP's reducer are left untouched.
+The gradient stays one tensor per parameter: no flat copy.
 """
 from typing import Callable, Sequence
 
@@ -67,8 +68,8 @@ class DevHead:
         params: Sequence[nn.Parameter],
         seed: int,
         loss_scale: float = 1.0,
-    ) -> Tensor:
-        """Flat gradient of the fitted dev head's loss w.r.t. `params`; `encode()` runs the (frozen) encoder.
+    ) -> list[Tensor]:
+        """Gradient of the fitted dev head's loss w.r.t. each of `params` (fp32); `encode()` runs the frozen encoder.
 
         `loss_scale` multiplies the loss before differentiation so fp16 gradients do not underflow; only
         the direction of the result is used.
@@ -82,9 +83,7 @@ class DevHead:
                 head = self.fit(self._no_grad(encode), labels, seed)
             loss = F.cross_entropy(head(hidden).float(), labels) * loss_scale
             grads = torch.autograd.grad(loss, params, allow_unused=True)
-        return torch.cat(
-            [(g if g is not None else torch.zeros_like(p)).reshape(-1).float() for g, p in zip(grads, params)]
-        )
+        return [(g if g is not None else torch.zeros_like(p)).float() for g, p in zip(grads, params)]
 
     @staticmethod
     def _no_grad(encode: Callable[[], Tensor]) -> Callable[[], Tensor]:

@@ -144,7 +144,7 @@ class TartanModule(pl.LightningModule):
             )
         return self.end_task_loss(batch[name]) if name == END_TASK else self.mlm_loss(batch[name])
 
-    def dev_gradient(self, dev_batch: dict[str, Tensor]) -> Tensor:
+    def dev_gradient(self, dev_batch: dict[str, Tensor]) -> list[Tensor]:
         """g_dev over the encoder's parameters, from a dev head fitted with the encoder frozen."""
         was_training = self.encoder.training
         self.encoder.eval()

@@ -19,66 +19,61 @@ class TaskGradientCosines:
         self.params = list(params)
         self.keep_copies = keep_copies
         self.eps = eps
-        self.numel = sum(p.numel() for p in self.params)
-        self._snapshot: Optional[Tensor] = None
-        self._dev_grad: Optional[Tensor] = None
-        self._copies: dict[str, Tensor] = {}
+        self._snapshot: list[Tensor] = []
+        self._dev_grad: list[Tensor] = []
+        self._dev_norm: Optional[Tensor] = None
+        self._copies: dict[str, list[Tensor]] = {}
         self._sums: dict[str, Tensor] = {}
         self._counts: dict[str, int] = {}
 
-    def _views(self, flat: Tensor) -> list[Tensor]:
-        return list(torch.split(flat, [p.numel() for p in self.params]))
-
-    def start_step(self, dev_grad: Tensor) -> None:
-        """Begin an optimizer step: `.grad` must be empty; `dev_grad` is the flat dev gradient."""
-        if dev_grad.numel() != self.numel:
-            raise ValueError(f"dev gradient has {dev_grad.numel()} entries, the encoder {self.numel}")
-        self._dev_grad = dev_grad.float()
-        if self._snapshot is None or self._snapshot.device != dev_grad.device:
-            self._snapshot = torch.zeros(self.numel, device=dev_grad.device)
+    def start_step(self, dev_grad: Sequence[Tensor]) -> None:
+        """Begin an optimizer step: `.grad` must be empty; `dev_grad` holds one tensor per parameter."""
+        if len(dev_grad) != len(self.params):
+            raise ValueError(f"dev gradient has {len(dev_grad)} tensors for {len(self.params)} parameters")
+        self._dev_grad = list(dev_grad)
+        self._dev_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in dev_grad]))
+        if not self._snapshot or self._snapshot[0].device != dev_grad[0].device:
+            self._snapshot = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
         else:
-            self._snapshot.zero_()
+            torch._foreach_zero_(self._snapshot)
         self._sums.clear()
         self._counts.clear()
 
     def record(self, name: str) -> None:
         """Call right after objective `name`'s backward."""
-        if self._dev_grad is None:
+        if self._dev_norm is None:
             raise RuntimeError("record() before start_step()")
-        snapshots = self._views(self._snapshot)
-        dev = self._views(self._dev_grad)
-        dot = torch.zeros((), device=self._snapshot.device)
-        sq_norm = torch.zeros((), device=self._snapshot.device)
-        for param, snap, dev_part in zip(self.params, snapshots, dev):
+        dot = torch.zeros((), device=self._dev_norm.device)
+        sq_norm = torch.zeros((), device=self._dev_norm.device)
+        for param, snap, dev in zip(self.params, self._snapshot, self._dev_grad):
             if param.grad is None:
                 continue
-            grad = param.grad.reshape(-1)
-            torch.sub(grad, snap, out=snap)
-            dot += torch.dot(snap, dev_part)
-            sq_norm += torch.dot(snap, snap)
+            torch.sub(param.grad, snap, out=snap)
+            dot += torch.vdot(snap.reshape(-1), dev.reshape(-1))
+            sq_norm += torch.vdot(snap.reshape(-1), snap.reshape(-1))
         if self.keep_copies:
-            self._copies[name] = self._snapshot.clone()
-        for param, snap in zip(self.params, snapshots):
+            self._copies[name] = [snap.clone() for snap in self._snapshot]
+        for param, snap in zip(self.params, self._snapshot):
             if param.grad is not None:
-                snap.copy_(param.grad.reshape(-1))
-        if self.keep_copies:
-            return
-        self._accumulate(name, dot, sq_norm)
+                snap.copy_(param.grad)
+        if not self.keep_copies:
+            self._accumulate(name, dot, sq_norm)
 
     def end_micro_batch(self) -> None:
         """Cosines from stored per-objective copies (the paper's memory layout, kept for the ablation)."""
         for name, grad in self._copies.items():
-            self._accumulate(name, torch.dot(grad, self._dev_grad), torch.dot(grad, grad))
+            dot = sum(torch.vdot(g.reshape(-1), d.reshape(-1)) for g, d in zip(grad, self._dev_grad))
+            sq_norm = sum(torch.vdot(g.reshape(-1), g.reshape(-1)) for g in grad)
+            self._accumulate(name, dot, sq_norm)
         self._copies.clear()
 
     def _accumulate(self, name: str, dot: Tensor, sq_norm: Tensor) -> None:
-        dev_norm = self._dev_grad.norm()
-        cos = dot / (sq_norm.sqrt() * dev_norm).clamp_min(self.eps)
+        cos = dot / (sq_norm.sqrt() * self._dev_norm).clamp_min(self.eps)
         self._sums[name] = self._sums.get(name, 0.0) + cos
         self._counts[name] = self._counts.get(name, 0) + 1
 
     def finish_step(self) -> dict[str, Tensor]:
         """Mean cosine per objective over the step's micro-batches."""
         cosines = {name: total / self._counts[name] for name, total in self._sums.items()}
-        self._dev_grad = None
+        self._dev_grad, self._dev_norm = [], None
         return cosines
