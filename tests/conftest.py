@@ -38,3 +38,9 @@ def tiny_encoder(tmp_path_factory) -> str:
     BertForMaskedLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> str:
+    """One `datasets` cache for the session, so tests that share a configuration tokenise it once."""
+    return str(tmp_path_factory.mktemp("hf_datasets_cache"))

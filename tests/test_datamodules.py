@@ -35,12 +35,6 @@ REAL_TASKS = [
 SMALL = {"max_length": 64, "batch_size": 8, "aux_batch_size": 16, "dev_batch_size": 16, "eval_batch_size": 32}
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> str:
-    """One `datasets` cache for the session, so tests that share a configuration tokenise it once."""
-    return str(tmp_path_factory.mktemp("hf_datasets_cache"))
-
-
 @pytest.fixture
 def make(tiny_encoder, cache_dir):
     """Build a data module with the tiny tokenizer, short sequences and small batches unless overridden."""

@@ -1,0 +1,80 @@
+"""Datamodules feeding TartanModule end to end: a short real `Trainer.fit` per task and weighting."""
+import json
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from datamodules import (
+    ChemProtDataModule,
+    CitationIntentDataModule,
+    HyperPartisanDataModule,
+    SciERCDataModule,
+)
+from lightning_tartan import TartanModule
+
+SMALL = {"max_length": 32, "batch_size": 4, "aux_batch_size": 4, "dev_batch_size": 4, "eval_batch_size": 16}
+
+
+def short_fit(datamodule, weighting: str, encoder: str) -> tuple[TartanModule, pl.Trainer]:
+    pl.seed_everything(0)
+    module = TartanModule(
+        encoder,
+        num_labels=datamodule.num_labels,
+        label_names=datamodule.label_names,
+        aux_objectives=datamodule.aux_names,
+        monitor_metric=datamodule.monitor_metric,
+        weighting=weighting,
+        accumulate_grad_batches=2,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        limit_val_batches=2,
+        val_check_interval=2,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return module, trainer
+
+
+@pytest.mark.parametrize("weighting", ["none", "equal", "meta", "aux_only"])
+def test_citation_intent_trains_with_each_weighting(tiny_encoder, data_root, cache_dir, weighting):
+    datamodule = CitationIntentDataModule(
+        data_dir=str(data_root / "citation_intent"), tokenizer_name_or_path=tiny_encoder, cache_dir=cache_dir, **SMALL
+    )
+    module, trainer = short_fit(datamodule, weighting, tiny_encoder)
+    metrics = trainer.callback_metrics
+    assert trainer.global_step == 2
+    assert 0.0 <= float(metrics["val/f1_macro"]) <= 1.0
+    active = module.weighting.active
+    assert {f"train/loss_{name}" for name in active} <= set(metrics)
+    assert all(torch.isfinite(metrics[f"train/loss_{name}"]) for name in active)
+    if weighting == "meta":
+        assert not torch.equal(module.weighting.logits, torch.zeros(3))
+
+
+@pytest.mark.parametrize("cls, folder", [(SciERCDataModule, "sciie"), (ChemProtDataModule, "chemprot")])
+def test_relation_tasks_train_with_meta(tiny_encoder, data_root, cache_dir, cls, folder):
+    datamodule = cls(data_dir=str(data_root / folder), tokenizer_name_or_path=tiny_encoder, cache_dir=cache_dir, **SMALL)
+    module, trainer = short_fit(datamodule, "meta", tiny_encoder)
+    assert module.monitor_metric == datamodule.monitor_metric
+    assert f"val/{module.monitor_metric}" in trainer.callback_metrics
+    assert torch.isfinite(module.weighting.logits).all()
+
+
+def test_hyperpartisan_trains_with_meta(tiny_encoder, tmp_path, cache_dir):
+    article = "the senate passed the bill after a long debate about the budget . " * 20
+    for split, n in (("train", 12), ("dev", 6), ("test", 6)):
+        rows = [{"text": f"{article} {i}", "label": ["false", "true"][i % 2]} for i in range(n)]
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    datamodule = HyperPartisanDataModule(
+        data_dir=str(tmp_path), tokenizer_name_or_path=tiny_encoder, cache_dir=cache_dir, **SMALL
+    )
+    module, trainer = short_fit(datamodule, "meta", tiny_encoder)
+    assert module.objectives == ["end_task", "tapt"]
+    assert "val/f1_macro" in trainer.callback_metrics
