@@ -68,10 +68,6 @@ class TaskWeightPlot(pl.Callback):
         # while a fresh fit does not mix with the previous one's.
         if not self.enabled or stage != TrainerFn.FITTING:
             return
-        if not hasattr(pl_module, "objectives"):
-            raise AttributeError(
-                f"TaskWeightPlot needs `{type(pl_module).__name__}.objectives` (the objective names, in order)"
-            )
         self._objectives = list(pl_module.objectives)
         self.monitor = self._monitor_arg
         if self.monitor is None and hasattr(pl_module, "monitor_metric"):
@@ -178,5 +174,5 @@ class TaskWeightPlot(pl.Callback):
         return {"history": copy.deepcopy(self.history), "monitor": self.monitor}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        self.history = state_dict["history"]
+        self.history = copy.deepcopy(state_dict["history"])
         self.monitor = state_dict["monitor"]

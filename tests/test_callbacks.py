@@ -220,6 +220,23 @@ def test_history_survives_checkpoint_resume(tmp_path):
     assert (tmp_path / "resumed" / "task_weights.png").stat().st_size > 0
 
 
+def test_validate_after_fit_does_not_add_a_dev_point(tmp_path):
+    callback = TaskWeightPlot(dirpath=str(tmp_path))
+    module = StandIn()
+    trainer = fit(module, callback, tmp_path, max_steps=8)
+    recorded = list(callback.history["val_step"])
+    assert recorded == module.val_steps and recorded
+    trainer.validate(module, verbose=False)
+    assert callback.history["val_step"] == recorded
+
+
+def test_module_without_objectives_is_rejected_before_training(tmp_path):
+    module = StandIn()
+    del module.objectives
+    with pytest.raises(AttributeError, match="objectives"):
+        fit(module, TaskWeightPlot(dirpath=str(tmp_path)), tmp_path, max_steps=2)
+
+
 def test_state_dict_round_trip_is_a_copy():
     callback = TaskWeightPlot()
     callback.history = {"step": [1, 2], "val_step": [2], "train/weight_tapt": [0.5, 0.6], "val/f1_macro": [0.3]}
