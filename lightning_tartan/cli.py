@@ -6,6 +6,11 @@
 What the data module knows (number of classes, label names, auxiliary corpora, the metric the task is scored
 by) is linked into the model and the default callbacks, so it is never typed twice.
 """
+from pathlib import Path
+from urllib.error import URLError
+
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from jsonargparse import Namespace
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
 
@@ -16,6 +21,15 @@ from lightning_tartan.module import TartanModule
 def dev_metric_key(monitor_metric: str) -> str:
     """The logged key of a task's dev metric, e.g. `val/f1_macro`."""
     return f"val/{monitor_metric}"
+
+
+def is_hub_model_id(name: str) -> bool:
+    """Whether `name` could name a Hugging Face Hub model (`name` or `namespace/name`), unlike a local path."""
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 class TartanCLI(LightningCLI):
@@ -42,13 +56,33 @@ class TartanCLI(LightningCLI):
             )
 
     def before_instantiate_classes(self) -> None:
-        # Lightning would only fail at fit time, and without pointing at the option that does accumulate here.
-        config = self.config[self.subcommand] if self.subcommand else self.config
+        """Name the option behind two mistakes that Lightning or transformers would report obscurely."""
+        config, error = self._subcommand_config(), self._parser(self.subcommand).error
         if config.trainer.accumulate_grad_batches != 1:
-            self._parser(self.subcommand).error(
+            error(
                 "TartanModule optimizes manually: set --model.accumulate_grad_batches instead of "
                 f"--trainer.accumulate_grad_batches (got {config.trainer.accumulate_grad_batches})"
             )
+        encoder = config.model.encoder_name_or_path
+        if not Path(encoder).exists() and not is_hub_model_id(encoder):
+            error(
+                f"--model.encoder_name_or_path {encoder}: no such folder (a TAPT/DAPT export exists once its "
+                "stage-1 config, e.g. configs/<task>/tapt.yaml, has been fit)"
+            )
+
+    def instantiate_classes(self) -> None:
+        # The model's links read the task's labels first, so a wrong data_dir surfaces here: name the option.
+        try:
+            super().instantiate_classes()
+        except (FileNotFoundError, URLError) as err:
+            data_dir = self._subcommand_config().data.init_args.data_dir
+            reason = str(err)
+            if isinstance(err, URLError):
+                reason = f"its files are missing and downloading them failed ({err.reason})"
+            self._parser(self.subcommand).error(f"--data.data_dir {data_dir}: {reason}")
+
+    def _subcommand_config(self) -> Namespace:
+        return self.config[self.subcommand] if self.subcommand else self.config
 
 
 def tartan_cli(args: ArgsType = None, run: bool = True) -> TartanCLI:

@@ -1,0 +1,59 @@
+"""README.md must not rot: its Python example runs (tiny encoder, a few steps) and the configs it names exist."""
+import re
+from pathlib import Path
+
+from transformers import AutoModelForSequenceClassification
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = ("citation_intent", "sciie", "chemprot", "hyperpartisan")
+README = (REPO / "README.md").read_text()
+
+
+def readme_python_example() -> str:
+    """The first ```python block after the "## Use from Python" heading."""
+    section = README.split("\n## Use from Python\n", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+
+
+def shrink(code: str, replacements: dict[str, str]) -> str:
+    """Swap the paper-sized settings for test-sized ones; each must still be in the example, or this test
+    would silently run something else than the README shows."""
+    for old, new in replacements.items():
+        assert old in code, f"README example no longer contains {old!r}; update tests/test_readme.py"
+        code = code.replace(old, new)
+    return code
+
+
+def test_python_example_trains_tests_and_exports(tiny_encoder, data_root, cache_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = shrink(
+        readme_python_example(),
+        {
+            '"roberta-base"': repr(tiny_encoder),
+            '"../shared/data/dsp/citation_intent"': repr(str(data_root / "citation_intent")),
+            "CitationIntentDataModule(": (
+                "CitationIntentDataModule(max_length=32, batch_size=4, aux_batch_size=4, dev_batch_size=4, "
+                f"eval_batch_size=16, cache_dir={cache_dir!r}, "
+            ),
+            "max_epochs=150": "max_steps=2, limit_val_batches=2, limit_test_batches=2, enable_progress_bar=False",
+            "val_check_interval=60": "val_check_interval=2",
+        },
+    )
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+
+    trainer = namespace["trainer"]
+    assert trainer.global_step == 2
+    assert "test/f1_macro" in trainer.callback_metrics
+    assert list(tmp_path.glob("lightning_logs/version_0/task_weights.png"))
+    classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path / "acl_arc_classifier")
+    assert classifier.config.num_labels == 6
+
+
+def test_named_configs_exist():
+    named = set(re.findall(r"configs/[\w/]+\.yaml", README))
+    assert "configs/quickstart.yaml" in named
+    assert not {path for path in named if not (REPO / path).is_file()}
+    table = "\n".join(line for line in README.splitlines() if line.startswith("|"))
+    for name in re.findall(r"`(\w+\.yaml)`", table):  # the methods table names files of every configs/<task>/
+        assert all((REPO / "configs" / task / name).is_file() for task in TASKS), name
