@@ -259,6 +259,10 @@ class EndTaskDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.splits["test"], self.eval_batch_size, self._padding_collator())
 
+    def predict_dataloader(self) -> DataLoader:
+        """`tartan predict` labels the test split, in file order."""
+        return self.test_dataloader()
+
     def _padding_collator(self) -> "_PlainDict":
         return _PlainDict(DataCollatorWithPadding(self.tokenizer))
 

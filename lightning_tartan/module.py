@@ -79,6 +79,8 @@ class TartanModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         _check_options(locals())
+        # Recorded resolved, so the hparams agree with a datamodule that tokenizes with the encoder's tokenizer.
+        tokenizer_name_or_path = tokenizer_name_or_path or encoder_name_or_path
         self.save_hyperparameters()
         self.automatic_optimization = False
 
@@ -306,8 +308,7 @@ class TartanModule(pl.LightningModule):
 
     def _save_with_tokenizer(self, model: PreTrainedModel, path: str | Path) -> None:
         model.save_pretrained(path)
-        tokenizer = self.hparams.tokenizer_name_or_path or self.hparams.encoder_name_or_path
-        AutoTokenizer.from_pretrained(tokenizer).save_pretrained(path)
+        AutoTokenizer.from_pretrained(self.hparams.tokenizer_name_or_path).save_pretrained(path)
 
 
 def _load_encoder(model: PreTrainedModel, encoder: torch.nn.Module) -> None:

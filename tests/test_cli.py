@@ -209,6 +209,12 @@ def test_test_subcommand_reports_the_checkpoints_metrics(tiny_encoder, data_root
     assert printed, result.stdout[-3000:]
     assert float(printed.group(1)) == pytest.approx(in_process["test/f1_macro"], abs=1e-6)
 
+    predict = tartan_cli([*common, "--trainer.limit_predict_batches=2"], run=False)
+    predictions = predict.trainer.predict(predict.model, datamodule=predict.datamodule, ckpt_path=best)
+    labels = torch.cat(predictions)
+    assert labels.dtype == torch.long and len(labels) == 2 * 16  # limit_predict_batches x --data.eval_batch_size
+    assert labels.min() >= 0 and labels.max() < fit.datamodule.num_labels
+
 
 def test_unknown_option_fails_naming_it():
     result = run_tartan("fit", f"--config={CONFIGS / 'quickstart.yaml'}", "--model.encoder_lrr=0.1")
