@@ -1,4 +1,4 @@
-"""Cost of one optimizer step of each TARTAN variant: median wall time, throughput and peak memory.
+"""Cost of one optimizer step of each TARTAN variant: median step time, throughput and peak memory.
 
 Every variant trains through a real `pl.Trainer.fit` on the same pre-collated ACL-ARC batches, so data
 loading is excluded and the step is exactly what training runs. To let machine noise hit all variants
@@ -315,8 +315,9 @@ def run(args: argparse.Namespace, encoder: str) -> tuple[dict[str, Result], list
 def summarize(results: dict[str, Result], args: argparse.Namespace, encoder_params: int) -> dict[str, Any]:
     """The JSON line: ratios and extra memory where both variants ran, plus every variant's figures."""
     clock = args.clock
-    summary: dict[str, Any] = {"device": args.device, "precision": args.precision, "threads": args.threads}
-    summary["clock"] = clock
+    summary: dict[str, Any] = {
+        "device": args.device, "precision": args.precision, "threads": args.threads, "clock": clock
+    }
     for key, (numerator, denominator, _) in RATIOS.items():
         if numerator in results and denominator in results:
             summary[key] = results[numerator].median_s(clock) / results[denominator].median_s(clock)
@@ -335,6 +336,7 @@ def summarize(results: dict[str, Result], args: argparse.Namespace, encoder_para
 
 
 def report(results: dict[str, Result], summary: dict[str, Any], batches: list[Batch], encoder: str) -> None:
+    """The setting, the table and the ratios for a reader, then the JSON line for a machine."""
     lengths = {source: statistics.mean(b[source]["input_ids"].shape[1] for b in batches) for source in batches[0]}
     print(f"\nencoder {encoder} ({summary['encoder_params_m']:.1f} M parameters; one fp32 encoder-sized buffer = "
           f"{summary['encoder_fp32_buffer_mb']:.0f} MB)")

@@ -4,7 +4,7 @@ MiniLM (the `offline` extra, all-MiniLM-L6-v2) multi-tasks the end task with mas
 (TAPT) and on the domain corpus (DAPT); the task weights are meta-learned from each objective's gradient
 alignment with the dev set. `TaskWeightPlot` records the run and writes the PNG at the end of fit.
 
-    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python docs/make_task_weights_figure.py   # from the repository root
+    python docs/make_task_weights_figure.py   # from the repository root
 
 The committed PNG is this command's output (the defaults below): 200 optimizer steps took 12 minutes on a
 free 2-core CPU. Every option not set here is TartanModule's / the data module's default.
