@@ -85,9 +85,9 @@ class TartanModule(pl.LightningModule):
         self.automatic_optimization = False
 
         self.encoder, self.mlm_head, config = load_encoder_and_mlm_head(encoder_name_or_path, dropout)
-        self.init_std = getattr(config, "initializer_range", 0.02)
+        init_std = getattr(config, "initializer_range", 0.02)
         self.end_task_head = ClassificationHead(config.hidden_size, num_labels, dropout)
-        self.end_task_head.reset_parameters(self.init_std)
+        self.end_task_head.reset_parameters(init_std)
         self.objectives = [END_TASK, *aux_objectives]
         self.weighting = build_weighting(weighting, self.objectives, meta_lr)
         self.monitor_metric = monitor_metric
@@ -98,7 +98,7 @@ class TartanModule(pl.LightningModule):
             weight_decay=dev_head_weight_decay,
             max_steps=dev_head_steps,
             tolerance=dev_head_tolerance,
-            init_std=self.init_std,
+            init_std=init_std,
             on_cached_features=dev_head_on_cached_features,
         )
         self.task_cosines = TaskGradientCosines(list(self.encoder.parameters()), keep_copies=per_task_grad_copies)
