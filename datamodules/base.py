@@ -4,7 +4,8 @@ A training batch is a dict with one entry per source, cycled to the longest one:
 
     {"end_task": {input_ids, attention_mask, labels},   # labels: class ids
      "<corpus>": {input_ids, attention_mask, labels},   # one per aux MLM corpus, labels: -100 where unmasked
-     "meta_dev": {input_ids, attention_mask, labels}}   # a shuffled labeled dev sample (META-TARTAN)
+     "meta_dev": {input_ids, attention_mask, labels},   # a random labeled dev sample: META-TARTAN's dev head
+     "meta_dev_grad": {input_ids, attention_mask, labels}}  # a second, independent one: its held-out dev gradient
 
 Validation and test batches are plain ``{input_ids, attention_mask, labels}`` dicts, in file order.
 """
@@ -16,14 +17,14 @@ import urllib.request
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Iterator, Optional
 
 import torch
 from datasets import Dataset, load_dataset
 from pytorch_lightning import LightningDataModule
 from pytorch_lightning.utilities import CombinedLoader
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from transformers import (
     AutoTokenizer,
     DataCollatorForLanguageModeling,
@@ -33,7 +34,7 @@ from transformers import (
 
 log = logging.getLogger(__name__)
 
-RESERVED_SOURCES = ("end_task", "meta_dev")
+RESERVED_SOURCES = ("end_task", "meta_dev", "meta_dev_grad")
 DSP_URL = "https://allennlp.s3-us-west-2.amazonaws.com/dont_stop_pretraining/data/{task}/{split}.jsonl"
 
 
@@ -72,11 +73,12 @@ class EndTaskDataModule(LightningDataModule):
         batch_size: int = 64,
         aux_batch_size: int = 64,
         dev_batch_size: int = 32,
+        dev_grad_batch_size: int = 64,
         eval_batch_size: int = 64,
         mlm_probability: float = 0.15,
         include_meta_dev: bool = True,
         num_workers: int = 0,
-        seed: int = 0,
+        seed: Optional[int] = None,
         cache_dir: Optional[str] = None,
     ) -> None:
         """
@@ -85,7 +87,12 @@ class EndTaskDataModule(LightningDataModule):
             aux_corpora: corpus name -> text file with one document per line; ``None`` uses the task's
                 defaults, ``{}`` trains without auxiliary corpora.
             max_length: truncation length in tokens; ``None`` uses the task's default.
-            dev_batch_size: size of the ``meta_dev`` sample drawn each step.
+            dev_batch_size: size of the ``meta_dev`` sample META-TARTAN fits its dev head on (the paper's 32).
+            dev_grad_batch_size: size of the ``meta_dev_grad`` sample its held-out dev gradient is taken on (the
+                paper's 64). Both are drawn afresh for every training batch, without replacement within a sample.
+            include_meta_dev: build the two dev samples (META-TARTAN needs them; other methods ignore them).
+            seed: shuffling of every source and the dev samples; ``None`` follows the run's seed
+                (``seed_everything``, i.e. ``tartan --seed_everything``), or 0 when none was set.
             cache_dir: where ``datasets`` caches the tokenised splits; ``None`` uses its default cache.
         """
         super().__init__()
@@ -96,6 +103,7 @@ class EndTaskDataModule(LightningDataModule):
             "batch_size": batch_size,
             "aux_batch_size": aux_batch_size,
             "dev_batch_size": dev_batch_size,
+            "dev_grad_batch_size": dev_grad_batch_size,
             "eval_batch_size": eval_batch_size,
         }
         for name, size in batch_sizes.items():
@@ -121,6 +129,7 @@ class EndTaskDataModule(LightningDataModule):
         self.batch_size = batch_size
         self.aux_batch_size = aux_batch_size
         self.dev_batch_size = dev_batch_size
+        self.dev_grad_batch_size = dev_grad_batch_size
         self.eval_batch_size = eval_batch_size
         self.mlm_probability = mlm_probability
         self.include_meta_dev = include_meta_dev
@@ -131,6 +140,7 @@ class EndTaskDataModule(LightningDataModule):
         self.tokenizer: Optional[PreTrainedTokenizerBase] = None
         self.splits: dict[str, Dataset] = {}  # "train" / "dev" / "test", tokenised
         self.corpora: dict[str, Dataset] = {}  # aux corpus name -> tokenised documents
+        self._run_seed: Optional[int] = None
 
     # ---- what the model needs at instantiation, without tokenising ----------------------------------
 
@@ -190,6 +200,7 @@ class EndTaskDataModule(LightningDataModule):
             if split not in self.splits:
                 self.splits[split] = self._tokenize_labeled(self.files[split])
         if stage in ("fit", None):
+            self._run_seed = None  # a new fit follows the seed set now (a resumed checkpoint restores its own)
             for name, file in self.aux_corpora.items():
                 if name not in self.corpora:
                     self.corpora[name] = self._tokenize_corpus(file)
@@ -232,6 +243,7 @@ class EndTaskDataModule(LightningDataModule):
     def train_dataloader(self) -> CombinedLoader:
         """Every source cycles until the longest is exhausted; samplers are ours so order is set per epoch."""
         world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        seed = self.run_seed
         mlm = _PlainDict(DataCollatorForLanguageModeling(self.tokenizer, mlm_probability=self.mlm_probability))
         # each source gets its own seed: the TAPT corpus is the train texts in the same order, and equal
         # seeds over equal lengths would pair every end-task batch with the same texts to reconstruct
@@ -239,19 +251,30 @@ class EndTaskDataModule(LightningDataModule):
         sources.update({name: (docs, self.aux_batch_size, mlm) for name, docs in self.corpora.items()})
         loaders = {}
         for i, (name, (data, batch_size, collate)) in enumerate(sources.items()):
-            sampler = DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed + i)
-            loaders[name] = self._loader(data, batch_size, collate, sampler)
+            sampler = DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=True, seed=seed + i)
+            loaders[name] = self._loader(data, batch_size, collate, sampler, seed)
         if self.include_meta_dev:
+            batches = max(len(loader) for loader in loaders.values())
             dev = self.splits["dev"]
-            # the same sample on every rank; full-size samples unless the dev split is smaller than one
-            loaders["meta_dev"] = self._loader(
-                dev,
-                self.dev_batch_size,
-                self._padding_collator(),
-                DistributedSampler(dev, num_replicas=1, rank=0, shuffle=True, seed=self.seed),
-                drop_last=len(dev) >= self.dev_batch_size,
-            )
+            samples = {"meta_dev": self.dev_batch_size, "meta_dev_grad": self.dev_grad_batch_size}
+            for offset, (name, size) in enumerate(samples.items(), start=len(sources)):
+                sampler = DevSampleSampler(dev, size, batches, seed=seed + offset)
+                loaders[name] = self._loader(dev, size, self._padding_collator(), sampler, seed)
         return CombinedLoader(loaders, mode="max_size_cycle")
+
+    @property
+    def run_seed(self) -> int:
+        """``seed``, or the run's seed when it is ``None``: fixed when fit starts, and restored from a checkpoint
+        (``state_dict``), so a run resumed under another seed continues the original order."""
+        if self._run_seed is None:
+            self._run_seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return self._run_seed
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_seed": self.run_seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._run_seed = state_dict["run_seed"]
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.splits["dev"], self.eval_batch_size, self._padding_collator())
@@ -267,25 +290,44 @@ class EndTaskDataModule(LightningDataModule):
         return _PlainDict(DataCollatorWithPadding(self.tokenizer))
 
     def _loader(
-        self,
-        data: Dataset,
-        batch_size: int,
-        collate: Callable,
-        sampler: Optional[DistributedSampler] = None,
-        drop_last: bool = False,
+        self, data: Dataset, batch_size: int, collate: Callable, sampler: Optional[Sampler] = None, seed: int = 0
     ) -> DataLoader:
         return DataLoader(
             data,
             batch_size=batch_size,
             sampler=sampler,
             collate_fn=collate,
-            drop_last=drop_last,
             # a new iterator draws its worker seed from here, not from the global RNG that dropout and MLM
             # masking use (and that a checkpoint restores)
-            generator=torch.Generator().manual_seed(self.seed),
+            generator=torch.Generator().manual_seed(seed),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,  # shorter sources restart many times per epoch
         )
+
+
+class DevSampleSampler(DistributedSampler):
+    """A fresh random dev sample for every training batch, as the paper draws them, the same on every rank.
+
+    Each consecutive block of ``sample_size`` indices is one sample drawn without replacement (with replacement
+    only when the split is smaller than a sample); ``num_draws`` blocks cover an epoch of the longest source,
+    so the loader never restarts within an epoch. The draws depend only on ``seed`` and the epoch (Lightning
+    calls ``set_epoch``), so a resumed run draws the same samples. A ``DistributedSampler`` with one replica,
+    so Lightning leaves it unsharded under DDP.
+    """
+
+    def __init__(self, dev: Dataset, sample_size: int, num_draws: int, seed: int) -> None:
+        super().__init__(dev, num_replicas=1, rank=0, shuffle=True, seed=seed)
+        self.sample_size = sample_size
+        self.num_samples = self.total_size = sample_size * num_draws
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        n = len(self.dataset)
+        for _ in range(self.num_samples // self.sample_size):
+            if n >= self.sample_size:
+                yield from torch.randperm(n, generator=generator)[: self.sample_size].tolist()
+            else:
+                yield from torch.randint(n, (self.sample_size,), generator=generator).tolist()
 
 
 @dataclass

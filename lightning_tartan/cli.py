@@ -16,6 +16,7 @@ from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCL
 
 from datamodules import EndTaskDataModule  # importing the package registers every task for `--data <Name>`
 from lightning_tartan.module import TartanModule
+from lightning_tartan.posthoc import PostHocSelection
 
 
 def dev_metric_key(monitor_metric: str) -> str:
@@ -63,6 +64,12 @@ class TartanCLI(LightningCLI):
                 "TartanModule optimizes manually: set --model.accumulate_grad_batches instead of "
                 f"--trainer.accumulate_grad_batches (got {config.trainer.accumulate_grad_batches})"
             )
+        posthoc = any(str(getattr(cb, "class_path", "")).endswith(".PostHocSelection") for cb in config.trainer.callbacks or [])
+        if posthoc and config.model.init_checkpoint is None:
+            error(
+                "--model.init_checkpoint is required for post-hoc fine-tuning: the best checkpoint of an MT- or "
+                "META-TARTAN run, e.g. lightning_logs/version_0/checkpoints/<best>.ckpt"
+            )
         encoder = config.model.encoder_name_or_path
         if not Path(encoder).exists() and not is_hub_model_id(encoder):
             error(
@@ -80,6 +87,11 @@ class TartanCLI(LightningCLI):
             if isinstance(err, URLError):
                 reason = f"its files are missing and downloading them failed ({err.reason})"
             self._parser(self.subcommand).error(f"--data.data_dir {data_dir}: {reason}")
+
+    def before_fit(self) -> None:
+        """Post-hoc fine-tuning keeps its result only if it beats the starting model: score that one first."""
+        if any(isinstance(callback, PostHocSelection) for callback in self.trainer.callbacks):
+            self.trainer.validate(self.model, datamodule=self.datamodule)
 
     def _subcommand_config(self) -> Namespace:
         return self.config[self.subcommand] if self.subcommand else self.config

@@ -1,12 +1,12 @@
-"""The dev gradient of META-TARTAN: fit a fresh end-task head on a dev sample, then backpropagate its loss.
+"""The dev head of META-TARTAN: a fresh end-task head fitted on a dev sample, whose loss gives the dev gradient.
 
-The encoder is frozen (eval mode) while the head is fitted, so its features are fixed: one forward serves
-every fitting step (the paper's code re-ran the encoder at each one; `on_cached_features=False` restores
-that for comparison). The same forward, kept with its graph, then gives the gradient with respect to the
-encoder's parameters, taken with `torch.autograd.grad` so `.grad` and DDP's reducer are left untouched.
-The gradient stays one tensor per parameter: no flat copy.
+The encoder is frozen (eval mode) while the head is fitted, so its features are fixed and one forward serves
+every fitting step (the paper's code re-ran the encoder at each one; the module's
+`dev_head_on_cached_features=False` restores that for comparison). The gradient of the fitted head's loss with
+respect to the encoder's parameters is taken with `torch.autograd.grad`, so `.grad` and DDP's reducer are left
+untouched, and it stays one tensor per parameter: no flat copy.
 """
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,7 @@ from lightning_tartan.heads import ClassificationHead
 
 
 class DevHead:
-    """Fits a dev head and returns the flat dev gradient over `params`."""
+    """Fits a dev head (`fit`), then differentiates its loss on any dev features (`gradient`)."""
 
     def __init__(
         self,
@@ -27,7 +27,6 @@ class DevHead:
         max_steps: int = 10,
         tolerance: float = 1e-3,
         init_std: float = 0.02,
-        on_cached_features: bool = True,
     ) -> None:
         if max_steps < 1:
             raise ValueError(f"dev_head_steps must be >= 1, got {max_steps}")
@@ -38,10 +37,11 @@ class DevHead:
         self.max_steps = max_steps
         self.tolerance = tolerance
         self.init_std = init_std
-        self.on_cached_features = on_cached_features
+        #: the head fitted by the last `fit`; a plain attribute, so it never enters a module's state_dict
+        self.head: Optional[ClassificationHead] = None
 
-    def fit(self, features: Callable[[], Tensor], labels: Tensor, seed: int) -> ClassificationHead:
-        """A fresh head fitted on `features()`: AdamW, stopping early once the loss moves less than `tolerance`.
+    def fit(self, features: Callable[[], Tensor], labels: Tensor, seed: int) -> None:
+        """Fit a fresh head on `features()`: AdamW, stopping early once the loss moves less than `tolerance`.
 
         `seed` fixes the head's initialisation, so every DDP rank (and a resumed run) fits the same head.
         """
@@ -59,36 +59,18 @@ class DevHead:
                 loss.backward()
                 optimizer.step()
                 previous = loss.item()
-        return head.requires_grad_(False)
+        self.head = head.requires_grad_(False)
 
     def gradient(
-        self,
-        encode: Callable[[], Tensor],
-        labels: Tensor,
-        params: Sequence[nn.Parameter],
-        seed: int,
-        loss_scale: float = 1.0,
+        self, features: Tensor, labels: Tensor, params: Sequence[nn.Parameter], loss_scale: float = 1.0
     ) -> list[Tensor]:
-        """Gradient of the fitted dev head's loss w.r.t. each of `params` (fp32); `encode()` runs the frozen encoder.
+        """Gradient of the fitted head's loss on `features` (computed with a graph) w.r.t. each of `params`, fp32.
 
-        `loss_scale` multiplies the loss before differentiation so fp16 gradients do not underflow; only
-        the direction of the result is used.
+        `loss_scale` multiplies the loss before differentiation so fp16 gradients do not underflow; only the
+        direction of the result is used.
         """
-        with torch.enable_grad():
-            hidden = encode()
-            if self.on_cached_features:
-                cached = hidden.detach()
-                head = self.fit(lambda: cached, labels, seed)
-            else:
-                head = self.fit(self._no_grad(encode), labels, seed)
-            loss = F.cross_entropy(head(hidden).float(), labels) * loss_scale
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        if self.head is None:
+            raise RuntimeError("DevHead.gradient() before fit()")
+        loss = F.cross_entropy(self.head(features).float(), labels) * loss_scale
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
         return [(g if g is not None else torch.zeros_like(p)).float() for g, p in zip(grads, params)]
-
-    @staticmethod
-    def _no_grad(encode: Callable[[], Tensor]) -> Callable[[], Tensor]:
-        def run() -> Tensor:
-            with torch.no_grad():
-                return encode()
-
-        return run

@@ -7,8 +7,9 @@ meta-weight update.
 """
 import copy
 import math
+import os
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -23,6 +24,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
+    get_constant_schedule_with_warmup,
     get_linear_schedule_with_warmup,
 )
 
@@ -32,6 +34,8 @@ from lightning_tartan.task_gradients import TaskGradientCosines
 from lightning_tartan.weighting import END_TASK, build_weighting
 
 MONITOR_METRICS = ("f1_macro", "accuracy")
+#: the dev sample META-TARTAN's dev head is fitted on, and the fresh one its held-out dev gradient is taken on
+META_DEV, META_DEV_GRAD = "meta_dev", "meta_dev_grad"
 
 
 class TartanModule(pl.LightningModule):
@@ -45,6 +49,18 @@ class TartanModule(pl.LightningModule):
         accumulate_grad_batches: batches per optimizer step (Lightning's own flag is unavailable in manual
             optimization).
         monitor_metric: the validation metric that drives checkpointing and early stopping.
+        lr_schedule: `linear` (warm-up, then linear decay to 0: the paper's multitask schedule) or `constant`
+            (warm-up, then constant: the "Don't Stop Pretraining" classifier and the post-hoc stage).
+        freeze_encoder: train only the heads. With `weighting="aux_only"` this fits a missing MLM head before
+            multitasking (`configs/<task>/mlm_head_warmup.yaml`); with `none`, it is a linear probe.
+        dev_gradient: how META-TARTAN estimates the dev gradient. The dev head is fitted once per optimizer step
+            on the `meta_dev` sample; `held_out` (the paper's) differentiates its loss on `meta_dev_grad`, a fresh
+            dev sample drawn for every micro-batch; `in_sample` differentiates it on the very sample it was fitted
+            to, once per step (cheaper, but the head has fitted that sample, so the gradient is biased).
+        init_checkpoint: a `TartanModule` checkpoint whose weights (encoder, MLM head, end-task head) this module
+            starts from, e.g. a multitask run's best checkpoint for post-hoc fine-tuning (`configs/<task>/posthoc.yaml`).
+            Read at construction and not stored in the hyper-parameters, so this module's own checkpoints load
+            without it.
         sparse_mlm, dev_head_on_cached_features, per_task_grad_copies: efficiency switches; the paper's code
             corresponds to `False, False, True`.
     """
@@ -54,7 +70,7 @@ class TartanModule(pl.LightningModule):
         encoder_name_or_path: str = "roberta-base",
         num_labels: int = 2,
         aux_objectives: Sequence[str] = ("tapt",),
-        weighting: str = "equal",
+        weighting: Literal["none", "equal", "meta", "aux_only"] = "equal",
         label_names: Optional[Sequence[str]] = None,
         tokenizer_name_or_path: Optional[str] = None,
         encoder_lr: float = 1e-4,
@@ -73,18 +89,25 @@ class TartanModule(pl.LightningModule):
         dev_head_steps: int = 10,
         dev_head_tolerance: float = 1e-3,
         monitor_metric: str = "f1_macro",
+        lr_schedule: Literal["linear", "constant"] = "linear",
+        freeze_encoder: bool = False,
+        dev_gradient: Literal["held_out", "in_sample"] = "held_out",
+        init_checkpoint: Optional[str] = None,
         sparse_mlm: bool = True,
         dev_head_on_cached_features: bool = True,
         per_task_grad_copies: bool = False,
     ) -> None:
         super().__init__()
         _check_options(locals())
-        # Recorded resolved, so the hparams agree with a datamodule that tokenizes with the encoder's tokenizer.
-        tokenizer_name_or_path = tokenizer_name_or_path or encoder_name_or_path
-        self.save_hyperparameters()
+        # Plain strings in the hparams (a Path would make checkpoints unloadable with weights_only), and the
+        # tokenizer recorded resolved, so they agree with a datamodule that tokenizes with the encoder's tokenizer.
+        encoder_name_or_path = str(encoder_name_or_path)
+        tokenizer_name_or_path = str(tokenizer_name_or_path or encoder_name_or_path)
+        self.save_hyperparameters(ignore=["init_checkpoint"])
         self.automatic_optimization = False
 
         self.encoder, self.mlm_head, config = load_encoder_and_mlm_head(encoder_name_or_path, dropout)
+        self.encoder.requires_grad_(not freeze_encoder)
         init_std = getattr(config, "initializer_range", 0.02)
         self.end_task_head = ClassificationHead(config.hidden_size, num_labels, dropout)
         self.end_task_head.reset_parameters(init_std)
@@ -99,7 +122,6 @@ class TartanModule(pl.LightningModule):
             max_steps=dev_head_steps,
             tolerance=dev_head_tolerance,
             init_std=init_std,
-            on_cached_features=dev_head_on_cached_features,
         )
         self.task_cosines = TaskGradientCosines(list(self.encoder.parameters()), keep_copies=per_task_grad_copies)
         metrics = MetricCollection(
@@ -111,6 +133,9 @@ class TartanModule(pl.LightningModule):
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
         self._rng_to_restore: Optional[dict[str, Any]] = None
+        self._run_seed: Optional[int] = None
+        if init_checkpoint is not None:
+            self.load_weights(init_checkpoint)
 
     # ----- forward passes -----------------------------------------------------------------------------------
 
@@ -139,36 +164,75 @@ class TartanModule(pl.LightningModule):
         return F.cross_entropy(logits.float(), labels[masked])
 
     def objective_loss(self, name: str, batch: dict[str, Any]) -> Tensor:
-        if name not in batch:
-            raise KeyError(
-                f"training batch has no {name!r} entry, which weighting={self.hparams.weighting!r} trains "
-                f"(batch keys: {sorted(batch)}); check the datamodule's corpora against aux_objectives"
-            )
-        return self.end_task_loss(batch[name]) if name == END_TASK else self.mlm_loss(batch[name])
+        why = f"weighting={self.hparams.weighting!r} trains it; check the datamodule's corpora against aux_objectives"
+        source = _source(batch, name, why)
+        return self.end_task_loss(source) if name == END_TASK else self.mlm_loss(source)
 
-    def dev_gradient(self, dev_batch: dict[str, Tensor]) -> list[Tensor]:
-        """g_dev over the encoder's parameters, from a dev head fitted with the encoder frozen."""
+    def dev_gradient(self, batch: dict[str, Any], new_step: bool = True) -> Optional[list[Tensor]]:
+        """g_dev over the encoder's parameters for this training batch, or None to keep the step's current one.
+
+        `new_step` (the first micro-batch of an optimizer step) fits a fresh dev head on `meta_dev`, the encoder
+        frozen in eval mode; `dev_gradient` says which sample its loss is differentiated on.
+        """
+        in_sample = self.hparams.dev_gradient == "in_sample"
+        if in_sample and not new_step:
+            return None
+        fit_sample = _source(batch, META_DEV, "META-TARTAN fits its dev head on this dev sample")
+        grad_sample = fit_sample if in_sample else _source(
+            batch, META_DEV_GRAD, "dev_gradient='held_out' takes the dev gradient on this second, independent dev "
+            "sample (or set dev_gradient='in_sample')"
+        )
         was_training = self.encoder.training
         self.encoder.eval()
         try:
-            return self.dev_head.gradient(
-                lambda: self.encode(dev_batch)[:, 0],
-                dev_batch["labels"],
-                self.task_cosines.params,
-                seed=self.global_step,
-                loss_scale=self._loss_scale(),
-            )
+            with torch.enable_grad():
+                features = self._cls_features(grad_sample)
+            if new_step or self.dev_head.head is None:
+                self._fit_dev_head(fit_sample, features.detach() if in_sample else None)
+            return self.dev_head.gradient(features, grad_sample["labels"], self.task_cosines.params, self._loss_scale())
         finally:
             self.encoder.train(was_training)
 
+    def _cls_features(self, sample: dict[str, Tensor]) -> Tensor:
+        return self.encode(sample)[:, 0]
+
+    def _fit_dev_head(self, sample: dict[str, Tensor], features: Optional[Tensor] = None) -> None:
+        if self.hparams.dev_head_on_cached_features:
+            if features is None:
+                with torch.no_grad():
+                    features = self._cls_features(sample)
+            source = lambda: features  # noqa: E731
+        else:
+
+            def source() -> Tensor:
+                with torch.no_grad():
+                    return self._cls_features(sample)
+
+        # the run's seed and the step fix the head's init: the same on every rank, different across seeds
+        seed = self.run_seed * 1_000_003 + self.global_step
+        self.dev_head.fit(source, sample["labels"], seed=seed)
+
     def _loss_scale(self) -> float:
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+        try:
+            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        except RuntimeError:  # not attached to a Trainer (a direct call from a notebook or test)
+            return 1.0
         return float(scaler.get_scale()) if scaler is not None else 1.0
 
     # ----- training -----------------------------------------------------------------------------------------
 
+    @property
+    def run_seed(self) -> int:
+        """The run's seed (`seed_everything`, or 0), which draws the dev heads' inits; it travels with checkpoints,
+        so a run resumed under another seed continues the original one."""
+        if self._run_seed is None:
+            self._run_seed = _run_seed()
+        return self._run_seed
+
     def setup(self, stage: str) -> None:
-        strategy = self.trainer.strategy if self._trainer is not None else None
+        if stage == "fit":
+            self._run_seed = _run_seed()  # a checkpoint being resumed replaces it after setup
+        strategy = self.trainer.strategy
         if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters"):
             # Each objective's backward leaves the other objectives' heads unused; DDP must expect that.
             rank_zero_info("TartanModule: enabling DDP find_unused_parameters (each objective uses its own head)")
@@ -182,13 +246,12 @@ class TartanModule(pl.LightningModule):
         ends_step = (batch_idx + 1) % accumulate == 0 or self.trainer.is_last_batch
         track_cosines = self.weighting.needs_dev_gradient
 
-        if track_cosines and starts_step:
-            if "meta_dev" not in batch:
-                raise KeyError(
-                    f"weighting='meta' needs a 'meta_dev' batch (batch keys: {sorted(batch)}); "
-                    "enable the datamodule's include_meta_dev"
-                )
-            self.task_cosines.start_step(self.dev_gradient(batch["meta_dev"]))
+        if track_cosines:
+            if starts_step:
+                self.task_cosines.start_step()
+            dev_grad = self.dev_gradient(batch, new_step=starts_step)
+            if dev_grad is not None:
+                self.task_cosines.set_dev_gradient(dev_grad)
 
         weights = self.weighting.weights()
         for name in self.weighting.active:
@@ -230,12 +293,16 @@ class TartanModule(pl.LightningModule):
         hp = self.hparams
         encoder_params = list(self.encoder.parameters()) + _unique(self.mlm_head.parameters(), self.encoder)
         groups = [
-            *_decay_groups(self.encoder, encoder_params, hp.encoder_lr, hp.encoder_weight_decay),
-            *_decay_groups(self.end_task_head, list(self.end_task_head.parameters()), hp.head_lr, hp.head_weight_decay),
+            *_decay_groups(encoder_params, hp.encoder_lr, hp.encoder_weight_decay),
+            *_decay_groups(list(self.end_task_head.parameters()), hp.head_lr, hp.head_weight_decay),
         ]
         optimizer = torch.optim.AdamW(groups, betas=tuple(hp.adam_betas), eps=hp.adam_eps)
         total = self.num_optimizer_steps()
-        scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(hp.warmup_ratio * total), total)
+        warmup = math.ceil(hp.warmup_ratio * total)
+        if hp.lr_schedule == "constant":
+            scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
+        else:
+            scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def num_optimizer_steps(self) -> int:
@@ -274,9 +341,11 @@ class TartanModule(pl.LightningModule):
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
+        checkpoint["run_seed"] = self.run_seed
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_to_restore = checkpoint.get("rng_states")
+        self._run_seed = checkpoint.get("run_seed", self._run_seed)
 
     def on_train_start(self) -> None:
         if self._rng_to_restore is None:
@@ -285,6 +354,25 @@ class TartanModule(pl.LightningModule):
         torch.set_rng_state(states["torch"])
         if states["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(states["cuda"])
+
+    def load_weights(self, checkpoint_path: str | Path) -> None:
+        """Take encoder, MLM head and end-task head from a `TartanModule` checkpoint (not its task weights,
+        optimizer or schedule): how post-hoc fine-tuning starts from a multitask run's best checkpoint."""
+        path = Path(checkpoint_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"init_checkpoint={str(path)!r}: no such checkpoint file")
+        state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {})
+        weights = {key: value for key, value in state.items() if not key.startswith("weighting.")}
+        try:
+            missing, unexpected = self.load_state_dict(weights, strict=False)
+        except RuntimeError as err:  # shape mismatches: another encoder size or number of labels
+            raise ValueError(f"init_checkpoint={str(path)!r} does not fit this model: {err}") from None
+        missing = [key for key in missing if not key.startswith("weighting.")]
+        if missing or unexpected:
+            raise ValueError(
+                f"init_checkpoint={str(path)!r} is not a checkpoint of this model: "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
 
     def save_end_task_model(self, path: str | Path) -> None:
         """Write a standard HF model folder (`AutoModelForSequenceClassification`) plus tokenizer."""
@@ -340,12 +428,26 @@ def _unique(params, module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in params if id(p) not in seen]
 
 
-def _decay_groups(module: torch.nn.Module, params: list, lr: float, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only, as is usual for transformers (biases and LayerNorm are exempt)."""
-    return [
-        {"params": [p for p in params if p.dim() >= 2], "lr": lr, "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "lr": lr, "weight_decay": 0.0},
+def _decay_groups(params: list, lr: float, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only, as is usual for transformers (biases and LayerNorm are exempt); frozen
+    parameters are left out."""
+    trained = [p for p in params if p.requires_grad]
+    groups = [
+        {"params": [p for p in trained if p.dim() >= 2], "lr": lr, "weight_decay": weight_decay},
+        {"params": [p for p in trained if p.dim() < 2], "lr": lr, "weight_decay": 0.0},
     ]
+    return [group for group in groups if group["params"]]
+
+
+def _source(batch: dict[str, Any], name: str, why: str) -> dict[str, Tensor]:
+    if name not in batch:
+        raise KeyError(f"training batch has no {name!r} entry (batch keys: {sorted(batch)}): {why}")
+    return batch[name]
+
+
+def _run_seed() -> int:
+    """The seed `seed_everything` (or `tartan --seed_everything`) set for this run; 0 when none was set."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 def _check_options(options: dict[str, Any]) -> None:
@@ -361,6 +463,9 @@ def _check_options(options: dict[str, Any]) -> None:
         raise ValueError(f"warmup_ratio must be in [0, 1), got {options['warmup_ratio']}")
     if not 0 <= options["dropout"] < 1:
         raise ValueError(f"dropout must be in [0, 1), got {options['dropout']}")
+    for name, choices in (("lr_schedule", ("linear", "constant")), ("dev_gradient", ("held_out", "in_sample"))):
+        if options[name] not in choices:
+            raise ValueError(f"{name}={options[name]!r} is not one of {choices}")
     if options["monitor_metric"] not in MONITOR_METRICS:
         raise ValueError(f"monitor_metric={options['monitor_metric']!r} is not one of {MONITOR_METRICS}")
     if options["label_names"] is not None and len(options["label_names"]) != options["num_labels"]:

@@ -26,23 +26,27 @@ class TaskGradientCosines:
         self._sums: dict[str, Tensor] = {}
         self._counts: dict[str, int] = {}
 
-    def start_step(self, dev_grad: Sequence[Tensor]) -> None:
-        """Begin an optimizer step: `.grad` must be empty; `dev_grad` holds one tensor per parameter."""
-        if len(dev_grad) != len(self.params):
-            raise ValueError(f"dev gradient has {len(dev_grad)} tensors for {len(self.params)} parameters")
-        self._dev_grad = list(dev_grad)
-        self._dev_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in dev_grad]))
-        if not self._snapshot or self._snapshot[0].device != dev_grad[0].device:
+    def start_step(self) -> None:
+        """Begin an optimizer step; `.grad` must be empty."""
+        if not self._snapshot or self._snapshot[0].device != self.params[0].device:
             self._snapshot = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
         else:
             torch._foreach_zero_(self._snapshot)
         self._sums.clear()
         self._counts.clear()
 
+    def set_dev_gradient(self, dev_grad: Sequence[Tensor]) -> None:
+        """The dev gradient the next objectives are compared with, one tensor per parameter (it may change
+        between the micro-batches of a step: the paper draws a fresh dev sample for each)."""
+        if len(dev_grad) != len(self.params):
+            raise ValueError(f"dev gradient has {len(dev_grad)} tensors for {len(self.params)} parameters")
+        self._dev_grad = list(dev_grad)
+        self._dev_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in dev_grad]))
+
     def record(self, name: str) -> None:
         """Call right after objective `name`'s backward."""
         if self._dev_norm is None:
-            raise RuntimeError("record() before start_step()")
+            raise RuntimeError("record() before set_dev_gradient()")
         dot = torch.zeros((), device=self._dev_norm.device)
         sq_norm = torch.zeros((), device=self._dev_norm.device)
         for param, snap, dev in zip(self.params, self._snapshot, self._dev_grad):

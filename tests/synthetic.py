@@ -6,8 +6,8 @@ VOCAB_LOW, VOCAB_HIGH = 1000, 2000  # ordinary WordPiece ids, clear of special t
 
 
 def make_batches(n: int, batch_size: int = 4, length: int = 12, num_labels: int = 3, seed: int = 0) -> list[dict]:
-    """`n` training batches with `end_task`, `tapt`, `dapt` and `meta_dev`; MLM masks every 4th position, so
-    any split of a batch along its rows has the same number of masked tokens per row."""
+    """`n` training batches with `end_task`, `tapt`, `dapt`, `meta_dev` and `meta_dev_grad`; MLM masks every 4th
+    position, so any split of a batch along its rows has the same number of masked tokens per row."""
     generator = torch.Generator().manual_seed(seed)
 
     def ids() -> torch.Tensor:
@@ -27,16 +27,19 @@ def make_batches(n: int, batch_size: int = 4, length: int = 12, num_labels: int 
         input_ids[:, 1::4] = 103  # [MASK]
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
 
-    return [{"end_task": labeled(), "tapt": mlm(), "dapt": mlm(), "meta_dev": labeled()} for _ in range(n)]
+    return [
+        {"end_task": labeled(), "tapt": mlm(), "dapt": mlm(), "meta_dev": labeled(), "meta_dev_grad": labeled()}
+        for _ in range(n)
+    ]
 
 
 def shard(batch: dict, rank: int, world_size: int) -> dict:
-    """Rows of every source but `meta_dev` split across ranks; `meta_dev` is the same everywhere."""
+    """Rows of every source but the dev samples split across ranks; the dev samples are the same everywhere."""
     def part(source: dict) -> dict:
         rows = len(source["input_ids"]) // world_size
         return {key: value[rank * rows : (rank + 1) * rows] for key, value in source.items()}
 
-    return {name: source if name == "meta_dev" else part(source) for name, source in batch.items()}
+    return {name: source if name.startswith("meta_dev") else part(source) for name, source in batch.items()}
 
 
 def loader(batches: list[dict]) -> DataLoader:

@@ -1,5 +1,6 @@
 """The `tartan` CLI: every shipped config parses to the paper's settings and trains, links reach the model and
 callbacks, checkpoints test from the command line, TAPT exports feed fine-tuning, and mistakes fail clearly."""
+import csv
 import json
 import os
 import re
@@ -13,6 +14,8 @@ import torch
 import yaml
 from transformers import AutoModelForMaskedLM
 
+from datamodules import EndTaskDataModule
+from lightning_tartan import PostHocSelection, TartanModule
 from lightning_tartan.callbacks import TaskWeightPlot
 from lightning_tartan.cli import tartan_cli
 from lightning_tartan.export import ExportEncoder
@@ -31,7 +34,11 @@ METHODS = {
     "meta_tartan": ("meta", ["tapt"]),
     "mt_tartan_dapt": ("equal", ["tapt", "dapt"]),
     "meta_tartan_dapt": ("meta", ["tapt", "dapt"]),
+    "posthoc": ("none", []),
+    "mlm_head_warmup": ("aux_only", ["tapt"]),
 }
+FINE_TUNING = ("baseline", "tapt_finetune", "dapt_finetune")  # the "Don't Stop Pretraining" classifier recipe
+EXPORTS = ("tapt", "dapt", "mlm_head_warmup")  # stage-1 runs that write an encoder for a later run
 PAPER_CONFIGS = [(task, method) for task in TASKS for method in METHODS]
 MONITOR = {"chemprot": "accuracy"}  # the others are scored by macro-F1
 SMALL = [
@@ -69,6 +76,19 @@ def data_dir_for(data_root, hyperpartisan_dir):
     return lambda task: hyperpartisan_dir if task == "hyperpartisan" else data_root / task
 
 
+@pytest.fixture
+def multitask_checkpoint(tiny_encoder, data_dir_for, tmp_path):
+    """A checkpoint of the tiny encoder with the task's classes: what post-hoc fine-tuning starts from."""
+
+    def make(task: str) -> str:
+        num_labels = EndTaskDataModule(data_dir=str(data_dir_for(task))).num_labels
+        path = tmp_path / f"{task}_multitask.ckpt"
+        torch.save({"state_dict": TartanModule(tiny_encoder, num_labels=num_labels).state_dict()}, path)
+        return str(path)
+
+    return make
+
+
 def config_path(task: str, method: str) -> Path:
     return CONFIGS / task / f"{method}.yaml"
 
@@ -94,7 +114,7 @@ def test_every_task_and_method_has_a_config():
 
 
 @pytest.mark.parametrize(("task", "method"), PAPER_CONFIGS)
-def test_paper_config(task, method, tiny_encoder, data_dir_for, cache_dir, monkeypatch):
+def test_paper_config(task, method, tiny_encoder, data_dir_for, multitask_checkpoint, cache_dir, monkeypatch):
     """Parsed and instantiated as `tartan fit --config configs/<task>/<method>.yaml`, from the repository root so
     the shipped data paths resolve; only the encoder is swapped for the tiny one."""
     monkeypatch.chdir(REPO)
@@ -102,18 +122,40 @@ def test_paper_config(task, method, tiny_encoder, data_dir_for, cache_dir, monke
     overrides = ["--model.encoder_name_or_path", tiny_encoder, "--data.cache_dir", cache_dir]
     if task == "hyperpartisan":
         overrides += ["--data.data_dir", str(data_dir_for(task))]
+    if method == "posthoc":
+        overrides += ["--model.init_checkpoint", multitask_checkpoint(task)]
     cli = tartan_cli(["--config", str(config_path(task, method)), *overrides], run=False)
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
 
     stated_encoder = yaml.safe_load(config_path(task, method).read_text())["model"]["encoder_name_or_path"]
-    exported = f"exports/{task}/{method.removesuffix('_finetune')}"
-    assert stated_encoder == (exported if method.endswith("_finetune") else "roberta-base")
+    expected_encoder = {
+        "tapt_finetune": f"exports/{task}/tapt",
+        "dapt_finetune": f"exports/{task}/dapt",
+        "mlm_head_warmup": "sentence-transformers/all-MiniLM-L6-v2",  # an encoder that ships without an MLM head
+    }
+    assert stated_encoder == expected_encoder.get(method, "roberta-base")
     hp = model.hparams
     assert (hp.weighting, list(hp.aux_objectives), data.include_meta_dev) == (weighting, corpora, weighting == "meta")
-    assert (hp.encoder_lr, hp.head_lr, tuple(hp.adam_betas)) == (1e-4, 1e-3, (0.9, 0.98))
-    assert (hp.encoder_weight_decay, hp.head_weight_decay, hp.warmup_ratio) == (0.01, 0.1, 0.06)
-    assert (hp.accumulate_grad_batches, hp.meta_lr, hp.dropout) == (2, 1e-2, 0.1)
-    assert (data.batch_size, data.aux_batch_size, data.dev_batch_size, data.max_length) == (64, 64, 32, 512)
+    assert (tuple(hp.adam_betas), hp.dropout, data.max_length, hp.max_grad_norm) == ((0.9, 0.98), 0.1, 512, 1.0)
+    assert hp.freeze_encoder == (method == "mlm_head_warmup")
+    early_stopping = trainer.early_stopping_callback
+    if method in FINE_TUNING:  # "Don't Stop Pretraining": ROBERTA_CLASSIFIER_SMALL
+        assert (hp.encoder_lr, hp.head_lr, hp.encoder_weight_decay, hp.head_weight_decay) == (2e-5, 2e-5, 0.1, 0.1)
+        assert (hp.lr_schedule, hp.warmup_ratio, hp.adam_eps, hp.accumulate_grad_batches) == ("constant", 0, 1e-6, 1)
+        assert data.batch_size == 16
+        assert (trainer.max_epochs, trainer.check_val_every_n_epoch, early_stopping.patience) == (10, 1, 3)
+    elif method == "posthoc":  # the authors' finetune_primary_task
+        assert (hp.encoder_lr, hp.head_lr, hp.encoder_weight_decay, hp.head_weight_decay) == (5e-6, 5e-6, 0.01, 0.01)
+        assert (hp.lr_schedule, hp.warmup_ratio, hp.adam_eps, hp.accumulate_grad_batches) == ("constant", 0, 1e-8, 2)
+        assert data.batch_size == 64
+        assert (trainer.max_epochs, trainer.check_val_every_n_epoch, early_stopping.patience) == (10, 1, 3)
+        assert [type(c) for c in trainer.callbacks if isinstance(c, PostHocSelection)] == [PostHocSelection]
+    else:  # TARTAN's multitask settings (and TAPT/DAPT's, which share them)
+        encoder_lr = 1e-3 if method == "mlm_head_warmup" else 1e-4  # only the MLM head trains there
+        assert (hp.encoder_lr, hp.head_lr, hp.encoder_weight_decay, hp.head_weight_decay) == (encoder_lr, 1e-3, 0.01, 0.1)
+        assert (hp.lr_schedule, hp.warmup_ratio, hp.adam_eps, hp.accumulate_grad_batches) == ("linear", 0.06, 1e-6, 2)
+        assert (hp.meta_lr, hp.dev_gradient) == (1e-2, "held_out")
+        assert (data.batch_size, data.aux_batch_size, data.dev_batch_size, data.dev_grad_batch_size) == (64, 64, 32, 64)
     assert trainer.accumulate_grad_batches == 1  # TartanModule accumulates itself
 
     # what the data module knows reaches the model and both default callbacks
@@ -121,17 +163,17 @@ def test_paper_config(task, method, tiny_encoder, data_dir_for, cache_dir, monke
     assert (hp.num_labels, list(hp.label_names)) == (data.num_labels, data.label_names)
     assert hp.tokenizer_name_or_path == data.tokenizer_name_or_path == tiny_encoder
     assert model.monitor_metric == data.monitor_metric == metric
-    for callback in (trainer.checkpoint_callback, trainer.early_stopping_callback):
+    for callback in (trainer.checkpoint_callback, early_stopping):
         assert (callback.monitor, callback.mode) == (f"val/{metric}", "max")
     assert trainer.checkpoint_callback.save_last
 
-    if method in ("tapt", "dapt"):
+    if method in EXPORTS:
         export = next(callback for callback in trainer.callbacks if isinstance(callback, ExportEncoder))
         assert export.dirpath == Path(f"exports/{task}/{method}")
-        assert trainer.max_epochs == 100
-    else:  # the paper's schedule: dev evaluation every 30 optimizer steps, patience of 20 evaluations
+        assert (trainer.max_epochs, trainer.max_steps) == ((100, -1) if method != "mlm_head_warmup" else (None, 300))
+    elif method not in (*FINE_TUNING, "posthoc"):  # the paper's schedule: a dev evaluation every 30 optimizer steps
         assert (trainer.max_epochs, trainer.val_check_interval, trainer.check_val_every_n_epoch) == (150, 60, None)
-        assert trainer.early_stopping_callback.patience == 20
+        assert early_stopping.patience == 20
     plots = [callback for callback in trainer.callbacks if isinstance(callback, TaskWeightPlot)]
     assert [plot.enabled for plot in plots] == ([True] if weighting == "meta" else [])
 
@@ -139,15 +181,16 @@ def test_paper_config(task, method, tiny_encoder, data_dir_for, cache_dir, monke
 @pytest.mark.parametrize(
     ("task", "method"), [*PAPER_CONFIGS, ("quickstart", None)], ids=[*map("/".join, PAPER_CONFIGS), "quickstart"]
 )
-def test_config_trains(task, method, tiny_encoder, data_dir_for, cache_dir, tmp_path, monkeypatch):
+def test_config_trains(task, method, tiny_encoder, data_dir_for, multitask_checkpoint, cache_dir, tmp_path, monkeypatch):
     """`tartan fit --config <config> --trainer.fast_dev_run true` with the tiny encoder: one batch of every
     objective the config trains, one dev batch, and its end-of-fit callbacks."""
     monkeypatch.chdir(tmp_path)  # exports, plots and checkpoints land here
     config = CONFIGS / "quickstart.yaml" if method is None else config_path(task, method)
     data_dir = data_dir_for("citation_intent" if method is None else task)
+    start = ["--model.init_checkpoint", multitask_checkpoint(task)] if method == "posthoc" else []
     cli = tartan_cli(
         ["fit", "--config", str(config), "--model.encoder_name_or_path", tiny_encoder, "--data.data_dir", str(data_dir)]
-        + ["--data.cache_dir", cache_dir, "--trainer.fast_dev_run=true", *SMALL]
+        + ["--data.cache_dir", cache_dir, "--trainer.fast_dev_run=true", *SMALL, *start]
     )
 
     metrics = cli.trainer.callback_metrics
@@ -159,8 +202,10 @@ def test_config_trains(task, method, tiny_encoder, data_dir_for, cache_dir, tmp_
     if cli.model.weighting.needs_dev_gradient:
         assert {f"train/cos_{name}" for name in active} <= set(metrics)
         assert (tmp_path / "task_weights.png").is_file()
-    if method in ("tapt", "dapt"):
+    if method in EXPORTS:
         assert (tmp_path / "exports" / task / method / "config.json").is_file()
+    if method == "posthoc":
+        assert (tmp_path / "posthoc_selection.json").is_file()
 
 
 def test_tapt_export_is_the_encoder_of_tapt_finetune(tiny_encoder, data_root, cache_dir, tmp_path, monkeypatch):
@@ -181,6 +226,52 @@ def test_tapt_export_is_the_encoder_of_tapt_finetune(tiny_encoder, data_root, ca
         assert torch.equal(value, trained[name]), name
     finetune.trainer.fit(finetune.model, datamodule=finetune.datamodule)
     assert finetune.trainer.global_step == 1
+
+
+def test_seed_everything_drives_data_order_and_dev_samples(tiny_encoder, data_root, cache_dir, monkeypatch):
+    """`--seed_everything` changes what each source serves, not only dropout and initialisation."""
+    monkeypatch.chdir(REPO)
+    orders = {}
+    for seed in (1, 2):
+        cli = tartan_cli(
+            ["--config", str(config_path("citation_intent", "meta_tartan")), "--seed_everything", str(seed)]
+            + ["--model.encoder_name_or_path", tiny_encoder, "--data.cache_dir", cache_dir, *SMALL],
+            run=False,
+        )
+        cli.datamodule.setup("fit")
+        assert cli.datamodule.run_seed == seed
+        orders[seed] = {name: list(dl.sampler)[:32] for name, dl in cli.datamodule.train_dataloader().iterables.items()}
+    assert set(orders[1]) == {"end_task", "tapt", "meta_dev", "meta_dev_grad"}
+    assert all(orders[1][name] != orders[2][name] for name in orders[1])
+
+
+def test_posthoc_stage_from_the_command_line(tiny_encoder, data_root, cache_dir, tmp_path, monkeypatch):
+    """META-TARTAN, then post-hoc fine-tuning of its best checkpoint, then `tartan test` of the model chosen."""
+    monkeypatch.chdir(tmp_path)
+    common = [f"--model.encoder_name_or_path={tiny_encoder}", f"--data.data_dir={data_root / 'citation_intent'}"]
+    common += [f"--data.cache_dir={cache_dir}", "--trainer.limit_val_batches=2", *SMALL]
+    meta = tartan_cli(
+        ["fit", "--config", str(config_path("citation_intent", "meta_tartan")), *common]
+        + ["--trainer.max_steps=4", "--trainer.val_check_interval=4"]
+    )
+    best = meta.trainer.checkpoint_callback.best_model_path
+    posthoc = tartan_cli(
+        ["fit", "--config", str(config_path("citation_intent", "posthoc")), *common, "--model.init_checkpoint", best]
+        + ["--trainer.max_epochs=2", "--trainer.limit_train_batches=4"]
+    )
+    log_dir = Path(posthoc.trainer.log_dir)
+    selection = json.loads((log_dir / "posthoc_selection.json").read_text())
+    metric = "val/f1_macro"
+    scores = [float(row[metric]) for row in csv.DictReader((log_dir / "metrics.csv").open()) if row.get(metric)]
+    assert len(scores) == 3  # the starting model, then one dev evaluation per epoch
+    assert selection["start_score"] == pytest.approx(scores[0])
+    assert selection["start_score"] == pytest.approx(float(meta.trainer.checkpoint_callback.best_model_score))
+    assert selection["fine_tuned_score"] == pytest.approx(max(scores[1:]))
+    assert selection["selected"] == ("fine_tuned" if max(scores[1:]) > scores[0] else "start")
+
+    result = run_tartan("test", "--config", str(log_dir / "config.yaml"), "--ckpt_path", selection["selected_checkpoint"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"test/f1_macro\W+[0-9.]+", result.stdout), result.stdout[-3000:]
 
 
 # ---- checkpoints and the console script ------------------------------------------------------------------
@@ -241,6 +332,8 @@ def test_missing_data_dir_fails_naming_it(tiny_encoder, tmp_path):
         ("quickstart.yaml", ["--trainer.accumulate_grad_batches=2"], "set --model.accumulate_grad_batches instead"),
         # fine-tuning before the TAPT run has written its export
         ("sciie/tapt_finetune.yaml", [], "--model.encoder_name_or_path exports/sciie/tapt: no such folder"),
+        # post-hoc fine-tuning without the checkpoint it starts from
+        ("chemprot/posthoc.yaml", [], "--model.init_checkpoint is required for post-hoc fine-tuning"),
     ],
 )
 def test_mistakes_fail_before_anything_loads(config, options, message, tmp_path, monkeypatch, capsys):

@@ -32,7 +32,14 @@ REAL_TASKS = [
     (SciERCDataModule, "sciie", (3219, 455, 974), 7, "f1_macro"),
     (ChemProtDataModule, "chemprot", (4169, 2427, 3469), 13, "accuracy"),
 ]
-SMALL = {"max_length": 64, "batch_size": 8, "aux_batch_size": 16, "dev_batch_size": 16, "eval_batch_size": 32}
+SMALL = {
+    "max_length": 64,
+    "batch_size": 8,
+    "aux_batch_size": 16,
+    "dev_batch_size": 16,
+    "dev_grad_batch_size": 24,
+    "eval_batch_size": 32,
+}
 
 
 @pytest.fixture
@@ -108,13 +115,13 @@ def test_combined_training_batch(make, data_root):
     batches = [next(iterator)[0] for _ in range(3)]
 
     batch = batches[0]
-    assert set(batch) == {"end_task", "tapt", "dapt", "meta_dev"}
-    sizes = {"end_task": 8, "tapt": 16, "dapt": 16, "meta_dev": 16}
+    assert set(batch) == {"end_task", "tapt", "dapt", "meta_dev", "meta_dev_grad"}
+    sizes = {"end_task": 8, "tapt": 16, "dapt": 16, "meta_dev": 16, "meta_dev_grad": 24}
     for name, part in batch.items():
         assert type(part) is dict and set(part) == {"input_ids", "attention_mask", "labels"}
         assert part["input_ids"].shape == part["attention_mask"].shape
         assert part["input_ids"].shape[0] == sizes[name] and part["input_ids"].shape[1] <= 64
-    for name in ("end_task", "meta_dev"):
+    for name in ("end_task", "meta_dev", "meta_dev_grad"):
         labels = batch[name]["labels"]
         assert labels.shape == (sizes[name],) and labels.dtype == torch.long
         assert labels.min() >= 0 and labels.max() < dm.num_labels
@@ -143,8 +150,8 @@ def test_epoch_is_the_longest_source_and_others_cycle(make, data_root):
     iter(loader)
     lengths = {name: len(dl) for name, dl in loader.iterables.items()}
     assert lengths["end_task"] == math.ceil(1688 / 8)  # drop_last=False
-    assert lengths["meta_dev"] == 114 // 16  # fixed-size meta-dev samples
-    assert len(loader) == max(lengths.values())
+    # one dev sample per training batch: the dev loaders never restart within an epoch
+    assert lengths["meta_dev"] == lengths["meta_dev_grad"] == lengths["end_task"] == len(loader)
 
 
 def test_no_meta_dev_and_no_corpora(make, data_root):
@@ -156,7 +163,7 @@ def test_no_meta_dev_and_no_corpora(make, data_root):
 
 
 def test_ddp_sharding(make, data_root):
-    """Two simulated ranks: end-task and corpus shards are disjoint, the meta-dev sample is shared."""
+    """Two simulated ranks: end-task and corpus shards are disjoint, the dev samples are shared."""
     orders = []
     for rank in range(2):
         dm = make(CitationIntentDataModule, data_root / "citation_intent")
@@ -172,9 +179,56 @@ def test_ddp_sharding(make, data_root):
         # DistributedSampler pads an odd-sized set with one repeated index
         assert len(set(first) & set(second)) == size % 2
         assert set(first) | set(second) == set(range(size))
-    assert orders[0]["meta_dev"] == orders[1]["meta_dev"]
-    assert sorted(orders[0]["meta_dev"]) == list(range(114))
-    assert orders[0]["meta_dev"] != list(range(114))  # shuffled
+    for name in ("meta_dev", "meta_dev_grad"):
+        assert orders[0][name] == orders[1][name]
+
+
+@pytest.mark.parametrize(("name", "size"), [("meta_dev", 16), ("meta_dev_grad", 24)])
+def test_dev_samples_are_fresh_for_every_batch(make, data_root, name, size):
+    """As the paper draws them: each sample without repeats, each batch a new draw, the two samples independent."""
+    dm = make(CitationIntentDataModule, data_root / "citation_intent", dev_batch_size=16, dev_grad_batch_size=24)
+    dm.setup("fit")
+    loaders = dm.train_dataloader().iterables
+    indices = list(loaders[name].sampler)
+    samples = [indices[i : i + size] for i in range(0, len(indices), size)]
+    assert all(len(set(sample)) == size for sample in samples)
+    assert len({tuple(sorted(sample)) for sample in samples}) == len(samples)  # no sample comes back
+    assert set(indices) == set(range(114))
+    other = list(loaders["meta_dev_grad" if name == "meta_dev" else "meta_dev"].sampler)
+    assert indices[:16] != other[:16]
+    sampler = loaders[name].sampler
+    sampler.set_epoch(1)
+    assert list(sampler) != indices
+
+
+def test_dev_samples_smaller_split_than_sample_draw_with_replacement(make, data_root):
+    dm = make(CitationIntentDataModule, data_root / "citation_intent", dev_grad_batch_size=200)
+    dm.setup("fit")
+    indices = list(dm.train_dataloader().iterables["meta_dev_grad"].sampler)
+    assert len(indices) % 200 == 0 and set(indices) <= set(range(114))
+
+
+def test_seed_follows_the_run_seed_unless_given(make, data_root, monkeypatch):
+    """`seed_everything` (`tartan --seed_everything`) drives data order and dev samples; an explicit seed wins;
+    a checkpoint's seed (``state_dict``) wins over both, so a resumed run continues its own order."""
+
+    def orders(**kwargs):
+        dm = make(CitationIntentDataModule, data_root / "citation_intent", **kwargs)
+        dm.setup("fit")
+        return dm, {name: list(dl.sampler)[:48] for name, dl in dm.train_dataloader().iterables.items()}
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "1")
+    dm1, seed1 = orders()
+    monkeypatch.setenv("PL_GLOBAL_SEED", "2")
+    _, seed2 = orders()
+    assert all(seed1[name] != seed2[name] for name in seed1)
+    _, explicit = orders(seed=1)
+    assert explicit == seed1
+
+    resumed = make(CitationIntentDataModule, data_root / "citation_intent")
+    resumed.setup("fit")
+    resumed.load_state_dict(dm1.state_dict())
+    assert {name: list(dl.sampler)[:48] for name, dl in resumed.train_dataloader().iterables.items()} == seed1
 
 
 def test_training_order_is_reproducible_per_epoch(make, data_root):
@@ -292,7 +346,7 @@ def test_hyperpartisan_format(make, tmp_path, no_network):
     assert max(lengths) == 512 and min(lengths) < 16
     assert max(len(ids) for ids in dm.corpora["tapt"]["input_ids"]) == 512
     batch, _, _ = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"end_task", "tapt", "meta_dev"}
+    assert set(batch) == {"end_task", "tapt", "meta_dev", "meta_dev_grad"}
 
 
 def test_config_builds_from_yaml_like_dict(data_root):
@@ -336,7 +390,7 @@ def test_trainer_keeps_our_samplers_and_sets_their_epoch(make, tmp_path):
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     trainer.fit(model, datamodule=dm)
-    assert model.train_keys == {"end_task", "tapt", "meta_dev"}
+    assert model.train_keys == {"end_task", "tapt", "meta_dev", "meta_dev_grad"}
     assert model.val_keys == {"input_ids", "attention_mask", "labels"}
     assert trainer.global_step == 2 * math.ceil(40 / 4)  # an epoch is the longest source
     for name, loader in trainer.train_dataloader.items():
@@ -352,12 +406,14 @@ def test_trainer_keeps_our_samplers_and_sets_their_epoch(make, tmp_path):
         ("batch_size", 0),
         ("aux_batch_size", 0),
         ("dev_batch_size", -1),
+        ("dev_grad_batch_size", 0),
         ("eval_batch_size", 0),
         ("mlm_probability", 0.0),
         ("mlm_probability", 1.0),
         ("max_length", 4),
         ("num_workers", -1),
         ("aux_corpora", {"meta_dev": "train.txt"}),
+        ("aux_corpora", {"meta_dev_grad": "train.txt"}),
     ],
 )
 def test_invalid_options_name_the_option(option, value):

@@ -1,5 +1,6 @@
 """Core behaviour of TartanModule: gradients, weights, updates, precision, DDP, resume, export."""
 import copy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,16 +47,24 @@ def params_of(module: TartanModule) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in module.named_parameters()}
 
 
+@pytest.mark.parametrize("dev_gradient", ["held_out", "in_sample"])
 @pytest.mark.parametrize("accumulate", [1, 2])
-def test_meta_logit_gradient_is_minus_cosine_with_dev_gradient(tiny_encoder, accumulate):
+def test_meta_logit_gradient_is_minus_cosine_with_dev_gradient(tiny_encoder, accumulate, dev_gradient):
     batches = make_batches(accumulate)
-    module = make_module(tiny_encoder, weighting="meta", accumulate_grad_batches=accumulate, meta_lr=0.5)
+    module = make_module(
+        tiny_encoder, weighting="meta", accumulate_grad_batches=accumulate, meta_lr=0.5, dev_gradient=dev_gradient
+    )
     reference = copy.deepcopy(module)
     params = list(reference.encoder.parameters())
 
-    dev_grad = torch.cat([g.reshape(-1) for g in reference.dev_gradient(batches[0]["meta_dev"])])
     expected = torch.zeros(3)
     for batch in batches:
+        # one dev head per optimizer step; held out, each micro-batch's fresh sample gives its own dev gradient,
+        # in sample, the first micro-batch's gradient serves the whole step (the later calls return None)
+        dev_grads = reference.dev_gradient(batch, new_step=batch is batches[0])
+        if dev_grads is not None:
+            dev_grad = torch.cat([g.reshape(-1) for g in dev_grads])
+        assert (dev_grads is None) == (dev_gradient == "in_sample" and batch is not batches[0])
         for i, name in enumerate(reference.objectives):
             task_grad = flat_grad(reference.objective_loss(name, batch), params)
             expected[i] += F.cosine_similarity(task_grad, dev_grad, dim=0) / accumulate
@@ -113,13 +122,73 @@ def test_sparse_mlm_equals_dense(tiny_encoder):
 
 
 def test_dev_head_on_cached_features_matches_fitting_through_encoder(tiny_encoder):
-    batch = make_batches(1)[0]["meta_dev"]
+    batch = make_batches(1)[0]
     cached = make_module(tiny_encoder, weighting="meta", dev_head_on_cached_features=True)
     through = make_module(tiny_encoder, weighting="meta", dev_head_on_cached_features=False)
     through.load_state_dict(cached.state_dict())
     grad_cached, grad_through = cached.dev_gradient(batch), through.dev_gradient(batch)
     torch.testing.assert_close(grad_cached, grad_through, rtol=1e-4, atol=1e-7)
     assert sum(g.abs().sum() for g in grad_cached) > 0
+
+
+def cls_features(encoder: torch.nn.Module, sample: dict) -> torch.Tensor:
+    return encoder(input_ids=sample["input_ids"], attention_mask=sample["attention_mask"]).last_hidden_state[:, 0]
+
+
+def test_held_out_dev_gradient_fits_head_on_meta_dev_and_differentiates_on_fresh_sample(tiny_encoder, monkeypatch):
+    """The paper's estimator, computed independently: a head fitted on `meta_dev` features (encoder in eval mode,
+    the run's seed at step 0), its loss on `meta_dev_grad` differentiated through the encoder."""
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")
+    batch = make_batches(1)[0]
+    module = make_module(tiny_encoder, weighting="meta", dropout=0.1)
+    encoder = copy.deepcopy(module.encoder).eval()
+    head = DevHead(32, 3, lr=1e-3, weight_decay=0.1, max_steps=10, tolerance=1e-3)
+    with torch.no_grad():
+        fit_features = cls_features(encoder, batch["meta_dev"])
+    head.fit(lambda: fit_features, batch["meta_dev"]["labels"], seed=0)
+    sample = batch["meta_dev_grad"]
+    loss = F.cross_entropy(head.head(cls_features(encoder, sample)), sample["labels"])
+    expected = flat_grad(loss, list(encoder.parameters()))
+
+    actual = torch.cat([g.reshape(-1) for g in module.dev_gradient(batch)])
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-7)
+    assert module.encoder.training  # back in train mode for the objectives
+
+
+def test_in_sample_and_held_out_dev_gradients_differ_only_in_the_sample(tiny_encoder):
+    """`in_sample` differentiates the dev head's loss on the sample it was fitted to. Given that same sample as
+    its fresh one, `held_out` agrees exactly; given a fresh sample, it differs. The in-sample loss is the lower
+    one: the head has fitted those examples, which is the bias the held-out estimate avoids."""
+    batch = make_batches(1)[0]
+    options = dict(weighting="meta", dev_head_lr=0.05, dev_head_steps=50, dev_head_tolerance=0.0)
+    held_out = make_module(tiny_encoder, dev_gradient="held_out", **options)
+    in_sample = make_module(tiny_encoder, dev_gradient="in_sample", **options)
+    in_sample.load_state_dict(held_out.state_dict())
+
+    g_in = in_sample.dev_gradient(batch)
+    g_in_again = in_sample.dev_gradient({**batch, "meta_dev_grad": make_batches(1, seed=5)[0]["meta_dev_grad"]})
+    g_same = held_out.dev_gradient({**batch, "meta_dev_grad": batch["meta_dev"]})
+    g_fresh = held_out.dev_gradient(batch)
+    for a, b, c in zip(g_in, g_in_again, g_same):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-8)
+    assert not all(torch.allclose(a, b) for a, b in zip(g_in, g_fresh))
+    assert in_sample.dev_gradient(batch, new_step=False) is None  # in-sample: one dev gradient per optimizer step
+
+    head = held_out.dev_head.head
+    with torch.no_grad():
+        losses = {
+            name: F.cross_entropy(head(cls_features(held_out.encoder.eval(), batch[name])), batch[name]["labels"])
+            for name in ("meta_dev", "meta_dev_grad")
+        }
+    assert losses["meta_dev"] < losses["meta_dev_grad"] - 0.1, losses
+
+
+def test_dev_gradient_without_its_sample_names_it(tiny_encoder):
+    batch = make_batches(1)[0]
+    del batch["meta_dev_grad"]
+    with pytest.raises(KeyError, match="meta_dev_grad.*in_sample"):
+        make_module(tiny_encoder, weighting="meta").dev_gradient(batch)
 
 
 def test_dev_head_fit_stops_early_when_loss_settles():
@@ -276,3 +345,81 @@ def test_ddp_two_ranks_match_one_process(tiny_encoder, tmp_path, weighting):
         torch.testing.assert_close(rank0[name], single[name], rtol=1e-5, atol=1e-6, msg=name)
     if weighting == "meta":
         assert not torch.equal(rank0["weighting.logits"], torch.zeros(3))
+
+
+# ---- starting points, schedules and frozen encoders ------------------------------------------------------
+
+
+def test_init_checkpoint_starts_from_a_multitask_checkpoint_and_is_not_needed_afterwards(tiny_encoder, tmp_path):
+    multitask = make_module(tiny_encoder, weighting="meta", meta_lr=0.5)
+    trainer = fit(multitask, make_batches(2))
+    trainer.save_checkpoint(tmp_path / "multitask.ckpt")
+
+    posthoc = make_module(tiny_encoder, weighting="none", init_checkpoint=str(tmp_path / "multitask.ckpt"))
+    for name, value in posthoc.state_dict().items():
+        torch.testing.assert_close(value, multitask.state_dict()[name], rtol=0, atol=0, msg=name)
+    assert "init_checkpoint" not in posthoc.hparams
+
+    fit(posthoc, make_batches(1)).save_checkpoint(tmp_path / "posthoc.ckpt")
+    (tmp_path / "multitask.ckpt").unlink()  # the post-hoc checkpoint stands on its own
+    reloaded = TartanModule.load_from_checkpoint(tmp_path / "posthoc.ckpt")
+    torch.testing.assert_close(reloaded.end_task_head.out_proj.weight, posthoc.end_task_head.out_proj.weight)
+
+
+def test_init_checkpoint_mistakes_name_the_option(tiny_encoder, tmp_path):
+    with pytest.raises(FileNotFoundError, match="init_checkpoint"):
+        make_module(tiny_encoder, init_checkpoint=str(tmp_path / "missing.ckpt"))
+    torch.save({"state_dict": make_module(tiny_encoder, num_labels=5).state_dict()}, tmp_path / "five_labels.ckpt")
+    with pytest.raises(ValueError, match="init_checkpoint.*does not fit"):
+        make_module(tiny_encoder, num_labels=3, init_checkpoint=str(tmp_path / "five_labels.ckpt"))
+
+
+@pytest.mark.parametrize(("schedule", "constant"), [("constant", True), ("linear", False)])
+def test_lr_schedule(tiny_encoder, schedule, constant):
+    module = make_module(tiny_encoder, weighting="none", lr_schedule=schedule, warmup_ratio=0.0, encoder_lr=1e-4)
+    trainer = fit(module, make_batches(3), max_steps=6)  # two epochs of 3 batches; the schedule ends at step 6
+    encoder = set(module.encoder.parameters())
+    lrs = [group["lr"] for group in trainer.optimizers[0].param_groups if group["params"][0] in encoder]
+    assert trainer.global_step == 6
+    assert lrs == [1e-4, 1e-4] if constant else lrs == [0.0, 0.0]  # linear decays to 0 at the last step
+
+
+def test_freeze_encoder_fits_only_the_heads(tiny_encoder):
+    module = make_module(tiny_encoder, weighting="aux_only", freeze_encoder=True)
+    before = params_of(module)
+    fit(module, make_batches(2))
+    after = params_of(module)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(name.startswith("mlm_head.") for name in changed), changed
+    assert "encoder.embeddings.word_embeddings.weight" in before  # tied to the MLM decoder, so frozen with it
+
+
+def test_encoder_given_as_path_keeps_checkpoints_loadable(tiny_encoder, tmp_path):
+    module = make_module(Path(tiny_encoder))
+    assert module.hparams.encoder_name_or_path == module.hparams.tokenizer_name_or_path == tiny_encoder
+    fit(module, make_batches(1)).save_checkpoint(tmp_path / "run.ckpt")
+    torch.load(tmp_path / "run.ckpt", weights_only=True)
+
+
+def without_head_tensors(tiny_encoder: str, folder: Path, dropped: str) -> str:
+    """A copy of the tiny masked-LM checkpoint whose MLM-head tensors starting with `dropped` are removed."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny_encoder, folder)
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith(dropped)}, folder / "model.safetensors", {"format": "pt"})
+    return str(folder)
+
+
+@pytest.mark.parametrize(("dropped", "count"), [("cls.", "6 of its 7"), ("cls.predictions.transform.dense", "2 of its 7")])
+def test_missing_mlm_head_is_reported_in_one_line(tiny_encoder, tmp_path, dropped, count, capfd):
+    encoder = without_head_tensors(tiny_encoder, tmp_path / "headless", dropped)
+    with pytest.warns(UserWarning, match=f"has no pretrained masked-LM head: {count} tensors") as warned:
+        make_module(encoder)
+    assert "mlm_head_warmup" in str(warned[0].message)
+    assert "LOAD REPORT" not in "".join(capfd.readouterr())  # transformers' own multi-line report stays silent
+
+
+def test_complete_mlm_head_raises_no_warning(tiny_encoder, recwarn):
+    make_module(tiny_encoder)
+    assert not [w for w in recwarn if "masked-LM head" in str(w.message)]
