@@ -65,11 +65,14 @@ class TartanCLI(LightningCLI):
                 f"--trainer.accumulate_grad_batches (got {config.trainer.accumulate_grad_batches})"
             )
         posthoc = any(str(getattr(cb, "class_path", "")).endswith(".PostHocSelection") for cb in config.trainer.callbacks or [])
-        if posthoc and config.model.init_checkpoint is None:
+        init_checkpoint = config.model.init_checkpoint
+        if posthoc and init_checkpoint is None:
             error(
                 "--model.init_checkpoint is required for post-hoc fine-tuning: the best checkpoint of an MT- or "
                 "META-TARTAN run, e.g. lightning_logs/version_0/checkpoints/<best>.ckpt"
             )
+        if init_checkpoint is not None and not Path(init_checkpoint).is_file():
+            error(f"--model.init_checkpoint {init_checkpoint}: no such checkpoint file")
         encoder = config.model.encoder_name_or_path
         if not Path(encoder).exists() and not is_hub_model_id(encoder):
             error(

@@ -334,6 +334,7 @@ def test_missing_data_dir_fails_naming_it(tiny_encoder, tmp_path):
         ("sciie/tapt_finetune.yaml", [], "--model.encoder_name_or_path exports/sciie/tapt: no such folder"),
         # post-hoc fine-tuning without the checkpoint it starts from
         ("chemprot/posthoc.yaml", [], "--model.init_checkpoint is required for post-hoc fine-tuning"),
+        ("sciie/posthoc.yaml", ["--model.init_checkpoint=gone.ckpt"], "--model.init_checkpoint gone.ckpt: no such"),
     ],
 )
 def test_mistakes_fail_before_anything_loads(config, options, message, tmp_path, monkeypatch, capsys):

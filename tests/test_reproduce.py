@@ -1,0 +1,178 @@
+"""reproduce/grid.py: the smoke grid runs every default method through `tartan`, tabulates what it recorded,
+resumes without redoing finished work, reruns an interrupted stage, and survives a failing one."""
+import csv
+import importlib.util
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GRID = REPO / "reproduce" / "grid.py"
+SMOKE = REPO / "reproduce" / "profiles" / "smoke.yaml"
+
+
+def load_grid():
+    """The script as a module (it is not in a package); registered first, as dataclasses require."""
+    spec = importlib.util.spec_from_file_location("reproduce_grid", GRID)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+grid = load_grid()
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = {**os.environ, **offline, "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, str(GRID), *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+
+
+def started(output: str) -> list[str]:
+    """The stages a grid run started, from its one-line-per-stage log."""
+    return re.findall(r"\bstart\s+(\S+)", output)
+
+
+def record(task: str, method: str, seed: int, score: float) -> dict:
+    return {"task": task, "method": method, "seed": seed, "metric": "f1_macro", "test_score": score}
+
+
+def test_summary_is_mean_sample_sd_and_n_per_task_and_method():
+    records = [
+        record("sciie", "mt_tartan", 0, 0.70),
+        record("sciie", "mt_tartan", 1, 0.80),
+        record("sciie", "mt_tartan", 2, 0.90),
+        record("sciie", "fine_tuning", 0, 0.50),
+        record("chemprot", "mt_tartan", 0, 0.60) | {"metric": "accuracy"},
+    ]
+    table = grid.summarize(records)
+
+    assert table["sciie"]["mt_tartan"]["mean"] == pytest.approx(0.80)
+    assert table["sciie"]["mt_tartan"]["sd"] == pytest.approx(0.10)  # n - 1: population sd would be 0.0816
+    assert (table["sciie"]["mt_tartan"]["n"], table["sciie"]["mt_tartan"]["seeds"]) == (3, [0, 1, 2])
+    assert table["sciie"]["fine_tuning"] == {"metric": "f1_macro", "mean": 0.50, "sd": None, "n": 1, "seeds": [0]}
+    assert table["chemprot"]["mt_tartan"]["metric"] == "accuracy"
+
+    meta = {"commands": ["python reproduce/grid.py"], "profiles": ["cpu"], "encoders": ["e"], "precisions": ["p"]}
+    meta |= {"hardware": ["h"], "dates": ["d0", "d1"]}
+    text = grid.markdown(table, meta, paper={"sciie": {"mt_tartan": "81.2 (0.5)"}})
+    assert "| Method | sciie (f1_macro) | sciie, paper | chemprot (accuracy) |" in text
+    assert "| mt_tartan | 80.0 ± 10.0 (3) | 81.2 (0.5) | 60.0 (1) |" in text
+    assert "| fine_tuning | 50.0 (1) | – | – |" in text
+
+
+def test_methods_sharing_a_stage_form_one_chain_in_dependency_order(tmp_path):
+    chains = grid.plan(["sciie"], grid.DEFAULT_METHODS, [0], tmp_path)
+    folders = [[step.folder for step in chain.steps] for chain in chains]
+    assert folders == [
+        ["baseline", "baseline-test"],
+        ["tapt", "tapt_finetune", "tapt_finetune-test"],
+        ["mt_tartan", "mt_tartan-test", "mt_tartan_posthoc", "mt_tartan_posthoc-test"],
+        ["meta_tartan", "meta_tartan-test", "meta_tartan_posthoc", "meta_tartan_posthoc-test"],
+    ]
+
+
+def test_smoke_grid_end_to_end(tiny_encoder, data_root, cache_dir, tmp_path):
+    out, results = tmp_path / "runs", tmp_path / "results"
+    common = ["--profile", str(SMOKE), "--tasks", "citation_intent", "--seeds", "0", "--encoder", tiny_encoder]
+    common += ["--data-root", str(data_root), "--out", str(out), "--results", str(results), "--jobs", "2"]
+    passthrough = ["--", f"--data.init_args.cache_dir={cache_dir}"]
+
+    first = run_script(*common, *passthrough)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    assert "summary: ran 13 stages, skipped 0, failed 0; recorded 6 results" in first.stdout
+
+    # ---- the records and the three tables agree ----
+    runs = json.loads((results / "runs.json").read_text())
+    assert sorted(r["method"] for r in runs) == sorted(grid.DEFAULT_METHODS)
+    for r in runs:
+        described = (r["task"], r["seed"], r["metric"], r["profile"], r["encoder"], r["precision"])
+        assert described == ("citation_intent", 0, "f1_macro", "smoke", tiny_encoder, "32-true")
+        assert r["test_score"] == r["test_f1_macro"] and 0 <= r["test_accuracy"] <= 1 and 0 <= r["dev_score"] <= 1
+        assert r["commands"][-1].split()[1] == "test" and r["wall_seconds"] > 0
+    summary = json.loads((results / "results.json").read_text())
+    scores: dict[tuple[str, str], list[float]] = {}
+    for r in runs:
+        scores.setdefault((r["task"], r["method"]), []).append(r["test_score"])
+    for (task, method), values in scores.items():
+        cell = summary["results"][task][method]
+        assert (cell["metric"], cell["n"]) == ("f1_macro", len(values))
+        assert cell["mean"] == pytest.approx(statistics.fmean(values))
+        assert cell["sd"] == (pytest.approx(statistics.stdev(values)) if len(values) > 1 else None)
+    assert summary["meta"]["profiles"] == ["smoke"] and summary["meta"]["records"] == 6
+    table = (results / "results.md").read_text()
+    assert f"--profile {SMOKE}" in runs[0]["grid_command"]
+    assert f"- Command: `{runs[0]['grid_command']}`" in table  # the exact command heads the table
+    for method in grid.DEFAULT_METHODS:
+        mean = summary["results"]["citation_intent"][method]["mean"]
+        assert f"| {method} | {100 * mean:.1f} (1) |" in table
+    assert (results / "results.png").read_bytes().startswith(b"\x89PNG")
+
+    # ---- what the stages did ----
+    by_method = {r["method"]: r for r in runs}
+    seed_dir = out / "citation_intent" / "seed0"
+    with (seed_dir / "baseline" / "logs" / "metrics.csv").open() as stream:
+        dev = [float(row["val/f1_macro"]) for row in csv.DictReader(stream) if row["val/f1_macro"]]
+    assert by_method["fine_tuning"]["dev_score"] == max(dev)
+    for method in ("mt_tartan_posthoc", "meta_tartan_posthoc"):
+        selection = by_method[method]["selection"]
+        assert selection["selected"] in ("start", "fine_tuned")
+        assert by_method[method]["dev_score"] == selection[f"{selection['selected']}_score"]
+        assert "--model.init_checkpoint=" in by_method[method]["commands"][1]
+    weighting = by_method["meta_tartan_posthoc"]["task_weighting"]
+    assert weighting["stage"] == "meta_tartan" and set(weighting["last_weight"]) == {"end_task", "tapt"}
+    assert "task_weighting" not in by_method["mt_tartan"]
+    # the overlay replaced the config's callback list: the export went to the stage folder, not exports/<task>/tapt
+    assert (seed_dir / "tapt" / "export" / "config.json").is_file()
+    assert not (seed_dir / "tapt" / "exports").exists()
+    export = seed_dir / "tapt" / "export"
+    assert f"--model.encoder_name_or_path={export}" in by_method["tapt_fine_tuning"]["commands"][1]
+    assert sorted(path.name for path in (seed_dir / "mt_tartan" / "checkpoints").iterdir()) == ["best.ckpt"]
+
+    # ---- a second invocation finds everything done ----
+    record_files = sorted((out / "records").iterdir())
+    before = {path: path.stat().st_mtime_ns for path in record_files}
+    again = run_script(*common, *passthrough)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert "6 of 6 (task, method, seed) results recorded earlier; 0 chains to run" in again.stdout
+    assert started(again.stdout) == []
+    assert {path: path.stat().st_mtime_ns for path in record_files} == before
+
+    # ---- killed during baseline's test; and a stage that fails (its start checkpoint is gone) ----
+    (out / "records" / "citation_intent-fine_tuning-seed0.json").unlink()
+    (seed_dir / "baseline-test" / "done.json").unlink()
+    (seed_dir / "baseline-test" / "partial.txt").write_text("left by a killed run")
+    (out / "records" / "citation_intent-mt_tartan_posthoc-seed0.json").unlink()
+    (seed_dir / "mt_tartan_posthoc" / "done.json").unlink()
+    (seed_dir / "mt_tartan" / "checkpoints" / "best.ckpt").unlink()
+    resumed = run_script(*common, "--methods", "fine_tuning", "mt_tartan_posthoc", *passthrough)
+
+    assert resumed.returncode != 0
+    rerun = ["citation_intent/seed0/baseline-test", "citation_intent/seed0/mt_tartan_posthoc"]
+    assert sorted(started(resumed.stdout)) == rerun
+    assert not (seed_dir / "baseline-test" / "partial.txt").exists()
+    assert (seed_dir / "baseline-test" / "done.json").is_file()
+    assert (out / "records" / "citation_intent-fine_tuning-seed0.json").is_file()  # the other chain went on
+    assert "summary: ran 1 stages, skipped 2, failed 1; recorded 1 results" in resumed.stdout
+    assert "FAILED citation_intent/seed0/mt_tartan_posthoc: exit status" in resumed.stdout
+    assert f"log: {seed_dir / 'mt_tartan_posthoc' / 'log.txt'}" in resumed.stdout
+    assert not (seed_dir / "mt_tartan_posthoc" / "done.json").exists()
+    assert len(json.loads((results / "runs.json").read_text())) == 5  # tables rebuilt from what is recorded
+
+    # ---- the tables alone, from the records, running nothing even though a result is missing ----
+    recorded = (results / "runs.json").read_text()
+    shutil.rmtree(results)
+    tables = run_script(*common, "--aggregate-only")
+    assert tables.returncode == 0, tables.stdout[-4000:] + tables.stderr[-4000:]
+    assert started(tables.stdout) == [] and len(list((out / "records").iterdir())) == 5
+    assert (results / "runs.json").read_text() == recorded
+    assert {path.name for path in results.iterdir()} == {"runs.json", "results.json", "results.md", "results.png"}
