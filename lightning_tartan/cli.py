@@ -6,15 +6,19 @@
 What the data module knows (number of classes, label names, auxiliary corpora, the metric the task is scored
 by) is linked into the model and the default callbacks, so it is never typed twice.
 """
+import sys
 from pathlib import Path
 from urllib.error import URLError
 
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from jsonargparse import Namespace
-from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.callbacks import EarlyStopping
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
+from pytorch_lightning.utilities import rank_zero_info
+from transformers import AutoConfig
 
-from datamodules import EndTaskDataModule  # importing the package registers every task for `--data <Name>`
+from datamodules import DataFormatError, EndTaskDataModule  # the import registers every task for `--data <Name>`
+from lightning_tartan.checkpoints import ResumableCheckpoint
 from lightning_tartan.module import TartanModule
 from lightning_tartan.posthoc import PostHocSelection
 
@@ -34,10 +38,11 @@ def is_hub_model_id(name: str) -> bool:
 
 
 class TartanCLI(LightningCLI):
-    """`LightningCLI` with TARTAN's links and its default callbacks: keep the best dev checkpoint, stop early."""
+    """`LightningCLI` with TARTAN's links and its default callbacks: keep the best dev checkpoint and an always
+    current `last.ckpt` (`--ckpt_path last` resumes the newest one), stop early."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
         parser.set_defaults({"checkpoint.mode": "max", "checkpoint.save_last": True, "early_stopping.mode": "max"})
         # The tokenizer is the encoder's: the data tokenizes with it and the model saves it with exports.
@@ -57,14 +62,15 @@ class TartanCLI(LightningCLI):
             )
 
     def before_instantiate_classes(self) -> None:
-        """Name the option behind two mistakes that Lightning or transformers would report obscurely."""
-        config, error = self._subcommand_config(), self._parser(self.subcommand).error
+        """Name the option behind mistakes that Lightning or transformers would report late or obscurely."""
+        config, error = self._subcommand_config(), self.parser.error
         if config.trainer.accumulate_grad_batches != 1:
             error(
                 "TartanModule optimizes manually: set --model.accumulate_grad_batches instead of "
                 f"--trainer.accumulate_grad_batches (got {config.trainer.accumulate_grad_batches})"
             )
-        posthoc = any(str(getattr(cb, "class_path", "")).endswith(".PostHocSelection") for cb in config.trainer.callbacks or [])
+        callbacks = config.trainer.callbacks or []
+        posthoc = any(str(getattr(callback, "class_path", "")).endswith(".PostHocSelection") for callback in callbacks)
         init_checkpoint = config.model.init_checkpoint
         if posthoc and init_checkpoint is None:
             error(
@@ -73,12 +79,44 @@ class TartanCLI(LightningCLI):
             )
         if init_checkpoint is not None and not Path(init_checkpoint).is_file():
             error(f"--model.init_checkpoint {init_checkpoint}: no such checkpoint file")
-        encoder = config.model.encoder_name_or_path
-        if not Path(encoder).exists() and not is_hub_model_id(encoder):
-            error(
+        self._check_encoder(config.model.encoder_name_or_path)
+        if self.subcommand == "fit" and config.ckpt_path == "last":
+            self._resume_last(config)
+
+    def _check_encoder(self, encoder: str) -> None:
+        if Path(encoder).exists():
+            return
+        if not is_hub_model_id(encoder):
+            self.parser.error(
                 f"--model.encoder_name_or_path {encoder}: no such folder (a TAPT/DAPT export exists once its "
                 "stage-1 config, e.g. configs/<task>/tapt.yaml, has been fit)"
             )
+        try:
+            AutoConfig.from_pretrained(encoder)  # cached after the first run; the model loads the same file
+        except OSError as err:
+            reason = str(err).splitlines()[0]
+            self.parser.error(
+                f"--model.encoder_name_or_path {encoder}: neither a local folder nor reachable on the Hugging Face "
+                f"Hub ({reason})"
+            )
+
+    def _resume_last(self, config: Namespace) -> None:
+        """`--ckpt_path last`: the newest `last.ckpt` of earlier runs, whose checkpoint folder this run keeps
+        writing to, so its best-checkpoint bookkeeping carries over (Lightning resets it in a new folder)."""
+        if config.checkpoint.dirpath:
+            candidates = [Path(config.checkpoint.dirpath) / "last.ckpt"]
+            searched = str(candidates[0])
+        else:
+            root = _log_root(config.trainer)
+            candidates = list(root.glob("*/checkpoints/last.ckpt"))
+            searched = str(root / "*" / "checkpoints" / "last.ckpt")
+        existing = [path for path in candidates if path.is_file()]
+        if not existing:
+            self.parser.error(f"--ckpt_path last: no checkpoint to resume at {searched}")
+        last = max(existing, key=lambda path: path.stat().st_mtime)
+        config.ckpt_path = str(last)
+        config.checkpoint.dirpath = str(last.parent)
+        rank_zero_info(f"Resuming from {last}")
 
     def instantiate_classes(self) -> None:
         # The model's links read the task's labels first, so a wrong data_dir surfaces here: name the option.
@@ -89,7 +127,10 @@ class TartanCLI(LightningCLI):
             reason = str(err)
             if isinstance(err, URLError):
                 reason = f"its files are missing and downloading them failed ({err.reason})"
-            self._parser(self.subcommand).error(f"--data.data_dir {data_dir}: {reason}")
+            self.parser.error(f"--data.data_dir {data_dir}: {reason}")
+        except ValueError as err:
+            # our own checks name the option (or file and line); jsonargparse wraps them in a dump of every option
+            self.parser.error(str(_root_cause(err)))
 
     def before_fit(self) -> None:
         """Post-hoc fine-tuning keeps its result only if it beats the starting model: score that one first."""
@@ -115,9 +156,29 @@ def tartan_cli(args: ArgsType = None, run: bool = True) -> TartanCLI:
     )
 
 
+def _root_cause(error: BaseException) -> BaseException:
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def _log_root(trainer: Namespace) -> Path:
+    """The folder whose `version_*` subfolders hold the runs' logs and checkpoints (Lightning's default layout)."""
+    logger = trainer.logger
+    init_args = getattr(logger, "init_args", None)
+    save_dir = getattr(init_args, "save_dir", None) or trainer.default_root_dir or "."
+    name = getattr(init_args, "name", "lightning_logs") if init_args is not None else "lightning_logs"
+    return Path(save_dir) / (name or "")
+
+
 def main(args: ArgsType = None) -> None:
-    """Entry point of the `tartan` console script."""
-    tartan_cli(args)
+    """Entry point of the `tartan` console script: a data file that cannot be used is reported as the CLI's own
+    errors are, in one line naming the file and line (from Python, `DataFormatError` is raised as usual)."""
+    try:
+        tartan_cli(args)
+    except DataFormatError as err:
+        print(f"tartan: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -307,6 +307,103 @@ def test_test_subcommand_reports_the_checkpoints_metrics(tiny_encoder, data_root
     assert labels.min() >= 0 and labels.max() < fit.datamodule.num_labels
 
 
+def test_ctrl_c_then_ckpt_path_last_finishes_like_an_uninterrupted_run(tiny_encoder, data_root, cache_dir, tmp_path):
+    """Ctrl-C at optimizer step 5 of 8 (mid-epoch, mid dev-interval), then the same command with `--ckpt_path
+    last`: the weights, task weights and best dev score at the end are those of a run never interrupted."""
+    command = [
+        "fit",
+        f"--config={config_path('citation_intent', 'meta_tartan')}",
+        f"--model.encoder_name_or_path={tiny_encoder}",
+        f"--data.data_dir={data_root / 'citation_intent'}",
+        f"--data.cache_dir={cache_dir}",
+        "--model.dropout=0.1",
+        "--trainer.max_steps=8",
+        "--trainer.val_check_interval=6",  # dev evaluations after optimizer steps 3 and 6
+        "--trainer.limit_val_batches=2",
+        "--seed_everything=3",
+        *SMALL,
+    ]
+    env = {"PYTHONPATH": str(Path(__file__).parent)}  # tests/interrupt.py
+
+    def run(folder: Path, *extra: str) -> subprocess.CompletedProcess:
+        result = run_tartan(*command, f"--trainer.default_root_dir={folder}", *extra, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    run(tmp_path / "uninterrupted")
+    interrupted = run(tmp_path / "resumed", "--trainer.callbacks+=interrupt.InterruptAtStep", "--trainer.callbacks.step=5")
+    assert "Ctrl-C: stopping at the end of this optimizer step" in interrupted.stderr + interrupted.stdout
+    last = tmp_path / "resumed" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 5
+    run(tmp_path / "resumed", "--ckpt_path=last")
+
+    expected = torch.load(next((tmp_path / "uninterrupted").rglob("last.ckpt")), weights_only=True)
+    actual = torch.load(last, weights_only=True)  # the resumed run kept writing to the interrupted run's folder
+    assert actual["global_step"] == expected["global_step"] == 8
+    for name, value in expected["state_dict"].items():
+        torch.testing.assert_close(actual["state_dict"][name], value, rtol=0, atol=0, msg=name)
+    best = [state["best_model_score"] for key, state in expected["callbacks"].items() if "Checkpoint" in key]
+    assert best == [state["best_model_score"] for key, state in actual["callbacks"].items() if "Checkpoint" in key]
+
+
+def test_last_checkpoint_is_the_final_state(tiny_encoder, data_root, cache_dir, tmp_path, monkeypatch):
+    """Lightning's own `last.ckpt` stops at the last improvement; ours holds the last step of the run."""
+    monkeypatch.chdir(tmp_path)
+    cli = tartan_cli(
+        ["fit", "--config", str(config_path("citation_intent", "baseline")), f"--model.encoder_name_or_path={tiny_encoder}"]
+        + [f"--data.data_dir={data_root / 'citation_intent'}", f"--data.cache_dir={cache_dir}", *SMALL]
+        + ["--trainer.max_steps=5", "--trainer.val_check_interval=2", "--trainer.check_val_every_n_epoch=null"]
+        + ["--trainer.limit_val_batches=2", "--model.encoder_lr=1e-9", "--model.head_lr=1e-9"]  # no improvement after the first
+    )
+    assert torch.load(cli.trainer.checkpoint_callback.last_model_path, weights_only=True)["global_step"] == 5
+
+
+def test_ckpt_path_last_without_a_checkpoint_fails_instead_of_starting_over(tiny_encoder, tmp_path):
+    result = run_tartan(
+        "fit", f"--config={CONFIGS / 'quickstart.yaml'}", f"--model.encoder_name_or_path={tiny_encoder}",
+        f"--trainer.default_root_dir={tmp_path}", "--ckpt_path=last",
+    )
+    assert result.returncode == 2
+    assert f"--ckpt_path last: no checkpoint to resume at {tmp_path}" in result.stderr.splitlines()[-1]
+
+
+def test_unreachable_hub_name_is_one_line(tmp_path):
+    result = run_tartan("fit", f"--config={CONFIGS / 'quickstart.yaml'}", "--model.encoder_name_or_path=nobody/no-such-encoder")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last_line = result.stderr.splitlines()[-1]
+    assert "--model.encoder_name_or_path nobody/no-such-encoder: neither a local folder nor reachable" in last_line
+
+
+def test_bad_data_file_is_one_line_naming_file_and_line(tiny_encoder, data_root, tmp_path):
+    folder = tmp_path / "task"
+    shutil.copytree(data_root / "citation_intent", folder, ignore=shutil.ignore_patterns("*.txt"))
+    lines = (folder / "dev.jsonl").read_text().splitlines()
+    lines[6] = '{"text": "broken", "label": '
+    (folder / "dev.jsonl").write_text("\n".join(lines) + "\n")
+    result = run_tartan(
+        "fit", f"--config={config_path('citation_intent', 'baseline')}", f"--model.encoder_name_or_path={tiny_encoder}",
+        f"--data.data_dir={folder}", f"--trainer.default_root_dir={tmp_path}",
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith(f"tartan: error: {folder / 'dev.jsonl'}:7: malformed JSON")
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [("--data.batch_size=0", "`batch_size` must be >= 1, got 0"), ("--model.encoder_lr=0", "encoder_lr must be > 0")],
+)
+def test_bad_option_value_is_one_line_naming_it(tiny_encoder, data_root, tmp_path, option, message):
+    result = run_tartan(
+        "fit", f"--config={CONFIGS / 'quickstart.yaml'}", f"--model.encoder_name_or_path={tiny_encoder}",
+        f"--data.data_dir={data_root / 'citation_intent'}", f"--trainer.default_root_dir={tmp_path}", option,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].startswith(f"error: {message}")
+    assert "Namespace(" not in result.stderr and "Traceback" not in result.stderr
+
+
 def test_unknown_option_fails_naming_it():
     result = run_tartan("fit", f"--config={CONFIGS / 'quickstart.yaml'}", "--model.encoder_lrr=0.1")
     assert result.returncode != 0
@@ -335,6 +432,8 @@ def test_missing_data_dir_fails_naming_it(tiny_encoder, tmp_path):
         # post-hoc fine-tuning without the checkpoint it starts from
         ("chemprot/posthoc.yaml", [], "--model.init_checkpoint is required for post-hoc fine-tuning"),
         ("sciie/posthoc.yaml", ["--model.init_checkpoint=gone.ckpt"], "--model.init_checkpoint gone.ckpt: no such"),
+        # a typo in a choice: refused at parse time, listing the choices, before the encoder loads
+        ("quickstart.yaml", ["--model.weighting=metaa"], "Got value: metaa"),
     ],
 )
 def test_mistakes_fail_before_anything_loads(config, options, message, tmp_path, monkeypatch, capsys):

@@ -1,0 +1,97 @@
+"""Checkpoints a run can resume from: `last.ckpt` always holds the latest state, and Ctrl-C stops cleanly.
+
+Lightning's `ModelCheckpoint(save_last=True)` rewrites `last.ckpt` only when it also saves a top-k checkpoint,
+so after a run's last improvement `last.ckpt` falls behind and a resumed run repeats (or loses) the steps since.
+"""
+import os
+import signal
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities import rank_zero_info
+
+
+class ResumableCheckpoint(ModelCheckpoint):
+    """`ModelCheckpoint` (best dev checkpoints as configured) whose `last.ckpt` is the run's latest state.
+
+    `last.ckpt` is rewritten after every dev evaluation and at the end of fit. The first Ctrl-C during fit asks
+    training to stop at the end of the current optimizer step, so the `last.ckpt` written then resumes exactly;
+    a second Ctrl-C aborts at once. `save_last=False` turns `last.ckpt` (and the Ctrl-C handling) off.
+    """
+
+    def __init__(self, *args: Any, save_last: Optional[bool] = True, **kwargs: Any) -> None:
+        super().__init__(*args, save_last=False, **kwargs)  # last.ckpt is written here, at the moments above
+        self.keep_last = bool(save_last)
+        self._stop_requested = False
+        self._steps_before_batch = 0
+        self._sigint_handler_replaced = False
+        self._previous_sigint_handler: Any = None
+
+    @property
+    def last_checkpoint_path(self) -> str:
+        return os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+
+    def save_latest(self, trainer: pl.Trainer) -> None:
+        trainer.save_checkpoint(self.last_checkpoint_path, self.save_weights_only)
+        self.last_model_path = self.last_checkpoint_path
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)  # first the best checkpoint, so last.ckpt records it
+        if self.keep_last and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self.save_latest(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self.keep_last:
+            self.save_latest(trainer)
+            if self._stop_requested:
+                rank_zero_info(f"Stopped after optimizer step {trainer.global_step}: resume with --ckpt_path last")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        self._stop_requested = False
+        if self.keep_last:
+            self._replace_sigint_handler()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_end(trainer, pl_module)
+        self._restore_sigint_handler()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        self._restore_sigint_handler()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._steps_before_batch = trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # stop only where an optimizer step has just completed, so no accumulated gradient is lost, and on
+        # every rank at the same step (Ctrl-C reaches the ranks at slightly different moments)
+        if trainer.global_step > self._steps_before_batch and self.keep_last:
+            if trainer.strategy.reduce_boolean_decision(self._stop_requested, all=False):
+                trainer.should_stop = True
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        if self._stop_requested:
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        rank_zero_info(
+            "\nCtrl-C: stopping at the end of this optimizer step and writing last.ckpt (Ctrl-C again to abort)"
+        )
+
+    def _replace_sigint_handler(self) -> None:
+        try:
+            self._previous_sigint_handler = signal.signal(signal.SIGINT, self._request_stop)
+        except ValueError:  # not the main thread: Ctrl-C keeps Lightning's own handling
+            return
+        self._sigint_handler_replaced = True
+
+    def _restore_sigint_handler(self) -> None:
+        if self._sigint_handler_replaced:
+            signal.signal(signal.SIGINT, self._previous_sigint_handler)
+            self._sigint_handler_replaced = False
