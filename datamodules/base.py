@@ -1,36 +1,50 @@
 """The one data module every TARTAN end task builds on.
 
-A training batch is a dict with one entry per source, cycled to the longest one::
+A training batch is a dict with one entry per source, each serving one batch per training batch::
 
     {"end_task": {input_ids, attention_mask, labels},   # labels: class ids
      "<corpus>": {input_ids, attention_mask, labels},   # one per aux MLM corpus, labels: -100 where unmasked
      "meta_dev": {input_ids, attention_mask, labels},   # a random labeled dev sample: META-TARTAN's dev head
      "meta_dev_grad": {input_ids, attention_mask, labels}}  # a second, independent one: its held-out dev gradient
 
+An epoch is one pass over the longest source; shorter sources make pass after pass within it. Every training loader
+is a ``StatefulDataLoader`` whose position Lightning saves in checkpoints, and everything random in a batch (order,
+dev samples, MLM masks) follows from the seed, the epoch and the batch's position, so a run resumed from a
+mid-epoch checkpoint sees exactly the batches the uninterrupted run saw.
+
 Validation and test batches are plain ``{input_ids, attention_mask, labels}`` dicts, in file order.
 """
+import hashlib
 import json
 import logging
+import math
 import os
-import tempfile
 import urllib.request
+import uuid
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Optional
+from typing import Any, Callable, ClassVar, Iterator, NamedTuple, Optional, Sized
 
+import datasets
+import numpy as np
 import torch
 from datasets import Dataset, load_dataset
+from datasets.exceptions import DatasetGenerationError
 from pytorch_lightning import LightningDataModule
-from pytorch_lightning.utilities import CombinedLoader
+from pytorch_lightning.utilities import CombinedLoader, rank_zero_info
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DistributedSampler, Sampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import (
     AutoTokenizer,
     DataCollatorForLanguageModeling,
     DataCollatorWithPadding,
     PreTrainedTokenizerBase,
 )
+
+from lightning_tartan.packaged_encoders import local_copy
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +61,24 @@ class DataFormatError(ValueError):
     """A task file exists but its content cannot be used; the message names the file (and line)."""
 
 
+class Example(NamedTuple):
+    """One labeled example and the line of its file it was read from."""
+
+    line: int
+    text: str
+    label: str
+
+
 class EndTaskDataModule(LightningDataModule):
     """Labeled end-task splits, auxiliary MLM corpora and a meta-dev sample for TARTAN training.
 
     Subclasses only set the class attributes below.
+
+    Examples whose ``text`` is empty (or only whitespace) are dropped from the train split, where there is nothing to
+    learn from them, and kept in the dev and test splits as empty inputs (the tokenizer still gives ``[CLS] [SEP]``, the
+    model predicts a label and the example counts in the metric, as it does for everyone scoring that split). Each
+    split with such examples is reported in one line naming the file and the line numbers. A ``text`` that is not a
+    string is an error.
     """
 
     #: corpus name -> text file (relative to ``data_dir``), used when ``aux_corpora`` is None
@@ -83,19 +111,41 @@ class EndTaskDataModule(LightningDataModule):
     ) -> None:
         """
         Args:
-            data_dir: folder holding the task files (may be read-only once all files exist).
-            aux_corpora: corpus name -> text file with one document per line; ``None`` uses the task's
-                defaults, ``{}`` trains without auxiliary corpora.
+            data_dir: folder holding the task files. Only files the task downloads (``urls``) are ever written there,
+                so it may be read-only once they exist.
+            tokenizer_name_or_path: the tokenizer (hub name or folder); the encoder's, so ids match its embeddings.
+            train_file: the labeled training split: JSON lines, each with a string ``text`` and a string ``label``,
+                relative to ``data_dir`` (or absolute). Its labels, sorted, are the classes.
+            dev_file: the dev split, in the same format; a label the train split lacks is an error.
+            test_file: the test split, in the same format; its labels are checked before a fit, too.
+            aux_corpora: corpus name -> text file with one document per line (relative to ``data_dir``, or
+                absolute); ``None`` uses the task's defaults, ``{}`` trains without auxiliary corpora. A ``tapt``
+                corpus missing from ``data_dir`` is derived from the train split's texts into the cache (see
+                ``cache_dir``).
             max_length: truncation length in tokens; ``None`` uses the task's default.
+            batch_size: end-task examples per training batch (per process under DDP).
+            aux_batch_size: documents per training batch from each auxiliary corpus (per process under DDP).
             dev_batch_size: size of the ``meta_dev`` sample META-TARTAN fits its dev head on (the paper's 32).
             dev_grad_batch_size: size of the ``meta_dev_grad`` sample its held-out dev gradient is taken on (the
                 paper's 64). Both are drawn afresh for every training batch, without replacement within a sample.
+            eval_batch_size: examples per validation, test and predict batch.
+            mlm_probability: share of a document's tokens the MLM objective masks (of those, eight in ten become the
+                mask token, one a random token, one stays).
             include_meta_dev: build the two dev samples (META-TARTAN needs them; other methods ignore them).
-            seed: shuffling of every source and the dev samples; ``None`` follows the run's seed
+            num_workers: loader worker processes per source (0: load in the main process). Batches, masks included,
+                are the same for any number.
+            seed: shuffling of every source, the dev samples and the MLM masks; ``None`` follows the run's seed
                 (``seed_everything``, i.e. ``tartan --seed_everything``), or 0 when none was set.
-            cache_dir: where ``datasets`` caches the tokenised splits; ``None`` uses its default cache.
+            cache_dir: where ``datasets`` caches the tokenised splits and a derived TAPT corpus is written; ``None``
+                uses the ``datasets`` cache (``HF_DATASETS_CACHE``).
         """
         super().__init__()
+        # plain strings in the hyper-parameters: a Path would make every checkpoint unloadable with weights_only
+        data_dir, tokenizer_name_or_path = str(data_dir), str(tokenizer_name_or_path)
+        train_file, dev_file, test_file = str(train_file), str(dev_file), str(test_file)
+        cache_dir = None if cache_dir is None else str(cache_dir)
+        if aux_corpora is not None:
+            aux_corpora = {str(name): str(file) for name, file in aux_corpora.items()}
         self.save_hyperparameters()
         aux_corpora = dict(self.default_aux_corpora if aux_corpora is None else aux_corpora)
         max_length = self.default_max_length if max_length is None else max_length
@@ -115,6 +165,8 @@ class EndTaskDataModule(LightningDataModule):
             raise ValueError(f"`mlm_probability` must be in (0, 1), got {mlm_probability}")
         if num_workers < 0:
             raise ValueError(f"`num_workers` must be >= 0, got {num_workers}")
+        if seed is not None and seed < 0:
+            raise ValueError(f"`seed` must be >= 0, got {seed}")
         for name, file in aux_corpora.items():
             if not name or name in RESERVED_SOURCES:
                 raise ValueError(f"`aux_corpora` names must be non-empty and not {RESERVED_SOURCES}, got {name!r}")
@@ -140,6 +192,7 @@ class EndTaskDataModule(LightningDataModule):
         self.tokenizer: Optional[PreTrainedTokenizerBase] = None
         self.splits: dict[str, Dataset] = {}  # "train" / "dev" / "test", tokenised
         self.corpora: dict[str, Dataset] = {}  # aux corpus name -> tokenised documents
+        self._examples: dict[str, list[Example]] = {}  # split -> its checked examples, read once
         self._run_seed: Optional[int] = None
 
     # ---- what the model needs at instantiation, without tokenising ----------------------------------
@@ -148,7 +201,7 @@ class EndTaskDataModule(LightningDataModule):
     def label_names(self) -> list[str]:
         """The sorted train-split labels; index = class id. Read once, before any tokenisation."""
         self._fetch(self.files["train"])  # the model needs this before Lightning calls prepare_data
-        return sorted({label for _, _, label in _read_jsonl(self._path(self.files["train"]))})
+        return sorted({example.label for example in self._labeled("train")})
 
     @property
     def num_labels(self) -> int:
@@ -161,17 +214,20 @@ class EndTaskDataModule(LightningDataModule):
     # ---- files --------------------------------------------------------------------------------------
 
     def prepare_data(self) -> None:
-        """Fetch missing files from the task's URLs; makes no network call when every file is present."""
+        """Fetch missing files from the task's URLs and derive a missing TAPT corpus; no network call when every
+        file is present."""
         for file in self.files.values():
             self._fetch(file)
+        self._derive_tapt_corpus()
         for name, file in self.aux_corpora.items():
-            path, train = self._path(file), self._path(self.files["train"])
-            if name == "tapt" and not path.exists() and file not in self.urls and train.exists():
-                # the TAPT corpus is by definition the task's training texts, one per line
-                texts = (" ".join(text.split()) + "\n" for _, text, _ in _read_jsonl(train))
-                _write_atomic(path, "".join(texts).encode())
-                rank_zero_only(log.info)(f"Derived the TAPT corpus {path} from {train}")
-            self._fetch(file)
+            if self.corpus_file(name) == self._path(file):
+                self._fetch(file)
+
+    def corpus_file(self, name: str) -> Path:
+        """The text file corpus ``name`` is read from: its file in ``data_dir``, except for a ``tapt`` corpus missing
+        there (and from ``urls``), which is derived from the train split into the cache."""
+        derived = self._derived_tapt_file() if name == "tapt" else None
+        return derived if derived is not None else self._path(self.aux_corpora[name])
 
     def _path(self, file: str) -> Path:
         return self.data_dir / Path(file).expanduser()  # an absolute `file` replaces data_dir
@@ -189,30 +245,89 @@ class EndTaskDataModule(LightningDataModule):
         with urllib.request.urlopen(self.urls[file], timeout=60) as response:
             _write_atomic(path, response.read())
 
+    def _derived_tapt_file(self) -> Optional[Path]:
+        """Where the TAPT corpus is derived to, or None when none is derived. The TAPT corpus is by definition the
+        task's training texts; derived data belongs in the cache, keyed by the train split's path, size and
+        modification time, so an edited split derives a new corpus and the data folder is never written."""
+        file = self.aux_corpora.get("tapt")
+        train = self._path(self.files["train"])
+        if file is None or file in self.urls or self._path(file).exists() or not train.is_file():
+            return None
+        stat = train.stat()
+        key = hashlib.sha256(f"{train.resolve()}\n{stat.st_size}\n{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        cache = Path(self.cache_dir).expanduser() if self.cache_dir else Path(datasets.config.HF_DATASETS_CACHE)
+        return cache / "tartan_tapt_corpora" / key / Path(file).name
+
+    def _derive_tapt_corpus(self) -> None:
+        derived = self._derived_tapt_file()
+        if derived is None or derived.exists():
+            return
+        texts = (" ".join(example.text.split()) + "\n" for example in self._labeled("train"))
+        _write_atomic(derived, "".join(texts).encode())
+        train = self._path(self.files["train"])
+        rank_zero_info(
+            f"Derived the TAPT corpus (the training texts, one per line) from {train} into {derived};"
+            f" {self.data_dir} is left unchanged"
+        )
+
+    # ---- reading and checking -----------------------------------------------------------------------
+
+    def _labeled(self, split: str) -> list[Example]:
+        """The split's examples, read and checked once. Empty texts are dropped from train and kept elsewhere
+        (see the class docstring); either is reported in one line."""
+        if split not in self._examples:
+            path = self._path(self.files[split])
+            examples = _read_jsonl(path)
+            empty = [example.line for example in examples if not example.text.strip()]
+            if empty:
+                kept = split != "train"
+                outcome = "kept as an empty input" if kept else "dropped: there is nothing to learn from"
+                rank_zero_info(f"{path}: {_count(empty, 'example')} with empty text ({_lines(empty)}) {outcome}")
+                if not kept:
+                    examples = [example for example in examples if example.text.strip()]
+            if not examples:
+                raise DataFormatError(f"{path} holds no example with text")
+            self._examples[split] = examples
+        return self._examples[split]
+
+    def _check_labels(self, split: str) -> None:
+        """Every label of `split` is a train label: read from the file alone, so a fit checks the test split before
+        training rather than at ``tartan test``, after the whole fit."""
+        path = self._path(self.files[split])
+        classes = set(self.label_names)
+        for example in self._labeled(split):
+            if example.label not in classes:
+                raise DataFormatError(f"{path}:{example.line}: label {example.label!r} never occurs in the train split")
+
     # ---- tokenisation -------------------------------------------------------------------------------
 
     def setup(self, stage: Optional[str] = None) -> None:
-        """Tokenise what ``stage`` needs; ``datasets`` caches it on disk, keyed on tokenizer and max_length."""
+        """Check the labels of every split the stage's run uses, then tokenise what it needs; ``datasets`` caches the
+        tokenised data on disk, keyed on tokenizer and max_length."""
         if self.tokenizer is None:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name_or_path)
+            self.tokenizer = AutoTokenizer.from_pretrained(local_copy(self.tokenizer_name_or_path))
+        checked = {"fit": ["dev", "test"], "validate": ["dev"], "test": ["test"], "predict": ["test"]}
         needed = {"fit": ["train", "dev"], "validate": ["dev"], "test": ["test"], "predict": ["test"]}
+        for split in checked.get(stage, ["dev", "test"]):
+            self._check_labels(split)
         for split in needed.get(stage, ["train", "dev", "test"]):
             if split not in self.splits:
-                self.splits[split] = self._tokenize_labeled(self.files[split])
+                self.splits[split] = self._tokenize_labeled(split)
         if stage in ("fit", None):
             self._run_seed = None  # a new fit follows the seed set now (a resumed checkpoint restores its own)
-            for name, file in self.aux_corpora.items():
+            self._derive_tapt_corpus()  # for a setup without prepare_data
+            for name in self.aux_corpora:
                 if name not in self.corpora:
-                    self.corpora[name] = self._tokenize_corpus(file)
+                    self.corpora[name] = self._tokenize_corpus(self.corpus_file(name))
 
-    def _tokenize_labeled(self, file: str) -> Dataset:
-        path = self._path(file)
-        label2id = {label: i for i, label in enumerate(self.label_names)}
-        if file != self.files["train"]:  # the train split defines the vocabulary, so it is valid by construction
-            for lineno, _, label in _read_jsonl(path):
-                if label not in label2id:
-                    raise DataFormatError(f"{path}:{lineno}: label {label!r} never occurs in the train split")
+    def _tokenize_labeled(self, split: str) -> Dataset:
+        path = self._path(self.files[split])
+        examples = self._labeled(split)
         raw = load_dataset("json", data_files=str(path), split="train", cache_dir=self.cache_dir)
+        if len(raw) > len(examples):  # the train split's empty texts
+            desc = f"Dropping empty texts in {path.name}"
+            raw = raw.filter(_non_blank, batched=True, input_columns="text", desc=desc)
+        label2id = {label: i for i, label in enumerate(self.label_names)}
         return raw.map(
             _encode_labeled,
             batched=True,
@@ -221,10 +336,14 @@ class EndTaskDataModule(LightningDataModule):
             desc=f"Tokenizing {path.name}",
         )
 
-    def _tokenize_corpus(self, file: str) -> Dataset:
-        path = self._path(file)
+    def _tokenize_corpus(self, path: Path) -> Dataset:
         _check_file(path)
-        lines = load_dataset("text", data_files=str(path), split="train", cache_dir=self.cache_dir)
+        try:
+            lines = load_dataset("text", data_files=str(path), split="train", cache_dir=self.cache_dir)
+        except DatasetGenerationError as err:
+            if isinstance(err.__cause__, UnicodeDecodeError):
+                _check_utf8(path)
+            raise
         docs = lines.filter(_non_blank, batched=True, input_columns="text", desc=f"Dropping blank lines in {path.name}")
         if len(docs) == 0:
             raise DataFormatError(f"{path} has no non-blank lines to train on")
@@ -241,24 +360,29 @@ class EndTaskDataModule(LightningDataModule):
     # ---- loaders ------------------------------------------------------------------------------------
 
     def train_dataloader(self) -> CombinedLoader:
-        """Every source cycles until the longest is exhausted; samplers are ours so order is set per epoch."""
+        """One batch of every source per training batch, for as many batches as the longest source has; samplers are
+        ours, so the order is set per epoch and a loader restored from a checkpoint continues its epoch."""
         world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         seed = self.run_seed
-        mlm = _PlainDict(DataCollatorForLanguageModeling(self.tokenizer, mlm_probability=self.mlm_probability))
+        masking = _SeededMasking(DataCollatorForLanguageModeling(self.tokenizer, mlm_probability=self.mlm_probability))
+        sources = {"end_task": (self.splits["train"], self.batch_size)}
+        sources.update({name: (docs, self.aux_batch_size) for name, docs in self.corpora.items()})
+        num_batches = max(math.ceil(math.ceil(len(data) / world_size) / size) for data, size in sources.values())
         # each source gets its own seed: the TAPT corpus is the train texts in the same order, and equal
         # seeds over equal lengths would pair every end-task batch with the same texts to reconstruct
-        sources = {"end_task": (self.splits["train"], self.batch_size, self._padding_collator())}
-        sources.update({name: (docs, self.aux_batch_size, mlm) for name, docs in self.corpora.items()})
         loaders = {}
-        for i, (name, (data, batch_size, collate)) in enumerate(sources.items()):
-            sampler = DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=True, seed=seed + i)
-            loaders[name] = self._loader(data, batch_size, collate, sampler, seed)
+        for i, (name, (data, batch_size)) in enumerate(sources.items()):
+            corpus = name != "end_task"
+            sampler = SourceSampler(data, batch_size, num_batches, world_size, rank, seed + i, mask_keys=corpus)
+            if corpus:
+                loaders[name] = self._loader(_WithMaskKeys(data), batch_size, masking, sampler, seed)
+            else:
+                loaders[name] = self._loader(data, batch_size, self._padding_collator(), sampler, seed)
         if self.include_meta_dev:
-            batches = max(len(loader) for loader in loaders.values())
             dev = self.splits["dev"]
             samples = {"meta_dev": self.dev_batch_size, "meta_dev_grad": self.dev_grad_batch_size}
             for offset, (name, size) in enumerate(samples.items(), start=len(sources)):
-                sampler = DevSampleSampler(dev, size, batches, seed=seed + offset)
+                sampler = DevSampleSampler(dev, size, num_batches, seed=seed + offset)
                 loaders[name] = self._loader(dev, size, self._padding_collator(), sampler, seed)
         return CombinedLoader(loaders, mode="max_size_cycle")
 
@@ -271,18 +395,27 @@ class EndTaskDataModule(LightningDataModule):
         return self._run_seed
 
     def state_dict(self) -> dict[str, Any]:
-        return {"run_seed": self.run_seed}
+        return {"run_seed": self.run_seed, "num_workers": self.num_workers}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The run's seed, and its loaders' worker count: their saved positions (which Lightning restores into the
+        loaders ``train_dataloader`` builds next) only load into as many workers, and batches are the same for any."""
         self._run_seed = state_dict["run_seed"]
+        saved = state_dict.get("num_workers", self.num_workers)
+        if saved != self.num_workers:
+            rank_zero_info(
+                f"Resuming with num_workers={saved}, as the checkpoint's data loaders had"
+                f" (num_workers={self.num_workers} was set); the batches are the same"
+            )
+            self.num_workers = saved
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.splits["dev"], self.eval_batch_size, self._padding_collator())
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.splits["test"], self.eval_batch_size, self._padding_collator())
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> StatefulDataLoader:
         """`tartan predict` labels the test split, in file order."""
         return self.test_dataloader()
 
@@ -290,22 +423,112 @@ class EndTaskDataModule(LightningDataModule):
         return _PlainDict(DataCollatorWithPadding(self.tokenizer))
 
     def _loader(
-        self, data: Dataset, batch_size: int, collate: Callable, sampler: Optional[Sampler] = None, seed: int = 0
-    ) -> DataLoader:
-        return DataLoader(
-            data,
-            batch_size=batch_size,
-            sampler=sampler,
-            collate_fn=collate,
-            # a new iterator draws its worker seed from here, not from the global RNG that dropout and MLM
-            # masking use (and that a checkpoint restores)
-            generator=torch.Generator().manual_seed(seed),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,  # shorter sources restart many times per epoch
-        )
+        self, data: Sized, batch_size: int, collate: Callable, sampler: Optional[Sampler] = None, seed: int = 0
+    ) -> StatefulDataLoader:
+        with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in torch
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+            return StatefulDataLoader(
+                data,
+                batch_size=batch_size,
+                sampler=sampler,
+                collate_fn=collate,
+                # a new iterator draws its worker seed from here, not from the global RNG that dropout uses (and that
+                # a checkpoint restores)
+                generator=torch.Generator().manual_seed(seed),
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,  # the same workers from one epoch to the next
+            )
 
 
-class DevSampleSampler(DistributedSampler):
+class EpochSampler(DistributedSampler):
+    """Indices fixed by the seed and the epoch, served by an iterator a ``StatefulDataLoader`` checkpoints.
+
+    The iterator carries the epoch it was made for and its position, so a loader restored from a mid-epoch
+    checkpoint continues that epoch where it stopped: Lightning restores loaders before it calls ``set_epoch``, too
+    late for a sampler that reads its epoch as iteration starts. One restored at the end of an epoch starts the next.
+    Subclasses say what an epoch holds.
+    """
+
+    def __init__(self, data: Sized, num_replicas: int, rank: int, seed: int, length: int) -> None:
+        super().__init__(data, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> "_EpochIterator":
+        return _EpochIterator(self, self.epoch)
+
+    def epoch_indices(self, epoch: int) -> list[int]:
+        """The ``length`` dataset indices of ``epoch``, in order."""
+        raise NotImplementedError
+
+    def item(self, index: int, epoch: int, position: int) -> Any:
+        """What the loader's dataset is indexed with for ``index`` at ``position`` of ``epoch``."""
+        return index
+
+
+class _EpochIterator(Iterator):
+    """One epoch of an ``EpochSampler``; its state (epoch, position) is what a ``StatefulDataLoader`` saves."""
+
+    def __init__(self, sampler: EpochSampler, epoch: int) -> None:
+        self.sampler = sampler
+        self._start(epoch, 0)
+
+    def _start(self, epoch: int, position: int) -> None:
+        self.epoch, self.position = epoch, position
+        self.indices = self.sampler.epoch_indices(epoch)
+
+    def __next__(self) -> Any:
+        if self.position >= len(self.indices):
+            raise StopIteration
+        item = self.sampler.item(self.indices[self.position], self.epoch, self.position)
+        self.position += 1
+        return item
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        epoch = state_dict["epoch"]
+        self._start(epoch, state_dict["position"])
+        if self.position >= len(self.indices):
+            # saved at the epoch's last batch: the resumed run goes on with the next epoch, and Lightning builds no
+            # new iterator for it
+            self._start(epoch + 1, 0)
+
+
+class SourceSampler(EpochSampler):
+    """This rank's shard of a training source, for an epoch of ``num_batches`` batches.
+
+    The longest source makes one pass, in ``DistributedSampler``'s order. A shorter one makes pass after pass, each in
+    a new order, until it fills ``num_batches`` full batches, so no loader restarts within an epoch. With
+    ``mask_keys`` each index comes with the key of its position (seed, epoch, rank, position), from which the MLM
+    masks of the batch it starts are drawn.
+    """
+
+    def __init__(
+        self, data: Sized, batch_size: int, num_batches: int, num_replicas: int, rank: int, seed: int, mask_keys: bool
+    ) -> None:
+        shard = math.ceil(len(data) / num_replicas)
+        length = shard if math.ceil(shard / batch_size) == num_batches else num_batches * batch_size
+        super().__init__(data, num_replicas, rank, seed, length)
+        self.mask_keys = mask_keys
+
+    def epoch_indices(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        indices: list[int] = []
+        while len(indices) < self.length:
+            order = torch.randperm(len(self.dataset), generator=generator).tolist()
+            padded = (order * math.ceil(self.total_size / len(order)))[: self.total_size]  # equal shards on all ranks
+            indices += padded[self.rank : self.total_size : self.num_replicas]
+        return indices[: self.length]
+
+    def item(self, index: int, epoch: int, position: int) -> Any:
+        return (index, (self.seed, epoch, self.rank, position)) if self.mask_keys else index
+
+
+class DevSampleSampler(EpochSampler):
     """A fresh random dev sample for every training batch, as the paper draws them, the same on every rank.
 
     Each consecutive block of ``sample_size`` indices is one sample drawn without replacement (with replacement
@@ -315,19 +538,55 @@ class DevSampleSampler(DistributedSampler):
     so Lightning leaves it unsharded under DDP.
     """
 
-    def __init__(self, dev: Dataset, sample_size: int, num_draws: int, seed: int) -> None:
-        super().__init__(dev, num_replicas=1, rank=0, shuffle=True, seed=seed)
+    def __init__(self, dev: Sized, sample_size: int, num_draws: int, seed: int) -> None:
+        super().__init__(dev, num_replicas=1, rank=0, seed=seed, length=sample_size * num_draws)
         self.sample_size = sample_size
-        self.num_samples = self.total_size = sample_size * num_draws
 
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+    def epoch_indices(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed + epoch)
         n = len(self.dataset)
-        for _ in range(self.num_samples // self.sample_size):
+        indices: list[int] = []
+        for _ in range(self.length // self.sample_size):
             if n >= self.sample_size:
-                yield from torch.randperm(n, generator=generator)[: self.sample_size].tolist()
+                indices += torch.randperm(n, generator=generator)[: self.sample_size].tolist()
             else:
-                yield from torch.randint(n, (self.sample_size,), generator=generator).tolist()
+                indices += torch.randint(n, (self.sample_size,), generator=generator).tolist()
+        return indices
+
+
+MaskKey = tuple[int, ...]
+
+
+class _WithMaskKeys(torch.utils.data.Dataset):
+    """A tokenised corpus indexed by a ``SourceSampler``'s ``(index, mask key)`` items; returns the document and key.
+
+    A bare index (Lightning's ``overfit_batches`` swaps in a ``SequentialSampler``) is its own key.
+    """
+
+    def __init__(self, docs: Dataset) -> None:
+        self.docs = docs
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def __getitem__(self, item: tuple[int, MaskKey] | int) -> tuple[dict, MaskKey]:
+        index, key = item if isinstance(item, tuple) else (item, (item,))
+        return self.docs[index], key
+
+
+@dataclass
+class _SeededMasking:
+    """MLM masking of a batch drawn from a generator seeded by the key of its first document: new masks for every
+    batch, epoch and seed, yet the same in any process, with any number of workers and after a resume. The global RNG,
+    which dropout draws from, is left as it was."""
+
+    collator: DataCollatorForLanguageModeling
+
+    def __call__(self, items: list[tuple[dict, MaskKey]]) -> dict:
+        seed = int(np.random.SeedSequence(items[0][1]).generate_state(1, np.uint64)[0])
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            return dict(self.collator([document for document, _ in items]))
 
 
 @dataclass
@@ -369,15 +628,16 @@ def _check_file(path: Path) -> None:
         raise DataFormatError(f"{path} is empty")
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, str, str]]:
+def _read_jsonl(path: Path) -> list[Example]:
     """Check every line in plain Python, so a bad file fails with its line number instead of inside `datasets`.
 
-    Blank lines are skipped (as the JSON loader does). Returns (line number, text, label) per example.
+    Blank lines are skipped (as the JSON loader does); texts may be empty (the caller decides).
     """
     _check_file(path)
     examples = []
-    with path.open(encoding="utf-8") as lines:
-        for lineno, line in enumerate(lines, start=1):
+    with path.open("rb") as lines:
+        for lineno, raw in enumerate(lines, start=1):
+            line = _decode(raw, path, lineno)
             if not line.strip():
                 continue
             try:
@@ -390,19 +650,47 @@ def _read_jsonl(path: Path) -> list[tuple[int, str, str]]:
                 if key not in example:
                     raise DataFormatError(f"{path}:{lineno}: no {key!r} field")
             text, label = example["text"], example["label"]
-            if not isinstance(text, str) or not text.strip():
-                raise DataFormatError(f"{path}:{lineno}: 'text' is empty or not a string")
+            if not isinstance(text, str):
+                raise DataFormatError(f"{path}:{lineno}: 'text' must be a string, got {json.dumps(text)[:40]}")
             if not isinstance(label, str) or not label:
                 raise DataFormatError(f"{path}:{lineno}: 'label' must be a non-empty string, got {label!r}")
-            examples.append((lineno, text, label))
+            examples.append(Example(lineno, text, label))
     if not examples:
         raise DataFormatError(f"{path} holds no examples")
     return examples
 
 
+def _decode(line: bytes, path: Path, lineno: int) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataFormatError(
+            f"{path}:{lineno}: not valid UTF-8 (byte 0x{line[err.start]:02x} at byte {err.start + 1} of the line);"
+            " save the file as UTF-8, e.g. `iconv -f <its encoding> -t UTF-8`"
+        ) from None
+
+
+def _check_utf8(path: Path) -> None:
+    """Raise a `DataFormatError` naming the first line of `path` that is not UTF-8, if any."""
+    with path.open("rb") as lines:
+        for lineno, line in enumerate(lines, start=1):
+            _decode(line, path, lineno)
+
+
+def _count(items: list, noun: str) -> str:
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
+
+
+def _lines(numbers: list[int], shown: int = 10) -> str:
+    """'line 22', 'lines 3, 6', or the first `shown` and how many more."""
+    listed = ", ".join(map(str, numbers[:shown]))
+    more = f" and {len(numbers) - shown} more" if len(numbers) > shown else ""
+    return f"line{'' if len(numbers) == 1 else 's'} {listed}{more}"
+
+
 def _write_atomic(path: Path, content: bytes) -> None:
-    """Readers (and other ranks) see either no file or the whole file."""
+    """Readers (and other ranks) see either no file or the whole file, with the permissions the umask gives."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(content)
-    os.replace(tmp.name, path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_bytes(content)
+    os.replace(tmp, path)

@@ -1,7 +1,9 @@
 """HyperPartisan news (Kiesel et al., 2019): is a news article hyperpartisan, "true"/"false", macro-F1.
 
 Articles are long, so they are truncated at 512 tokens. No domain corpus ships with the task; the TAPT corpus
-(``train.txt``) is derived from the training articles by ``prepare_data`` when missing.
+(``train.txt``) is derived from the training articles into the cache when ``data_dir`` has none. The published dev
+split holds one article with empty text (dev.jsonl line 22, id 432): it is kept, as an empty input, so the dev
+metric is over every published example.
 """
 from datamodules.base import EndTaskDataModule, dsp_urls
 

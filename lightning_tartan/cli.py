@@ -20,6 +20,7 @@ from transformers import AutoConfig
 from datamodules import DataFormatError, EndTaskDataModule  # the import registers every task for `--data <Name>`
 from lightning_tartan.checkpoints import ResumableCheckpoint
 from lightning_tartan.module import TartanModule
+from lightning_tartan.packaged_encoders import local_copy
 from lightning_tartan.posthoc import PostHocSelection
 
 
@@ -84,6 +85,7 @@ class TartanCLI(LightningCLI):
             self._resume_last(config)
 
     def _check_encoder(self, encoder: str) -> None:
+        encoder = local_copy(encoder)
         if Path(encoder).exists():
             return
         if not is_hub_model_id(encoder):

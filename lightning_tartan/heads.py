@@ -8,6 +8,8 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from lightning_tartan.packaged_encoders import local_copy
+
 
 class ClassificationHead(nn.Module):
     """First-token pooling → dropout → dense + tanh → dropout → linear, the paper's end-task head.
@@ -42,13 +44,14 @@ def load_encoder_and_mlm_head(
     Keeping the checkpoint's own head module preserves its weight tying with the input embeddings and lets
     the MLM loss run the head on masked positions only.
     """
-    config = AutoConfig.from_pretrained(name_or_path)
+    files = local_copy(name_or_path)
+    config = AutoConfig.from_pretrained(files)
     if dropout is not None:
         for attr in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if hasattr(config, attr):
                 setattr(config, attr, dropout)
     with _quiet_transformers():
-        mlm_model, loading = AutoModelForMaskedLM.from_pretrained(name_or_path, config=config, output_loading_info=True)
+        mlm_model, loading = AutoModelForMaskedLM.from_pretrained(files, config=config, output_loading_info=True)
     mlm_model.train()  # from_pretrained returns eval mode, which would silently disable dropout
     encoder = mlm_model.base_model
     heads = [(name, child) for name, child in mlm_model.named_children() if child is not encoder]

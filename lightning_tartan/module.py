@@ -30,6 +30,7 @@ from transformers import (
 
 from lightning_tartan.dev_head import DevHead
 from lightning_tartan.heads import ClassificationHead, load_encoder_and_mlm_head
+from lightning_tartan.packaged_encoders import local_copy
 from lightning_tartan.task_gradients import TaskGradientCosines
 from lightning_tartan.weighting import END_TASK, build_weighting
 
@@ -336,7 +337,8 @@ class TartanModule(pl.LightningModule):
     # ----- checkpoints and export ---------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Dropout and MLM masking draw from torch's generators; restoring them makes a resumed run exact.
+        # Dropout draws from torch's generators; restoring them makes a resumed run exact. (The data module seeds
+        # MLM masks per batch and its loaders' positions ride in the checkpoint on their own.)
         checkpoint["rng_states"] = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -396,7 +398,7 @@ class TartanModule(pl.LightningModule):
 
     def _save_with_tokenizer(self, model: PreTrainedModel, path: str | Path) -> None:
         model.save_pretrained(path)
-        AutoTokenizer.from_pretrained(self.hparams.tokenizer_name_or_path).save_pretrained(path)
+        AutoTokenizer.from_pretrained(local_copy(self.hparams.tokenizer_name_or_path)).save_pretrained(path)
 
 
 def _load_encoder(model: PreTrainedModel, encoder: torch.nn.Module) -> None:

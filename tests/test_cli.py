@@ -165,7 +165,7 @@ def test_paper_config(task, method, tiny_encoder, data_dir_for, multitask_checkp
     assert model.monitor_metric == data.monitor_metric == metric
     for callback in (trainer.checkpoint_callback, early_stopping):
         assert (callback.monitor, callback.mode) == (f"val/{metric}", "max")
-    assert trainer.checkpoint_callback.save_last
+    assert trainer.checkpoint_callback.keep_last  # last.ckpt: always the latest state
 
     if method in EXPORTS:
         export = next(callback for callback in trainer.callbacks if isinstance(callback, ExportEncoder))

@@ -13,6 +13,7 @@ import pytest
 import torch
 from jsonargparse import ArgumentParser
 from pytorch_lightning import LightningModule, Trainer
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import CombinedLoader
 from torch.utils.data import DistributedSampler
 from transformers import AutoTokenizer
@@ -74,6 +75,15 @@ def write_task(folder: Path, train=None, dev=None, test=None, corpus="a small co
         write_jsonl(folder / f"{name}.jsonl", default if examples is None else examples)
     (folder / "train.txt").write_text(corpus)
     return folder
+
+
+def same_batches(first: dict, second: dict) -> bool:
+    """Two training batches hold the same sources with equal tensors."""
+
+    def same(a: dict, b: dict) -> bool:
+        return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+    return first.keys() == second.keys() and all(same(first[name], second[name]) for name in first)
 
 
 # ---- real data -------------------------------------------------------------------------------------------
@@ -143,15 +153,24 @@ def test_combined_training_batch(make, data_root):
     assert 0.7 < replaced_by_mask / masked < 0.9  # 80% [MASK], the rest random or kept
 
 
-def test_epoch_is_the_longest_source_and_others_cycle(make, data_root):
-    dm = make(CitationIntentDataModule, data_root / "citation_intent")
+def test_epoch_is_the_longest_source_and_shorter_ones_reshuffle_for_every_pass(make, data_root, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("".join(f"document {i}\n" for i in range(40)))
+    corpora = {"tapt": "train.txt", "short": str(short)}
+    dm = make(CitationIntentDataModule, data_root / "citation_intent", aux_corpora=corpora)
     dm.setup("fit")
     loader = dm.train_dataloader()
     iter(loader)
     lengths = {name: len(dl) for name, dl in loader.iterables.items()}
     assert lengths["end_task"] == math.ceil(1688 / 8)  # drop_last=False
-    # one dev sample per training batch: the dev loaders never restart within an epoch
-    assert lengths["meta_dev"] == lengths["meta_dev_grad"] == lengths["end_task"] == len(loader)
+    # one batch of every source and one dev sample per training batch: no loader restarts within an epoch
+    assert set(lengths.values()) == {len(loader)}
+    assert len(list(loader.iterables["end_task"].sampler)) == 1688  # the longest source: one pass, nothing repeated
+    indices = [index for index, _ in loader.iterables["short"].sampler]
+    assert len(indices) == len(loader) * 16  # full batches of 16 from one pass after another
+    passes = [indices[start : start + 40] for start in range(0, len(indices) - 40, 40)]
+    assert all(sorted(one) == list(range(40)) for one in passes)
+    assert len({tuple(one) for one in passes}) == len(passes)  # each pass in a new order
 
 
 def test_no_meta_dev_and_no_corpora(make, data_root):
@@ -170,12 +189,14 @@ def test_ddp_sharding(make, data_root):
         dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
         dm.setup("fit")
         loaders = dm.train_dataloader().iterables
-        orders.append({name: list(dl.sampler) for name, dl in loaders.items()})
+        # a corpus sampler pairs each index with its masking key
+        orders.append({name: [i[0] if name in dm.corpora else i for i in dl.sampler] for name, dl in loaders.items()})
 
     for name in ("end_task", "tapt", "dapt"):
-        first, second = orders[0][name], orders[1][name]
-        assert len(first) == len(second)
         size = len(dm.splits["train"]) if name == "end_task" else len(dm.corpora[name])
+        shard = math.ceil(size / 2)
+        assert len(orders[0][name]) == len(orders[1][name]) >= shard
+        first, second = orders[0][name][:shard], orders[1][name][:shard]  # one pass; a shorter source makes more
         # DistributedSampler pads an odd-sized set with one repeated index
         assert len(set(first) & set(second)) == size % 2
         assert set(first) | set(second) == set(range(size))
@@ -311,19 +332,15 @@ def test_prepare_data_downloads_missing_files(tmp_path, monkeypatch):
         return io.BytesIO(body)
 
     monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
-    dm = HyperPartisanDataModule(data_dir=str(tmp_path / "hyperpartisan"))
+    dm = HyperPartisanDataModule(data_dir=str(tmp_path / "hyperpartisan"), cache_dir=str(tmp_path / "cache"))
     dm.prepare_data()
     base = "https://allennlp.s3-us-west-2.amazonaws.com/dont_stop_pretraining/data/hyperpartisan_news"
     assert fetched == [f"{base}/{split}.jsonl" for split in ("train", "dev", "test")]
-    assert sorted(p.name for p in (tmp_path / "hyperpartisan").iterdir()) == [
-        "dev.jsonl",
-        "test.jsonl",
-        "train.jsonl",
-        "train.txt",
-    ]
-    assert (tmp_path / "hyperpartisan" / "train.txt").read_text().splitlines() == [
-        " ".join(e["text"].split()) for e in examples
-    ]
+    assert sorted(p.name for p in (tmp_path / "hyperpartisan").iterdir()) == ["dev.jsonl", "test.jsonl", "train.jsonl"]
+    # the TAPT corpus is derived data: it goes to the cache, not into the data folder
+    tapt = dm.corpus_file("tapt")
+    assert tapt.is_relative_to(tmp_path / "cache")
+    assert tapt.read_text().splitlines() == [" ".join(e["text"].split()) for e in examples]
 
 
 def test_hyperpartisan_format(make, tmp_path, no_network):
@@ -340,7 +357,7 @@ def test_hyperpartisan_format(make, tmp_path, no_network):
     assert dm.label_names == ["false", "true"] and dm.num_labels == 2
 
     dm.prepare_data()  # derives the TAPT corpus from the training articles
-    assert len((folder / "train.txt").read_text().splitlines()) == len(train)
+    assert len(dm.corpus_file("tapt").read_text().splitlines()) == len(train)
     dm.setup("fit")
     lengths = [len(ids) for ids in dm.splits["train"]["input_ids"]]
     assert max(lengths) == 512 and min(lengths) < 16
@@ -380,6 +397,18 @@ class BatchProbe(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+class BatchRecorder(BatchProbe):
+    """Keeps every training batch it is handed."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch)
+        return super().training_step(batch, batch_idx)
+
+
 def test_trainer_keeps_our_samplers_and_sets_their_epoch(make, tmp_path):
     examples = [{"text": f"example number {i}", "label": "ab"[i % 2]} for i in range(40)]
     folder = write_task(tmp_path / "task", train=examples, corpus="".join(f"doc {i}\n" for i in range(30)))
@@ -395,6 +424,158 @@ def test_trainer_keeps_our_samplers_and_sets_their_epoch(make, tmp_path):
     assert trainer.global_step == 2 * math.ceil(40 / 4)  # an epoch is the longest source
     for name, loader in trainer.train_dataloader.items():
         assert isinstance(loader.sampler, DistributedSampler) and loader.sampler.epoch == 1, name
+
+
+def test_overfit_batches_serves_the_same_batches_every_epoch(make, tmp_path):
+    """Lightning's `overfit_batches` swaps our samplers for sequential ones; the corpus batches keep their masks."""
+    examples = [{"text": f"example number {i}", "label": "ab"[i % 2]} for i in range(40)]
+    corpus = "".join(f"doc {i} of the corpus\n" for i in range(30))
+    folder = write_task(tmp_path / "task", train=examples, corpus=corpus)
+    dm = make(data_dir=folder, batch_size=4, aux_batch_size=4, dev_batch_size=2)
+    model = BatchRecorder()
+    trainer = Trainer(
+        max_epochs=2, overfit_batches=2, limit_val_batches=0, accelerator="cpu", logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=dm)
+    assert len(model.seen) == 4
+    assert same_batches(model.seen[0], model.seen[2]) and same_batches(model.seen[1], model.seen[3])
+    assert (model.seen[0]["tapt"]["labels"] != -100).any()
+
+
+# ---- resuming and MLM masks ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_training_loaders_resume_where_they_stopped(make, data_root, tmp_path, num_workers):
+    """What Lightning does with a mid-epoch checkpoint: each loader's state is saved, then loaded into a new data
+    module's loaders before the epoch is set. Every source, both dev samples and the MLM masks continue exactly,
+    in a later epoch and across a short corpus's passes."""
+    short = tmp_path / "short.txt"
+    short.write_text("".join(f"short document {i}\n" for i in range(20)))  # more than one pass per batch of 16
+
+    def loader() -> CombinedLoader:
+        corpora = {"tapt": "train.txt", "short": str(short)}
+        dm = make(CitationIntentDataModule, data_root / "citation_intent", aux_corpora=corpora, num_workers=num_workers)
+        dm.setup("fit")
+        return dm.train_dataloader()
+
+    def set_epoch(combined: CombinedLoader, epoch: int) -> None:
+        for dl in combined.flattened:
+            dl.sampler.set_epoch(epoch)
+
+    original = loader()
+    set_epoch(original, 1)
+    batches = iter(original)
+    for _ in range(3):
+        next(batches)
+    states = [dl.state_dict() for dl in original.flattened]
+    expected = [next(batches)[0] for _ in range(3)]
+
+    resumed = loader()
+    for dl, state in zip(resumed.flattened, states):
+        dl.load_state_dict(state)
+    batches = iter(resumed)
+    set_epoch(resumed, 1)
+    actual = [next(batches)[0] for _ in range(3)]
+    assert set(actual[0]) == {"end_task", "tapt", "short", "meta_dev", "meta_dev_grad"}
+    assert all(same_batches(a, e) for a, e in zip(actual, expected))
+
+
+def test_resume_from_a_checkpoint_at_the_end_of_an_epoch_starts_the_next_epoch(make, tmp_path):
+    """Lightning restores the loaders of an end-of-epoch checkpoint and builds no new iterator for the next epoch:
+    restored at their end, they start it themselves."""
+    examples = [{"text": f"example number {i}", "label": "ab"[i % 2]} for i in range(40)]
+    folder = write_task(tmp_path / "task", train=examples, corpus="".join(f"doc {i}\n" for i in range(30)))
+
+    def fit(ckpt_path=None) -> BatchRecorder:
+        dm = make(data_dir=folder, batch_size=4, aux_batch_size=4, dev_batch_size=2, dev_grad_batch_size=2)
+        every_epoch = ModelCheckpoint(tmp_path / "checkpoints", filename="end", every_n_train_steps=10)
+        trainer = Trainer(
+            max_steps=13, limit_val_batches=0, accelerator="cpu", logger=False, callbacks=[every_epoch],
+            enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        model = BatchRecorder()
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        return model
+
+    uninterrupted = fit()
+    assert len(uninterrupted.seen) == 13  # an epoch is 10 batches: the checkpoint is the first epoch's last step
+    resumed = fit(tmp_path / "checkpoints" / "end.ckpt")
+    assert len(resumed.seen) == 3
+    assert all(same_batches(a, e) for a, e in zip(resumed.seen, uninterrupted.seen[10:]))
+
+
+def test_each_rank_resumes_its_own_shard_from_rank_zeros_loader_states(make, data_root):
+    """Under DDP only rank 0 writes the checkpoint, so every rank loads rank 0's loader states."""
+
+    def loader(rank: int) -> CombinedLoader:
+        dm = make(CitationIntentDataModule, data_root / "citation_intent")
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        dm.setup("fit")
+        return dm.train_dataloader()
+
+    rank0, rank1 = loader(0), loader(1)
+    batches0, batches1 = iter(rank0), iter(rank1)
+    for _ in range(3):
+        next(batches0), next(batches1)
+    states = [dl.state_dict() for dl in rank0.flattened]
+    expected = [next(batches1)[0] for _ in range(2)]
+
+    resumed = loader(1)
+    for dl, state in zip(resumed.flattened, states):
+        dl.load_state_dict(state)
+    batches = iter(resumed)
+    assert all(same_batches(next(batches)[0], batch) for batch in expected)
+
+
+def test_resume_under_another_num_workers_keeps_the_checkpoints(make, tmp_path, caplog):
+    """A loader's saved position only loads into as many workers as it had; batches do not depend on the number."""
+    examples = [{"text": f"example number {i}", "label": "ab"[i % 2]} for i in range(40)]
+    folder = write_task(tmp_path / "task", train=examples, corpus="".join(f"doc {i}\n" for i in range(30)))
+
+    def fit(num_workers: int, ckpt_path=None) -> BatchRecorder:
+        dm = make(data_dir=folder, batch_size=4, aux_batch_size=4, dev_batch_size=2, num_workers=num_workers)
+        mid_epoch = ModelCheckpoint(tmp_path / "checkpoints", filename="mid", every_n_train_steps=4)
+        trainer = Trainer(
+            max_steps=6, limit_val_batches=0, accelerator="cpu", logger=False, callbacks=[mid_epoch],
+            enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        model = BatchRecorder()
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        return model
+
+    uninterrupted = fit(num_workers=0)
+    with caplog.at_level(logging.INFO):
+        resumed = fit(num_workers=2, ckpt_path=tmp_path / "checkpoints" / "mid.ckpt")
+    assert all(same_batches(a, e) for a, e in zip(resumed.seen, uninterrupted.seen[4:], strict=True))
+    assert "num_workers=0" in caplog.text
+
+
+def test_mlm_masks_follow_seed_epoch_and_batch_not_process_rng_or_workers(make, data_root, tmp_path):
+    """A corpus of one sentence repeated: whatever differs between its batches is masking."""
+    same = tmp_path / "same.txt"
+    same.write_text("the same sentence about citing related work, once more\n" * 64)
+
+    def masked(seed=0, epoch=0, num_workers=0, global_seed=0) -> list[dict]:
+        corpora = {"same": str(same)}
+        dm = make(CitationIntentDataModule, data_root / "citation_intent", aux_corpora=corpora, include_meta_dev=False,
+                  seed=seed, num_workers=num_workers)  # fmt: skip
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        for dl in loader.flattened:
+            dl.sampler.set_epoch(epoch)
+        torch.manual_seed(global_seed)
+        batches = iter(loader)
+        return [next(batches)[0]["same"] for _ in range(2)]
+
+    first, second = masked()
+    assert not torch.equal(first["labels"], second["labels"])  # a new mask for every batch
+    for same_masks in (masked(global_seed=1), masked(num_workers=2)):
+        assert same_batches({"same": same_masks[0]}, {"same": first})
+        assert same_batches({"same": same_masks[1]}, {"same": second})
+    for other in (masked(seed=1), masked(epoch=1)):
+        assert not torch.equal(other[0]["labels"], first["labels"])
 
 
 # ---- options and bad input -------------------------------------------------------------------------------
@@ -427,8 +608,9 @@ BAD_SPLITS = [
     ("train", ['{"text": "fine", "label": "a"}', '{"text": "broken", "label": }'], ":2: malformed JSON"),
     ("train", ['{"label": "a"}'], ":1: no 'text'"),
     ("dev", ['{"text": "fine", "label": "a"}', "", '{"text": "no label"}'], ":3: no 'label'"),
-    ("train", ['{"text": "fine", "label": "a"}', '{"text": "  \\t ", "label": "a"}'], ":2: 'text' is empty"),
-    ("test", ['{"text": "", "label": "a"}'], ":1: 'text' is empty"),
+    ("train", ['{"text": "fine", "label": "a"}', '{"text": null, "label": "a"}'], ":2: 'text' must be a string"),
+    ("test", ['{"text": ["a", "list"], "label": "a"}'], ":1: 'text' must be a string"),
+    ("train", ['{"text": "", "label": "a"}', '{"text": " ", "label": "b"}'], "holds no example with text"),
     ("dev", ['{"text": "fine", "label": "a"}', '{"text": "unseen", "label": "zzz"}'], ":2: label 'zzz' never occurs"),
     ("test", ["", "  "], "holds no examples"),
 ]
@@ -482,3 +664,100 @@ def test_custom_corpora_resolve_in_data_dir_or_absolute(make, tmp_path):
     assert len(dm.corpora["mine"]) == 1 and len(dm.corpora["theirs"]) == 3
     tokenizer = AutoTokenizer.from_pretrained(dm.tokenizer_name_or_path)
     assert dm.corpora["theirs"][0]["input_ids"] == tokenizer("one")["input_ids"]
+
+
+def test_empty_texts_are_dropped_from_train_and_kept_in_evaluation_splits(make, tmp_path, caplog):
+    """An empty training text teaches nothing; an evaluation example left out would change the metric."""
+    examples = [{"text": f"example number {i}", "label": "ab"[i % 2]} for i in range(6)]
+    train = [*examples[:2], {"text": "", "label": "a"}, *examples[2:4], {"text": " \t ", "label": "b"}, *examples[4:]]
+    dev = [*examples[:3], {"text": "", "label": "b"}]
+    folder = write_task(tmp_path / "task", train=train, dev=dev)
+    dm = make(data_dir=folder, aux_corpora={})
+    with caplog.at_level(logging.INFO):
+        dm.setup()
+    assert [len(dm.splits[split]) for split in ("train", "dev", "test")] == [6, 4, 6]
+    tokenizer = dm.tokenizer
+    assert dm.splits["dev"][3] == {
+        "input_ids": [tokenizer.cls_token_id, tokenizer.sep_token_id],
+        "attention_mask": [1, 1],
+        "labels": dm.label_names.index("b"),
+    }
+    reports = [record.getMessage() for record in caplog.records if "empty text" in record.getMessage()]
+    assert reports == [
+        f"{folder / 'train.jsonl'}: 2 examples with empty text (lines 3, 6) dropped: there is nothing to learn from",
+        f"{folder / 'dev.jsonl'}: 1 example with empty text (line 4) kept as an empty input",
+    ]
+
+
+def test_hyperpartisan_dev_split_with_an_empty_article_loads(make, tmp_path, no_network, caplog):
+    """The published dev split has an article with empty text (dev.jsonl line 22, id 432); it is scored like any."""
+    articles = [{"id": i, "text": f"article {i} on the election", "label": ["false", "true"][i % 2]} for i in range(30)]
+    dev = [*articles[:21], {"id": 432, "text": "", "label": "false"}, *articles[21:]]
+    folder = write_task(tmp_path / "hyperpartisan", train=articles, dev=dev, test=articles)
+    dm = make(HyperPartisanDataModule, folder)
+    with caplog.at_level(logging.INFO):
+        dm.prepare_data()
+        dm.setup()
+    assert len(dm.splits["dev"]) == len(dev)
+    assert dm.splits["dev"][21]["input_ids"] == [dm.tokenizer.cls_token_id, dm.tokenizer.sep_token_id]
+    assert f"{folder / 'dev.jsonl'}: 1 example with empty text (line 22) kept as an empty input" in caplog.text
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["input_ids"].shape[0] == len(dev)
+
+
+@pytest.mark.parametrize("split", ["train", "dev", "test"])
+def test_non_utf8_split_is_reported_with_file_and_line(make, tmp_path, split):
+    folder = write_task(tmp_path / "task")
+    path = folder / f"{split}.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[2] = '{"text": "caf\u00e9 au lait", "label": "a"}\n'.encode("latin-1")  # Latin-1, not UTF-8
+    path.write_bytes(b"".join(lines))
+    dm = make(data_dir=folder, aux_corpora={})
+    with pytest.raises(DataFormatError, match=re.escape(f"{path}:3: ") + ".*UTF-8.*0xe9"):
+        dm.setup("fit")
+
+
+def test_non_utf8_corpus_is_reported_with_file_and_line(make, tmp_path):
+    folder = write_task(tmp_path / "task")
+    path = folder / "train.txt"
+    path.write_bytes(b"first document\nsecond document\n\nthe third \xff\xfe document\nfourth\n")
+    dm = make(data_dir=folder)
+    with pytest.raises(DataFormatError, match=re.escape(f"{path}:4: ") + ".*UTF-8.*0xff"):
+        dm.setup("fit")
+
+
+def test_test_label_unseen_in_train_stops_fit_before_any_tokenisation(make, tmp_path):
+    folder = write_task(tmp_path / "task", test=[{"text": "fine", "label": "a"}, {"text": "new", "label": "zzz"}])
+    dm = make(data_dir=folder, aux_corpora={})
+    with pytest.raises(DataFormatError, match=re.escape(f"{folder / 'test.jsonl'}:2: label 'zzz' never occurs")):
+        dm.setup("fit")
+    assert not dm.splits
+
+
+def test_derived_tapt_corpus_goes_to_the_cache_and_leaves_the_data_folder_alone(make, tmp_path, caplog, no_network):
+    folder = write_task(tmp_path / "task")
+    (folder / "train.txt").unlink()
+
+    def snapshot() -> dict:
+        return {path.name: (path.stat().st_mtime_ns, path.stat().st_mode) for path in folder.iterdir()}
+
+    before = snapshot()
+    cache = tmp_path / "cache"
+    dm = make(data_dir=folder, cache_dir=str(cache))
+    with caplog.at_level(logging.INFO):
+        dm.prepare_data()
+        dm.setup("fit")
+    assert snapshot() == before
+    assert len(dm.corpora["tapt"]) == 6
+    tapt = dm.corpus_file("tapt")
+    assert tapt.is_relative_to(cache)
+    derived = [record.getMessage() for record in caplog.records if "TAPT corpus" in record.getMessage()]
+    assert len(derived) == 1
+    assert str(folder / "train.jsonl") in derived[0] and str(tapt) in derived[0]
+
+    # a changed train split derives a new corpus; an unchanged one reuses it
+    write_jsonl(folder / "train.jsonl", [{"text": f"new text {i}", "label": "ab"[i % 2]} for i in range(8)])
+    changed = make(data_dir=folder, cache_dir=str(cache))
+    changed.setup("fit")
+    assert changed.corpus_file("tapt") != tapt and len(changed.corpora["tapt"]) == 8
+    assert make(data_dir=folder, cache_dir=str(cache)).corpus_file("tapt") == changed.corpus_file("tapt")

@@ -1,5 +1,6 @@
 """Datamodules feeding TartanModule end to end: a short real `Trainer.fit` per task and weighting."""
 import json
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -12,6 +13,7 @@ from datamodules import (
     SciERCDataModule,
 )
 from lightning_tartan import TartanModule
+from lightning_tartan.checkpoints import ResumableCheckpoint
 
 SMALL = {"max_length": 32, "batch_size": 4, "aux_batch_size": 4, "dev_batch_size": 4, "eval_batch_size": 16}
 
@@ -78,3 +80,26 @@ def test_hyperpartisan_trains_with_meta(tiny_encoder, tmp_path, cache_dir):
     module, trainer = short_fit(datamodule, "meta", tiny_encoder)
     assert module.objectives == ["end_task", "tapt"]
     assert "val/f1_macro" in trainer.callback_metrics
+
+
+def test_paths_anywhere_in_the_public_api_keep_checkpoints_loadable(tiny_encoder, data_root, cache_dir, tmp_path):
+    """`pathlib.Path`s where strings are expected (the offline encoder helper returns one) are stored as strings:
+    the checkpoint loads with `weights_only=True`, as `trainer.test(ckpt_path="best")` does."""
+    data = CitationIntentDataModule(
+        data_dir=data_root / "citation_intent", tokenizer_name_or_path=Path(tiny_encoder), cache_dir=Path(cache_dir),
+        aux_corpora={"tapt": Path("train.txt")}, max_length=32, batch_size=4, aux_batch_size=4, dev_batch_size=4,
+        dev_grad_batch_size=4, eval_batch_size=16,
+    )
+    model = TartanModule(
+        Path(tiny_encoder), num_labels=data.num_labels, label_names=tuple(data.label_names),
+        aux_objectives=data.aux_names, weighting="meta", tokenizer_name_or_path=Path(tiny_encoder),
+    )
+    checkpoint = ResumableCheckpoint(dirpath=tmp_path / "checkpoints", monitor="val/f1_macro", mode="max")
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path, max_steps=2, val_check_interval=2, limit_val_batches=1, limit_test_batches=1,
+        callbacks=[checkpoint], logger=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(model, datamodule=data)
+    for path in (checkpoint.best_model_path, checkpoint.last_model_path):
+        torch.load(path, weights_only=True)
+    assert trainer.test(model, datamodule=data, ckpt_path="best", verbose=False)[0]["test/f1_macro"] >= 0

@@ -423,3 +423,19 @@ def test_missing_mlm_head_is_reported_in_one_line(tiny_encoder, tmp_path, droppe
 def test_complete_mlm_head_raises_no_warning(tiny_encoder, recwarn):
     make_module(tiny_encoder)
     assert not [w for w in recwarn if "masked-LM head" in str(w.message)]
+
+
+def test_packaged_encoder_loads_by_its_hub_name_offline(monkeypatch, tmp_path):
+    """With the `offline` extra, the Hub name of all-MiniLM-L6-v2 loads its packaged copy without the network."""
+    from conftest import minilm_path
+
+    packaged = minilm_path()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    module = TartanModule("sentence-transformers/all-MiniLM-L6-v2", num_labels=2, weighting="none")
+    assert module.hparams.encoder_name_or_path == "sentence-transformers/all-MiniLM-L6-v2"  # portable hparams
+    reference = AutoModelForSequenceClassification.from_pretrained(packaged)
+    torch.testing.assert_close(
+        module.encoder.embeddings.word_embeddings.weight, reference.base_model.embeddings.word_embeddings.weight
+    )
+    module.save_end_task_model(tmp_path / "export")  # the tokenizer comes from the copy too
+    assert (tmp_path / "export" / "tokenizer_config.json").is_file()
