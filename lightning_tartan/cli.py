@@ -24,6 +24,9 @@ from lightning_tartan.packaged_encoders import local_copy
 from lightning_tartan.posthoc import PostHocSelection
 
 
+CSV_LOGGER = "pytorch_lightning.loggers.CSVLogger"
+
+
 def dev_metric_key(monitor_metric: str) -> str:
     """The logged key of a task's dev metric, e.g. `val/f1_macro`."""
     return f"val/{monitor_metric}"
@@ -80,6 +83,11 @@ class TartanCLI(LightningCLI):
             )
         if init_checkpoint is not None and not Path(init_checkpoint).is_file():
             error(f"--model.init_checkpoint {init_checkpoint}: no such checkpoint file")
+        if config.trainer.logger in (None, True):
+            # Lightning's default is TensorBoard where tensorboard is installed and CSV elsewhere; make it CSV
+            # everywhere, so every run folder has its metrics.csv (--trainer.logger picks another)
+            save_dir = config.trainer.default_root_dir or "."
+            config.trainer.logger = Namespace(class_path=CSV_LOGGER, init_args=Namespace(save_dir=save_dir))
         self._check_encoder(config.model.encoder_name_or_path)
         if self.subcommand == "fit" and config.ckpt_path == "last":
             self._resume_last(config)

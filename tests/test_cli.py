@@ -346,6 +346,18 @@ def test_ctrl_c_then_ckpt_path_last_finishes_like_an_uninterrupted_run(tiny_enco
     assert best == [state["best_model_score"] for key, state in actual["callbacks"].items() if "Checkpoint" in key]
 
 
+def test_runs_log_to_csv_unless_told_otherwise(tiny_encoder, data_root, cache_dir, tmp_path, monkeypatch):
+    """metrics.csv in every run folder, whether or not tensorboard is installed (Lightning would switch to it)."""
+    monkeypatch.chdir(tmp_path)
+    cli = tartan_cli(
+        ["--config", str(config_path("citation_intent", "baseline")), f"--model.encoder_name_or_path={tiny_encoder}"]
+        + [f"--data.data_dir={data_root / 'citation_intent'}", f"--data.cache_dir={cache_dir}"],
+        run=False,
+    )
+    assert type(cli.trainer.logger).__name__ == "CSVLogger"
+    assert Path(cli.trainer.logger.log_dir).resolve().parent == tmp_path.resolve() / "lightning_logs"
+
+
 def test_last_checkpoint_is_the_final_state(tiny_encoder, data_root, cache_dir, tmp_path, monkeypatch):
     """Lightning's own `last.ckpt` stops at the last improvement; ours holds the last step of the run."""
     monkeypatch.chdir(tmp_path)
