@@ -176,3 +176,27 @@ def test_smoke_grid_end_to_end(tiny_encoder, data_root, cache_dir, tmp_path):
     assert started(tables.stdout) == [] and len(list((out / "records").iterdir())) == 5
     assert (results / "runs.json").read_text() == recorded
     assert {path.name for path in results.iterdir()} == {"runs.json", "results.json", "results.md", "results.png"}
+
+
+def test_gradient_alignment_reports_every_estimator(tiny_encoder, data_root, tmp_path):
+    """reproduce/gradient_alignment.py: one cosine per batch, estimator and objective, all in [-1, 1], and the
+    tables it writes say the same."""
+    script = REPO / "reproduce" / "gradient_alignment.py"
+    out = tmp_path / "alignment"
+    result = subprocess.run(
+        [sys.executable, str(script), "--encoder", tiny_encoder, "--data-root", str(data_root), "--batches", "3"]
+        + ["--out", str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    cosines = json.loads(out.with_suffix(".json").read_text())["cosines"]
+    estimators = [name for name in cosines if name != "yardstick"]
+    assert len(estimators) == 5
+    for name in estimators:
+        assert set(cosines[name]) == {"end_task", "tapt"}
+        assert all(len(values) == 3 and all(-1 <= v <= 1 for v in values) for values in cosines[name].values())
+    assert len(cosines["yardstick"]["end_task vs the previous batch's end_task"]) == 2
+    table = out.with_suffix(".md").read_text()
+    mean = statistics.fmean(cosines[estimators[0]]["end_task"])
+    assert f"| {estimators[0]} | {mean:+.3f} ±" in table
