@@ -12,7 +12,9 @@ is a ``StatefulDataLoader`` whose position Lightning saves in checkpoints, and e
 dev samples, MLM masks) follows from the seed, the epoch and the batch's position, so a run resumed from a
 mid-epoch checkpoint sees exactly the batches the uninterrupted run saw.
 
-Validation and test batches are plain ``{input_ids, attention_mask, labels}`` dicts, in file order.
+Validation and test batches are plain ``{input_ids, attention_mask, labels}`` dicts, in file order. Predict
+batches are ``{input_ids, attention_mask, line}`` (``line``: the example's line in its file) plus ``labels`` when
+every input has a known label, also in file order.
 """
 import hashlib
 import json
@@ -62,11 +64,11 @@ class DataFormatError(ValueError):
 
 
 class Example(NamedTuple):
-    """One labeled example and the line of its file it was read from."""
+    """One example and the line of its file it was read from; ``label`` is None only in inputs to predict."""
 
     line: int
     text: str
-    label: str
+    label: Optional[str]
 
 
 class EndTaskDataModule(LightningDataModule):
@@ -96,6 +98,7 @@ class EndTaskDataModule(LightningDataModule):
         train_file: str = "train.jsonl",
         dev_file: str = "dev.jsonl",
         test_file: str = "test.jsonl",
+        predict_file: Optional[str] = None,
         aux_corpora: Optional[dict[str, str]] = None,
         max_length: Optional[int] = None,
         batch_size: int = 64,
@@ -118,6 +121,10 @@ class EndTaskDataModule(LightningDataModule):
                 relative to ``data_dir`` (or absolute). Its labels, sorted, are the classes.
             dev_file: the dev split, in the same format; a label the train split lacks is an error.
             test_file: the test split, in the same format; its labels are checked before a fit, too.
+            predict_file: what ``tartan predict`` labels: JSON lines with a string ``text`` (a ``label``, if every
+                line has one, must be a train label and is written beside the prediction), or a ``.txt`` file with
+                one text per line (blank lines skipped); relative to ``data_dir`` (or absolute). ``None`` labels the
+                test split.
             aux_corpora: corpus name -> text file with one document per line (relative to ``data_dir``, or
                 absolute); ``None`` uses the task's defaults, ``{}`` trains without auxiliary corpora. A ``tapt``
                 corpus missing from ``data_dir`` is derived from the train split's texts into the cache (see
@@ -143,6 +150,7 @@ class EndTaskDataModule(LightningDataModule):
         # plain strings in the hyper-parameters: a Path would make every checkpoint unloadable with weights_only
         data_dir, tokenizer_name_or_path = str(data_dir), str(tokenizer_name_or_path)
         train_file, dev_file, test_file = str(train_file), str(dev_file), str(test_file)
+        predict_file = None if predict_file is None else str(predict_file)
         cache_dir = None if cache_dir is None else str(cache_dir)
         if aux_corpora is not None:
             aux_corpora = {str(name): str(file) for name, file in aux_corpora.items()}
@@ -176,6 +184,7 @@ class EndTaskDataModule(LightningDataModule):
         self.data_dir = Path(data_dir).expanduser()
         self.tokenizer_name_or_path = tokenizer_name_or_path
         self.files = {"train": train_file, "dev": dev_file, "test": test_file}
+        self.predict_file = predict_file
         self.aux_corpora = aux_corpora
         self.max_length = max_length
         self.batch_size = batch_size
@@ -190,7 +199,7 @@ class EndTaskDataModule(LightningDataModule):
         self.cache_dir = cache_dir
 
         self.tokenizer: Optional[PreTrainedTokenizerBase] = None
-        self.splits: dict[str, Dataset] = {}  # "train" / "dev" / "test", tokenised
+        self.splits: dict[str, Dataset] = {}  # "train" / "dev" / "test" / "predict", tokenised
         self.corpora: dict[str, Dataset] = {}  # aux corpus name -> tokenised documents
         self._examples: dict[str, list[Example]] = {}  # split -> its checked examples, read once
         self._run_seed: Optional[int] = None
@@ -293,11 +302,8 @@ class EndTaskDataModule(LightningDataModule):
     def _check_labels(self, split: str) -> None:
         """Every label of `split` is a train label: read from the file alone, so a fit checks the test split before
         training rather than at ``tartan test``, after the whole fit."""
-        path = self._path(self.files[split])
-        classes = set(self.label_names)
-        for example in self._labeled(split):
-            if example.label not in classes:
-                raise DataFormatError(f"{path}:{example.line}: label {example.label!r} never occurs in the train split")
+        classes = set(self.label_names)  # the train split is read (and reported on) first
+        _check_known_labels(self._path(self.files[split]), self._labeled(split), classes)
 
     # ---- tokenisation -------------------------------------------------------------------------------
 
@@ -306,13 +312,15 @@ class EndTaskDataModule(LightningDataModule):
         tokenised data on disk, keyed on tokenizer and max_length."""
         if self.tokenizer is None:
             self.tokenizer = AutoTokenizer.from_pretrained(local_copy(self.tokenizer_name_or_path))
-        checked = {"fit": ["dev", "test"], "validate": ["dev"], "test": ["test"], "predict": ["test"]}
-        needed = {"fit": ["train", "dev"], "validate": ["dev"], "test": ["test"], "predict": ["test"]}
+        checked = {"fit": ["dev", "test"], "validate": ["dev"], "test": ["test"], "predict": []}
+        needed = {"fit": ["train", "dev"], "validate": ["dev"], "test": ["test"], "predict": []}
         for split in checked.get(stage, ["dev", "test"]):
             self._check_labels(split)
         for split in needed.get(stage, ["train", "dev", "test"]):
             if split not in self.splits:
                 self.splits[split] = self._tokenize_labeled(split)
+        if stage == "predict" and "predict" not in self.splits:
+            self.splits["predict"] = self._tokenize_predict_inputs()
         if stage in ("fit", None):
             self._run_seed = None  # a new fit follows the seed set now (a resumed checkpoint restores its own)
             self._derive_tapt_corpus()  # for a setup without prepare_data
@@ -335,6 +343,35 @@ class EndTaskDataModule(LightningDataModule):
             fn_kwargs={"tokenizer": self.tokenizer, "max_length": self.max_length, "label2id": label2id},
             desc=f"Tokenizing {path.name}",
         )
+
+    def _predict_inputs(self) -> tuple[Path, list[Example]]:
+        """The file ``tartan predict`` labels and its examples: ``predict_file``, or else the test split."""
+        if self.predict_file is None:
+            return self._path(self.files["test"]), self._labeled("test")
+        path = self._path(self.predict_file)
+        if path.suffix == ".txt":
+            _check_file(path)
+            with path.open("rb") as lines:
+                decoded = (_decode(raw, path, lineno).rstrip("\r\n") for lineno, raw in enumerate(lines, start=1))
+                examples = [Example(lineno, text, None) for lineno, text in enumerate(decoded, start=1) if text.strip()]
+        else:
+            examples = _read_jsonl(path, require_label=False)
+        if not examples:
+            raise DataFormatError(f"{path} holds no text to predict")
+        if all(example.label is not None for example in examples):
+            _check_known_labels(path, examples, set(self.label_names))
+        return path, examples
+
+    def _tokenize_predict_inputs(self) -> Dataset:
+        path, examples = self._predict_inputs()
+        columns: dict[str, list] = {"text": [e.text for e in examples], "line": [e.line for e in examples]}
+        label2id = {label: i for i, label in enumerate(self.label_names)}
+        if all(example.label is not None for example in examples):
+            columns["labels"] = [label2id[example.label] for example in examples]
+        encode = {"tokenizer": self.tokenizer, "max_length": self.max_length}
+        raw = Dataset.from_dict(columns)
+        desc = f"Tokenizing {path.name}"
+        return raw.map(_encode_texts, batched=True, remove_columns=["text"], fn_kwargs=encode, desc=desc)
 
     def _tokenize_corpus(self, path: Path) -> Dataset:
         _check_file(path)
@@ -416,8 +453,8 @@ class EndTaskDataModule(LightningDataModule):
         return self._loader(self.splits["test"], self.eval_batch_size, self._padding_collator())
 
     def predict_dataloader(self) -> StatefulDataLoader:
-        """`tartan predict` labels the test split, in file order."""
-        return self.test_dataloader()
+        """`tartan predict` labels ``predict_file`` (or the test split), in file order."""
+        return self._loader(self.splits["predict"], self.eval_batch_size, self._padding_collator())
 
     def _padding_collator(self) -> "_PlainDict":
         return _PlainDict(DataCollatorWithPadding(self.tokenizer))
@@ -606,6 +643,10 @@ def _encode_labeled(batch: dict, tokenizer: PreTrainedTokenizerBase, max_length:
     return encoded
 
 
+def _encode_texts(batch: dict, tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict:
+    return tokenizer(batch["text"], truncation=True, max_length=max_length, return_token_type_ids=False)
+
+
 def _non_blank(texts: list[str]) -> list[bool]:
     return [bool(text.strip()) for text in texts]
 
@@ -628,10 +669,11 @@ def _check_file(path: Path) -> None:
         raise DataFormatError(f"{path} is empty")
 
 
-def _read_jsonl(path: Path) -> list[Example]:
+def _read_jsonl(path: Path, require_label: bool = True) -> list[Example]:
     """Check every line in plain Python, so a bad file fails with its line number instead of inside `datasets`.
 
-    Blank lines are skipped (as the JSON loader does); texts may be empty (the caller decides).
+    Blank lines are skipped (as the JSON loader does); texts may be empty (the caller decides). Without
+    ``require_label``, a line may lack ``label`` (its Example's label is None).
     """
     _check_file(path)
     examples = []
@@ -646,18 +688,27 @@ def _read_jsonl(path: Path) -> list[Example]:
                 raise DataFormatError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
             if not isinstance(example, dict):
                 raise DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(example).__name__}")
-            for key in ("text", "label"):
+            for key in ("text", "label") if require_label else ("text",):
                 if key not in example:
                     raise DataFormatError(f"{path}:{lineno}: no {key!r} field")
-            text, label = example["text"], example["label"]
+            text, label = example["text"], example.get("label")
             if not isinstance(text, str):
                 raise DataFormatError(f"{path}:{lineno}: 'text' must be a string, got {json.dumps(text)[:40]}")
+            if label is None and not require_label:
+                examples.append(Example(lineno, text, None))
+                continue
             if not isinstance(label, str) or not label:
                 raise DataFormatError(f"{path}:{lineno}: 'label' must be a non-empty string, got {label!r}")
             examples.append(Example(lineno, text, label))
     if not examples:
         raise DataFormatError(f"{path} holds no examples")
     return examples
+
+
+def _check_known_labels(path: Path, examples: list[Example], classes: set[str]) -> None:
+    for example in examples:
+        if example.label not in classes:
+            raise DataFormatError(f"{path}:{example.line}: label {example.label!r} never occurs in the train split")
 
 
 def _decode(line: bytes, path: Path, lineno: int) -> str:

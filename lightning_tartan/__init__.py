@@ -2,6 +2,7 @@
 from lightning_tartan.callbacks import TaskWeightPlot
 from lightning_tartan.module import TartanModule
 from lightning_tartan.posthoc import PostHocSelection
+from lightning_tartan.predictions import PredictionWriter
 from lightning_tartan.weighting import Weighting, build_weighting
 
-__all__ = ["PostHocSelection", "TartanModule", "TaskWeightPlot", "Weighting", "build_weighting"]
+__all__ = ["PostHocSelection", "PredictionWriter", "TartanModule", "TaskWeightPlot", "Weighting", "build_weighting"]

@@ -22,6 +22,7 @@ from lightning_tartan.checkpoints import ResumableCheckpoint
 from lightning_tartan.module import TartanModule
 from lightning_tartan.packaged_encoders import local_copy
 from lightning_tartan.posthoc import PostHocSelection
+from lightning_tartan.predictions import PredictionWriter
 
 
 CSV_LOGGER = "pytorch_lightning.loggers.CSVLogger"
@@ -43,11 +44,12 @@ def is_hub_model_id(name: str) -> bool:
 
 class TartanCLI(LightningCLI):
     """`LightningCLI` with TARTAN's links and its default callbacks: keep the best dev checkpoint and an always
-    current `last.ckpt` (`--ckpt_path last` resumes the newest one), stop early."""
+    current `last.ckpt` (`--ckpt_path last` resumes the newest one), stop early, write predictions."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")  # what `tartan predict` writes
         parser.set_defaults({"checkpoint.mode": "max", "checkpoint.save_last": True, "early_stopping.mode": "max"})
         # The tokenizer is the encoder's: the data tokenizes with it and the model saves it with exports.
         for target in ("data.init_args.tokenizer_name_or_path", "model.tokenizer_name_or_path"):

@@ -331,8 +331,11 @@ class TartanModule(pl.LightningModule):
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics, "test")
 
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self(batch["input_ids"], batch["attention_mask"]).argmax(-1)
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """``probabilities`` (examples x classes), with the batch's ``line`` and ``labels`` passed through when it has
+        them, so a writer (`PredictionWriter`) can say which input each row is and whether it was right."""
+        probabilities = self(batch["input_ids"], batch["attention_mask"]).float().softmax(-1)
+        return {"probabilities": probabilities, **{key: batch[key] for key in ("line", "labels") if key in batch}}
 
     # ----- checkpoints and export ---------------------------------------------------------------------------
 

@@ -104,6 +104,10 @@ METHODS: dict[str, Fit] = {
     "meta_tartan_in_sample": Fit("meta_tartan_in_sample", "meta_tartan", args=("--model.dev_gradient=in_sample",)),
     "meta_tartan_head_warmup": Fit("meta_tartan_head_warmup", "meta_tartan", encoder_from=HEAD_WARMUP),
     "mt_tartan_head_warmup": Fit("mt_tartan_head_warmup", "mt_tartan", encoder_from=HEAD_WARMUP),
+    # MT-TARTAN's learning rates, schedule, batches and budget on the end task alone: what the MLM objective adds
+    "mt_recipe_end_task_only": Fit(
+        "mt_recipe_end_task_only", "mt_tartan", args=("--model.weighting=none", "--data.init_args.aux_corpora={}")
+    ),
 }
 DEFAULT_METHODS = [
     "fine_tuning", "tapt_fine_tuning", "mt_tartan", "mt_tartan_posthoc", "meta_tartan", "meta_tartan_posthoc"

@@ -300,11 +300,58 @@ def test_test_subcommand_reports_the_checkpoints_metrics(tiny_encoder, data_root
     assert printed, result.stdout[-3000:]
     assert float(printed.group(1)) == pytest.approx(in_process["test/f1_macro"], abs=1e-6)
 
-    predict = tartan_cli([*common, "--trainer.limit_predict_batches=2"], run=False)
-    predictions = predict.trainer.predict(predict.model, datamodule=predict.datamodule, ckpt_path=best)
-    labels = torch.cat(predictions)
-    assert labels.dtype == torch.long and len(labels) == 2 * 16  # limit_predict_batches x --data.eval_batch_size
-    assert labels.min() >= 0 and labels.max() < fit.datamodule.num_labels
+    # `tartan predict` labels the test split into the run's folder: every example once, in file order, with the
+    # checkpoint's predictions (on the tested examples, as accurate as `tartan test` said)
+    result = run_tartan("predict", *common, "--ckpt_path", best)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = sorted(tmp_path.glob("lightning_logs/version_*/predictions.jsonl"))
+    assert len(written) == 1 and f"Wrote 139 predictions to {written[0]}" in result.stdout + result.stderr
+    rows = [json.loads(line) for line in written[0].read_text().splitlines()]
+    test_file = data_root / "citation_intent" / "test.jsonl"
+    examples = [json.loads(line) for line in test_file.read_text().splitlines()]
+    assert [row["line"] for row in rows] == list(range(1, len(examples) + 1))
+    assert [row["gold"] for row in rows] == [example["label"] for example in examples]
+    for row in rows:
+        assert list(row["probabilities"]) == fit.datamodule.label_names
+        assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert row["label"] == max(row["probabilities"], key=row["probabilities"].get)
+    tested = rows[: 2 * 16]  # --trainer.limit_test_batches x --data.eval_batch_size
+    accuracy = sum(row["label"] == row["gold"] for row in tested) / len(tested)
+    assert accuracy == pytest.approx(in_process["test/accuracy"], abs=1e-6)
+
+
+def test_predict_labels_a_users_own_file(tiny_encoder, data_root, cache_dir, tmp_path, monkeypatch):
+    """`--data.predict_file` labels texts of the user's own, a `.txt` (one per line) or JSON lines without labels,
+    into `--predictions.output_file`; a bad line is one error naming the file and line."""
+    monkeypatch.chdir(tmp_path)
+    common = [
+        f"--config={config_path('citation_intent', 'baseline')}",
+        f"--model.encoder_name_or_path={tiny_encoder}",
+        f"--data.data_dir={data_root / 'citation_intent'}",
+        f"--data.cache_dir={cache_dir}",
+        *SMALL,
+    ]
+    fit = tartan_cli(
+        ["fit", *common, "--trainer.max_steps=1", "--trainer.val_check_interval=1", "--trainer.limit_val_batches=1"]
+    )
+    best = fit.trainer.checkpoint_callback.best_model_path
+    (tmp_path / "mine.txt").write_text("We follow the method of Smith et al.\n\nUnlike Lee ( 2003 ) , we parse.\n")
+    (tmp_path / "mine.jsonl").write_text('{"text": "a"}\n{"id": 7, "text": "b"}\n')
+    for source, lines in (("mine.txt", [1, 3]), ("mine.jsonl", [1, 2])):
+        out = tmp_path / f"{source}.predictions.jsonl"
+        result = run_tartan(
+            "predict", *common, "--ckpt_path", best,
+            f"--data.predict_file={tmp_path / source}", f"--predictions.output_file={out}",
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [row["line"] for row in rows] == lines
+        assert all(row["label"] in fit.datamodule.label_names and "gold" not in row for row in rows)
+
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"txt": "b"}\n')
+    result = run_tartan("predict", *common, "--ckpt_path", best, f"--data.predict_file={tmp_path / 'bad.jsonl'}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"tartan: error: {tmp_path / 'bad.jsonl'}:2: no 'text' field"
 
 
 def test_ctrl_c_then_ckpt_path_last_finishes_like_an_uninterrupted_run(tiny_encoder, data_root, cache_dir, tmp_path):

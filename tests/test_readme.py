@@ -2,6 +2,7 @@
 import re
 from pathlib import Path
 
+import torch
 from transformers import AutoModelForSequenceClassification
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +45,12 @@ def test_python_example_trains_tests_and_exports(tiny_encoder, data_root, cache_
 
     trainer = namespace["trainer"]
     assert trainer.global_step == 2
-    assert "test/f1_macro" in trainer.callback_metrics
+    assert "test/f1_macro" in namespace["scores"][0]
+    predictions = namespace["predictions"]
+    probabilities = torch.cat([batch["probabilities"] for batch in predictions])
+    assert probabilities.shape == (139, 6)  # every example of ACL-ARC's test split, every class
+    torch.testing.assert_close(probabilities.sum(-1), torch.ones(139))
+    assert torch.cat([batch["line"] for batch in predictions]).tolist() == list(range(1, 140))
     assert list(tmp_path.glob("lightning_logs/version_0/task_weights.png"))
     classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path / "acl_arc_classifier")
     assert classifier.config.num_labels == 6
