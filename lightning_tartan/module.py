@@ -9,11 +9,12 @@ import copy
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from huggingface_hub import HfApi
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
@@ -30,6 +31,7 @@ from transformers import (
 
 from lightning_tartan.dev_head import DevHead
 from lightning_tartan.heads import ClassificationHead, load_encoder_and_mlm_head
+from lightning_tartan.model_card import end_task_model_card
 from lightning_tartan.packaged_encoders import local_copy
 from lightning_tartan.task_gradients import TaskGradientCosines
 from lightning_tartan.weighting import END_TASK, build_weighting
@@ -379,8 +381,16 @@ class TartanModule(pl.LightningModule):
                 f"missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
 
-    def save_end_task_model(self, path: str | Path) -> None:
-        """Write a standard HF model folder (`AutoModelForSequenceClassification`) plus tokenizer."""
+    def save_end_task_model(
+        self,
+        path: str | Path,
+        metrics: Optional[Mapping[str, float]] = None,
+        task: Optional[str] = None,
+        push_to_hub: Optional[str] = None,
+    ) -> None:
+        """Write a standard HF model folder (`AutoModelForSequenceClassification`), its tokenizer and a model card
+        (README.md: task, labels, method, task weights, `metrics`), and upload that folder to the Hub repo
+        `push_to_hub` (created if missing) when one is given."""
         config = copy.deepcopy(self.encoder.config)
         config.num_labels = self.hparams.num_labels
         names = self.hparams.label_names or [str(i) for i in range(self.hparams.num_labels)]
@@ -390,6 +400,20 @@ class TartanModule(pl.LightningModule):
         _load_encoder(model, self.encoder)
         _copy_classification_head(self.end_task_head, model)
         self._save_with_tokenizer(model, path)
+        card = end_task_model_card(
+            encoder=self.hparams.encoder_name_or_path,
+            label_names=names,
+            weighting=self.hparams.weighting,
+            aux_objectives=list(self.hparams.aux_objectives),
+            task_weights={name: float(weight) for name, weight in self.weighting.weights().items()},
+            metrics=metrics,
+            task=task,
+        )
+        card.save(Path(path) / "README.md")
+        if push_to_hub is not None:
+            api = HfApi()
+            api.create_repo(push_to_hub, exist_ok=True)
+            api.upload_folder(repo_id=push_to_hub, folder_path=str(path), commit_message="Upload end-task classifier")
 
     def save_mlm_model(self, path: str | Path) -> None:
         """Write encoder + MLM head as an HF masked-LM folder: the input of a later fine-tuning run (TAPT/DAPT)."""

@@ -297,6 +297,34 @@ def test_save_end_task_model_loads_in_transformers_with_same_logits(tiny_encoder
     assert (tmp_path / "export" / "tokenizer_config.json").exists()
 
 
+def test_exported_classifier_carries_a_model_card_and_pushes_that_folder(tiny_encoder, tmp_path, monkeypatch):
+    """The card names the task, labels, method, final task weights and the metrics given; `push_to_hub` uploads
+    the very folder written (model, tokenizer, card), through huggingface_hub, here intercepted offline."""
+    from huggingface_hub import HfApi, ModelCard
+
+    uploads = []
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        uploads.append((repo_id, sorted(path.name for path in Path(folder_path).iterdir())))
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: uploads.append(("create", repo_id)))
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    module = make_module(tiny_encoder, weighting="meta", label_names=["neg", "pos", "neutral"])
+    fit(module, make_batches(2))
+    export = tmp_path / "export"
+    module.save_end_task_model(export, metrics={"test/f1_macro": 0.6123}, task="sentiment", push_to_hub="me/clf")
+
+    card = ModelCard.load(export / "README.md")
+    assert card.data.pipeline_tag == "text-classification" and card.data.library_name == "transformers"
+    assert "# sentiment classifier" in card.text and "META-TARTAN" in card.text
+    assert all(f"| {i} | {name} |" in card.text for i, name in enumerate(["neg", "pos", "neutral"]))
+    for name, weight in module.weighting.weights().items():
+        assert f"| {name} | {float(weight):.4f} |" in card.text
+    assert "| test/f1_macro | 0.6123 |" in card.text
+    assert uploads[0] == ("create", "me/clf")
+    assert uploads[1][0] == "me/clf" and {"README.md", "config.json", "tokenizer_config.json"} <= set(uploads[1][1])
+
+
 @pytest.mark.parametrize(
     "options, option_name",
     [

@@ -54,6 +54,8 @@ def test_python_example_trains_tests_and_exports(tiny_encoder, data_root, cache_
     assert list(tmp_path.glob("lightning_logs/version_0/task_weights.png"))
     classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path / "acl_arc_classifier")
     assert classifier.config.num_labels == 6
+    card = (tmp_path / "acl_arc_classifier" / "README.md").read_text()
+    assert f"| test/f1_macro | {namespace['scores'][0]['test/f1_macro']:.4f} |" in card
 
 
 def test_named_configs_exist():
