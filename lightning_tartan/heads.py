@@ -1,39 +1,123 @@
 """Task heads over a shared encoder: the end-task classifier and the masked-LM head."""
+from collections import OrderedDict
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
+from transformers.activations import ACT2FN
 from transformers.utils import logging as hf_logging
 
 from lightning_tartan.packaged_encoders import local_copy
 
 
 class ClassificationHead(nn.Module):
-    """First-token pooling → dropout → dense + tanh → dropout → linear, the paper's end-task head.
+    """The paper's end-task head: first token → dropout → dense + activation (→ LayerNorm) → dropout → linear.
 
-    The same shape as RoBERTa's classification head and BERT's pooler + classifier, so a trained head
-    maps onto `AutoModelForSequenceClassification` without loss.
+    With tanh, the shape of RoBERTa's classification head and BERT's pooler + classifier;
+    `classification_head_options` gives each architecture the activation (and norm) of its own
+    sequence-classification head, so a trained head maps onto `AutoModelForSequenceClassification` without loss.
     """
 
-    def __init__(self, hidden_size: int, num_labels: int, dropout: float = 0.1) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        num_labels: int,
+        dropout: float = 0.1,
+        activation: str = "tanh",
+        dense_bias: bool = True,
+        norm_eps: Optional[float] = None,
+        norm_bias: bool = True,
+    ) -> None:
         super().__init__()
         self.dropout = nn.Dropout(dropout)
-        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.dense = nn.Linear(hidden_size, hidden_size, bias=dense_bias)
+        self.activation = ACT2FN[activation]
+        self.norm = None if norm_eps is None else nn.LayerNorm(hidden_size, eps=norm_eps, bias=norm_bias)
         self.out_proj = nn.Linear(hidden_size, num_labels)
 
     def reset_parameters(self, std: float = 0.02, generator: Optional[torch.Generator] = None) -> None:
         """Initialise as transformers does; a generator makes the init identical on every DDP rank."""
         for layer in (self.dense, self.out_proj):
             nn.init.normal_(layer.weight, std=std, generator=generator)
-            nn.init.zeros_(layer.bias)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         pooled = hidden_states[:, 0] if hidden_states.dim() == 3 else hidden_states
-        pooled = torch.tanh(self.dense(self.dropout(pooled)))
+        pooled = self.activation(self.dense(self.dropout(pooled)))
+        if self.norm is not None:
+            pooled = self.norm(pooled)
         return self.out_proj(self.dropout(pooled))
+
+
+def classification_head_options(config: PretrainedConfig) -> dict[str, Any]:
+    """The activation (and norm) of the architecture's own sequence-classification head, for `ClassificationHead`:
+    tanh as BERT's pooler and RoBERTa's head, GELU for ELECTRA, ReLU for DistilBERT, ModernBERT's dense + activation
+    + LayerNorm. DeBERTa's pooler activation is a config field, which the export sets to tanh."""
+    if config.model_type == "electra":
+        return {"activation": "gelu"}
+    if config.model_type == "distilbert":
+        return {"activation": "relu"}
+    if config.model_type == "modernbert":
+        return {
+            "activation": config.classifier_activation,
+            "dense_bias": config.classifier_bias,
+            "norm_eps": config.norm_eps,
+            "norm_bias": config.norm_bias,
+        }
+    return {"activation": "tanh"}
+
+
+#: masked-LM models whose head modules are registered in another order than their forward applies them
+MLM_HEAD_ORDER = {"DistilBertForMaskedLM": ("vocab_transform", "activation", "vocab_layer_norm", "vocab_projector")}
+
+
+def masked_lm_head(mlm_model: PreTrainedModel) -> nn.Module:
+    """What turns the encoder's hidden states into vocabulary logits: the masked-LM model minus its `base_model`.
+
+    One module for most architectures (BERT's `cls`, RoBERTa's `lm_head`), several applied in turn for others
+    (ELECTRA, DistilBERT, ModernBERT). It is checked against the model's own logits, so a head put together wrongly
+    is refused instead of trained. Keeping the model's own modules keeps the decoder tied to the input embeddings.
+    """
+    encoder = mlm_model.base_model
+    parts = {
+        name: child
+        for name, child in mlm_model.named_children()
+        if child is not encoder and not isinstance(child, nn.CrossEntropyLoss)
+    }
+    order = MLM_HEAD_ORDER.get(type(mlm_model).__name__, tuple(parts))
+    head = parts[order[0]] if len(order) == 1 else nn.Sequential(OrderedDict((name, parts[name]) for name in order))
+    if not _reproduces_logits(mlm_model, head):
+        raise ValueError(
+            f"{type(mlm_model).__name__}: its modules besides the encoder ({', '.join(parts)}), applied in turn, do not "
+            "compute its masked-LM logits, so lightning-tartan cannot train its masked-LM objective"
+        )
+    return head
+
+
+def _reproduces_logits(mlm_model: PreTrainedModel, head: nn.Module) -> bool:
+    """Whether `head(encoder(x))` equals the model's logits on a few tokens (dropout off)."""
+    input_ids = torch.arange(5, 13).remainder(mlm_model.config.vocab_size).unsqueeze(0)
+    attention_mask = torch.ones_like(input_ids)
+    was_training = mlm_model.training
+    mlm_model.eval()
+    try:
+        with torch.no_grad():
+            expected = mlm_model(input_ids=input_ids, attention_mask=attention_mask).logits
+            hidden = mlm_model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            actual = head(hidden)
+            reproduces = actual.shape == expected.shape and torch.allclose(actual, expected, rtol=1e-4, atol=1e-5)
+    except Exception as err:  # whatever the architecture raises, the user needs to know it does not fit here
+        raise ValueError(
+            f"{type(mlm_model).__name__} does not run as an encoder plus a masked-LM head on input_ids and "
+            f"attention_mask ({type(err).__name__}: {err}), so lightning-tartan cannot train it"
+        ) from err
+    finally:
+        mlm_model.train(was_training)
+    return reproduces
 
 
 def load_encoder_and_mlm_head(
@@ -53,30 +137,28 @@ def load_encoder_and_mlm_head(
     with _quiet_transformers():
         mlm_model, loading = AutoModelForMaskedLM.from_pretrained(files, config=config, output_loading_info=True)
     mlm_model.train()  # from_pretrained returns eval mode, which would silently disable dropout
-    encoder = mlm_model.base_model
-    heads = [(name, child) for name, child in mlm_model.named_children() if child is not encoder]
-    if len(heads) != 1:
-        raise ValueError(
-            f"encoder_name_or_path={name_or_path!r}: {type(mlm_model).__name__} has {len(heads)} head modules; "
-            "lightning-tartan needs a masked-LM model with exactly one (BERT, RoBERTa, ELECTRA, DeBERTa, ...)"
-        )
-    head_name, head = heads[0]
-    _warn_about_new_weights(name_or_path, head_name, head, loading["missing_keys"])
-    return encoder, head, config
+    try:
+        head = masked_lm_head(mlm_model)
+    except ValueError as err:
+        raise ValueError(f"encoder_name_or_path={name_or_path!r}: {err}") from None
+    _warn_about_new_weights(name_or_path, mlm_model, loading["missing_keys"])
+    return mlm_model.base_model, head, config
 
 
-def _warn_about_new_weights(name_or_path: str, head_name: str, head: nn.Module, missing_keys: set[str]) -> None:
+def _warn_about_new_weights(name_or_path: str, mlm_model: PreTrainedModel, missing_keys: set[str]) -> None:
     """One line instead of transformers' load report: a random MLM head makes the first MLM gradients noise."""
-    missing_head = sorted(f"{head_name}.{key}" for key in head.state_dict() if f"{head_name}.{key}" in missing_keys)
+    prefix = mlm_model.base_model_prefix
+    head_keys = [key for key in mlm_model.state_dict() if not key.startswith(f"{prefix}.")]
+    missing_head = sorted(key for key in head_keys if key in missing_keys)
     if missing_head:
-        total = len(head.state_dict())
+        total = len(head_keys)
         rank_zero_warn(
             f"encoder_name_or_path={name_or_path!r} has no pretrained masked-LM head: {len(missing_head)} of its "
             f"{total} tensors ({', '.join(missing_head)}) start random, so the MLM objectives' first gradients into "
             "the encoder are noise. Fit the head first with the encoder frozen: configs/<task>/mlm_head_warmup.yaml "
             "(or `freeze_encoder=True, weighting='aux_only'`), then train from its export."
         )
-    missing_encoder = sorted(key for key in missing_keys if not key.startswith(f"{head_name}."))
+    missing_encoder = sorted(key for key in missing_keys if key.startswith(f"{prefix}."))
     if missing_encoder:
         rank_zero_warn(
             f"encoder_name_or_path={name_or_path!r}: {len(missing_encoder)} encoder tensors are not in the checkpoint "

@@ -5,7 +5,6 @@ objective its forward, loss and `manual_backward` (weighted, divided by the accu
 every `accumulate_grad_batches` batches, gradient clipping, the optimizer and LR-scheduler steps, and the
 meta-weight update.
 """
-import copy
 import math
 import os
 from pathlib import Path
@@ -21,8 +20,6 @@ from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import (
-    AutoModelForMaskedLM,
-    AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
     get_constant_schedule_with_warmup,
@@ -30,7 +27,8 @@ from transformers import (
 )
 
 from lightning_tartan.dev_head import DevHead
-from lightning_tartan.heads import ClassificationHead, load_encoder_and_mlm_head
+from lightning_tartan.export import check_exportable, classification_model, masked_lm_model
+from lightning_tartan.heads import ClassificationHead, classification_head_options, load_encoder_and_mlm_head
 from lightning_tartan.model_card import end_task_model_card
 from lightning_tartan.packaged_encoders import local_copy
 from lightning_tartan.task_gradients import TaskGradientCosines
@@ -112,7 +110,12 @@ class TartanModule(pl.LightningModule):
         self.encoder, self.mlm_head, config = load_encoder_and_mlm_head(encoder_name_or_path, dropout)
         self.encoder.requires_grad_(not freeze_encoder)
         init_std = getattr(config, "initializer_range", 0.02)
-        self.end_task_head = ClassificationHead(config.hidden_size, num_labels, dropout)
+        try:
+            check_exportable(config)
+        except NotImplementedError as err:
+            raise ValueError(f"encoder_name_or_path={encoder_name_or_path!r}: {err}, so it cannot be trained") from None
+        head_options = classification_head_options(config)
+        self.end_task_head = ClassificationHead(config.hidden_size, num_labels, dropout, **head_options)
         self.end_task_head.reset_parameters(init_std)
         self.objectives = [END_TASK, *aux_objectives]
         self.weighting = build_weighting(weighting, self.objectives, meta_lr)
@@ -391,15 +394,8 @@ class TartanModule(pl.LightningModule):
         """Write a standard HF model folder (`AutoModelForSequenceClassification`), its tokenizer and a model card
         (README.md: task, labels, method, task weights, `metrics`), and upload that folder to the Hub repo
         `push_to_hub` (created if missing) when one is given."""
-        config = copy.deepcopy(self.encoder.config)
-        config.num_labels = self.hparams.num_labels
         names = self.hparams.label_names or [str(i) for i in range(self.hparams.num_labels)]
-        config.id2label = dict(enumerate(names))
-        config.label2id = {name: i for i, name in enumerate(names)}
-        model = AutoModelForSequenceClassification.from_config(config)
-        _load_encoder(model, self.encoder)
-        _copy_classification_head(self.end_task_head, model)
-        self._save_with_tokenizer(model, path)
+        self._save_with_tokenizer(classification_model(self.encoder, self.end_task_head, names), path)
         card = end_task_model_card(
             encoder=self.hparams.encoder_name_or_path,
             label_names=names,
@@ -417,38 +413,11 @@ class TartanModule(pl.LightningModule):
 
     def save_mlm_model(self, path: str | Path) -> None:
         """Write encoder + MLM head as an HF masked-LM folder: the input of a later fine-tuning run (TAPT/DAPT)."""
-        model = AutoModelForMaskedLM.from_config(copy.deepcopy(self.encoder.config))
-        _load_encoder(model, self.encoder)
-        head = next(child for child in model.children() if child is not model.base_model)
-        head.load_state_dict(self.mlm_head.state_dict())
-        self._save_with_tokenizer(model, path)
+        self._save_with_tokenizer(masked_lm_model(self.encoder, self.mlm_head), path)
 
     def _save_with_tokenizer(self, model: PreTrainedModel, path: str | Path) -> None:
         model.save_pretrained(path)
         AutoTokenizer.from_pretrained(local_copy(self.hparams.tokenizer_name_or_path)).save_pretrained(path)
-
-
-def _load_encoder(model: PreTrainedModel, encoder: torch.nn.Module) -> None:
-    missing, unexpected = model.base_model.load_state_dict(encoder.state_dict(), strict=False)
-    if unexpected or any(not key.startswith("pooler.") for key in missing):
-        raise RuntimeError(f"encoder weights do not fit {type(model).__name__}: {missing=} {unexpected=}")
-
-
-def _copy_classification_head(head: ClassificationHead, model: torch.nn.Module) -> None:
-    """Map our head onto the architecture's: RoBERTa-style `classifier.{dense,out_proj}` or BERT-style
-    `pooler.dense` + `classifier`, which compute the same function."""
-    classifier = getattr(model, "classifier", None)
-    pooler = getattr(model.base_model, "pooler", None)
-    if classifier is not None and hasattr(classifier, "dense") and hasattr(classifier, "out_proj"):
-        pairs = [(head.dense, classifier.dense), (head.out_proj, classifier.out_proj)]
-    elif isinstance(classifier, torch.nn.Linear) and pooler is not None and hasattr(pooler, "dense"):
-        pairs = [(head.dense, pooler.dense), (head.out_proj, classifier)]
-    else:
-        raise NotImplementedError(f"save_end_task_model does not know {type(model).__name__}'s classifier layout")
-    with torch.no_grad():
-        for source, target in pairs:
-            target.weight.copy_(source.weight)
-            target.bias.copy_(source.bias)
 
 
 def _unique(params, module: torch.nn.Module) -> list[torch.nn.Parameter]:
