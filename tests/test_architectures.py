@@ -61,7 +61,8 @@ def test_trains_exports_and_reloads_with_the_same_logits(architecture, weighting
         encoder, num_labels=3, label_names=LABELS, aux_objectives=["tapt"], weighting=weighting, dropout=0.0
     )
     head_before = {key: value.clone() for key, value in module.mlm_head.state_dict().items()}
-    batches = [{key: batch[key] for key in ("end_task", "tapt", "meta_dev", "meta_dev_grad")} for batch in make_batches(3)]
+    sources = ("end_task", "tapt", "meta_dev", "meta_dev_grad")
+    batches = [{key: batch[key] for key in sources} for batch in make_batches(3)]
     fit(module, batches)
     assert any(not torch.equal(value, module.mlm_head.state_dict()[key]) for key, value in head_before.items())
     module.eval()
