@@ -117,8 +117,9 @@ class EndTaskDataModule(LightningDataModule):
             data_dir: folder holding the task files. Only files the task downloads (``urls``) are ever written there,
                 so it may be read-only once they exist.
             tokenizer_name_or_path: the tokenizer (hub name or folder); the encoder's, so ids match its embeddings.
-            train_file: the labeled training split: JSON lines, each with a string ``text`` and a string ``label``,
-                relative to ``data_dir`` (or absolute). Its labels, sorted, are the classes.
+            train_file: the labeled training split: JSON lines, each with a string ``text`` and a ``label`` (a
+                string or an integer), relative to ``data_dir`` (or absolute). Its labels, sorted (integers as
+                numbers), are the classes.
             dev_file: the dev split, in the same format; a label the train split lacks is an error.
             test_file: the test split, in the same format; its labels are checked before a fit, too.
             predict_file: what ``tartan predict`` labels: JSON lines with a string ``text`` (a ``label``, if every
@@ -208,9 +209,10 @@ class EndTaskDataModule(LightningDataModule):
 
     @cached_property
     def label_names(self) -> list[str]:
-        """The sorted train-split labels; index = class id. Read once, before any tokenisation."""
+        """The sorted train-split labels; index = class id. Integer labels sort as numbers, so labels 0..n-1 keep
+        their ids. Read once, before any tokenisation."""
         self._fetch(self.files["train"])  # the model needs this before Lightning calls prepare_data
-        return sorted({example.label for example in self._labeled("train")})
+        return sorted({example.label for example in self._labeled("train")}, key=_label_order)
 
     @property
     def num_labels(self) -> int:
@@ -639,7 +641,7 @@ class _PlainDict:
 # Module-level so `datasets` fingerprints them (with tokenizer and max_length from fn_kwargs) for its cache.
 def _encode_labeled(batch: dict, tokenizer: PreTrainedTokenizerBase, max_length: int, label2id: dict) -> dict:
     encoded = tokenizer(batch["text"], truncation=True, max_length=max_length, return_token_type_ids=False)
-    encoded["labels"] = [label2id[label] for label in batch["label"]]
+    encoded["labels"] = [label2id[str(label)] for label in batch["label"]]
     return encoded
 
 
@@ -697,12 +699,22 @@ def _read_jsonl(path: Path, require_label: bool = True) -> list[Example]:
             if label is None and not require_label:
                 examples.append(Example(lineno, text, None))
                 continue
+            if isinstance(label, int) and not isinstance(label, bool):
+                label = str(label)  # class ids as labels: their names are the numbers
             if not isinstance(label, str) or not label:
-                raise DataFormatError(f"{path}:{lineno}: 'label' must be a non-empty string, got {label!r}")
+                raise DataFormatError(
+                    f"{path}:{lineno}: 'label' must be a non-empty string or an integer, got {json.dumps(label)[:40]}"
+                )
             examples.append(Example(lineno, text, label))
     if not examples:
         raise DataFormatError(f"{path} holds no examples")
     return examples
+
+
+def _label_order(label: str) -> tuple[int, int, str]:
+    """Numbers first, in numeric order, then the other labels alphabetically."""
+    number = label.isdigit() or (label.startswith("-") and label[1:].isdigit())
+    return (0, int(label), "") if number else (1, 0, label)
 
 
 def _check_known_labels(path: Path, examples: list[Example], classes: set[str]) -> None:

@@ -320,6 +320,33 @@ def test_test_subcommand_reports_the_checkpoints_metrics(tiny_encoder, data_root
     assert accuracy == pytest.approx(in_process["test/accuracy"], abs=1e-6)
 
 
+def test_a_users_own_task_with_integer_labels_trains_from_the_shipped_config(tiny_encoder, cache_dir, tmp_path):
+    """configs/own_task.yaml on a folder of the user's (integer labels, no TAPT file): META-TARTAN trains on the
+    end task and the MLM objective over the training texts, and tests and predicts with the numbers as names."""
+    task = tmp_path / "my_task"
+    task.mkdir()
+    words = ["good", "bad", "fine", "poor", "great", "awful"]
+    for split, size in (("train", 24), ("dev", 8), ("test", 8)):
+        rows = [{"text": f"a {words[i % 6]} review number {i}", "label": i % 3} for i in range(size)]
+        (task / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    common = [
+        f"--config={CONFIGS / 'own_task.yaml'}",
+        f"--model.encoder_name_or_path={tiny_encoder}",
+        f"--data.data_dir={task}",
+        f"--data.cache_dir={cache_dir}",
+        f"--trainer.default_root_dir={tmp_path}",
+        *SMALL,
+    ]
+    fit = tartan_cli(["fit", *common, "--trainer.max_steps=2", "--trainer.val_check_interval=4"])
+    assert fit.model.hparams.label_names == ["0", "1", "2"] and fit.model.objectives == ["end_task", "tapt"]
+    assert fit.trainer.global_step == 2 and sorted(fit.model.weighting.weights()) == ["end_task", "tapt"]
+    best = fit.trainer.checkpoint_callback.best_model_path
+    result = run_tartan("predict", *common, "--ckpt_path", best)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in next(tmp_path.glob("lightning_logs/*/predictions.jsonl")).open()]
+    assert [row["gold"] for row in rows] == [str(i % 3) for i in range(8)]
+
+
 def test_predict_labels_a_users_own_file(tiny_encoder, data_root, cache_dir, tmp_path, monkeypatch):
     """`--data.predict_file` labels texts of the user's own, a `.txt` (one per line) or JSON lines without labels,
     into `--predictions.output_file`; a bad line is one error naming the file and line."""

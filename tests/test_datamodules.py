@@ -613,6 +613,8 @@ BAD_SPLITS = [
     ("train", ['{"text": "", "label": "a"}', '{"text": " ", "label": "b"}'], "holds no example with text"),
     ("dev", ['{"text": "fine", "label": "a"}', '{"text": "unseen", "label": "zzz"}'], ":2: label 'zzz' never occurs"),
     ("test", ["", "  "], "holds no examples"),
+    ("train", ['{"text": "fine", "label": 1.5}'], ":1: 'label' must be a non-empty string or an integer, got 1.5"),
+    ("dev", ['{"text": "fine", "label": true}'], ":1: 'label' must be a non-empty string or an integer, got true"),
 ]
 
 
@@ -761,3 +763,16 @@ def test_derived_tapt_corpus_goes_to_the_cache_and_leaves_the_data_folder_alone(
     changed.setup("fit")
     assert changed.corpus_file("tapt") != tapt and len(changed.corpora["tapt"]) == 8
     assert make(data_dir=folder, cache_dir=str(cache)).corpus_file("tapt") == changed.corpus_file("tapt")
+
+
+def test_integer_labels_keep_their_ids(make, tmp_path):
+    """A user's task labelled 0..n-1 (here 0, 1, 2, 10): classes in numeric order, so class id i is label i where
+    the labels are 0..n-1, and every split's labels map to those ids."""
+    labels = [0, 1, 2, 10, 2, 1]
+    train = [{"text": f"example number {i}", "label": label} for i, label in enumerate(labels)]
+    folder = write_task(tmp_path / "task", train=train, dev=train[:4], test=train[2:])
+    dm = make(data_dir=folder, aux_corpora={})
+    dm.setup()
+    assert dm.label_names == ["0", "1", "2", "10"]
+    assert dm.splits["train"]["labels"] == [0, 1, 2, 3, 2, 1]
+    assert dm.splits["test"]["labels"] == [2, 3, 2, 1]
