@@ -277,17 +277,21 @@ def test_posthoc_stage_from_the_command_line(tiny_encoder, data_root, cache_dir,
 # ---- checkpoints and the console script ------------------------------------------------------------------
 
 
-def test_test_subcommand_reports_the_checkpoints_metrics(tiny_encoder, data_root, cache_dir, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    common = [
+def acl_arc_baseline(tiny_encoder: str, data_root: Path, cache_dir: str) -> list[str]:
+    """`tartan` options of a small ACL-ARC fine-tuning run with the tiny encoder."""
+    return [
         f"--config={config_path('citation_intent', 'baseline')}",
         f"--model.encoder_name_or_path={tiny_encoder}",
         f"--data.data_dir={data_root / 'citation_intent'}",
         f"--data.cache_dir={cache_dir}",
-        "--trainer.limit_val_batches=2",
-        "--trainer.limit_test_batches=2",
         *SMALL,
     ]
+
+
+def test_test_subcommand_reports_the_checkpoints_metrics(tiny_encoder, data_root, cache_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    limits = ["--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2"]
+    common = [*acl_arc_baseline(tiny_encoder, data_root, cache_dir), *limits]
     fit = tartan_cli(["fit", *common, "--trainer.max_steps=2", "--trainer.val_check_interval=2"])
     best = fit.trainer.checkpoint_callback.best_model_path
     assert Path(best).is_file() and Path(fit.trainer.checkpoint_callback.last_model_path).is_file()
@@ -351,13 +355,7 @@ def test_predict_labels_a_users_own_file(tiny_encoder, data_root, cache_dir, tmp
     """`--data.predict_file` labels texts of the user's own, a `.txt` (one per line) or JSON lines without labels,
     into `--predictions.output_file`; a bad line is one error naming the file and line."""
     monkeypatch.chdir(tmp_path)
-    common = [
-        f"--config={config_path('citation_intent', 'baseline')}",
-        f"--model.encoder_name_or_path={tiny_encoder}",
-        f"--data.data_dir={data_root / 'citation_intent'}",
-        f"--data.cache_dir={cache_dir}",
-        *SMALL,
-    ]
+    common = acl_arc_baseline(tiny_encoder, data_root, cache_dir)
     fit = tartan_cli(
         ["fit", *common, "--trainer.max_steps=1", "--trainer.val_check_interval=1", "--trainer.limit_val_batches=1"]
     )
