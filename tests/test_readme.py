@@ -1,7 +1,11 @@
-"""README.md must not rot: its Python example runs (tiny encoder, a few steps) and the configs it names exist."""
+"""README.md must not rot: its Python example runs (tiny encoder, a few steps), the configs it names exist and its
+results are the committed ones."""
+import json
 import re
+import statistics
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
@@ -65,3 +69,27 @@ def test_named_configs_exist():
     table = "\n".join(line for line in README.splitlines() if line.startswith("|"))
     for name in re.findall(r"`(\w+\.yaml)`", table):  # the methods table names files of every configs/<task>/
         assert all((REPO / "configs" / task / name).is_file() for task in TASKS), name
+
+
+def test_results_section_is_the_committed_table_and_the_records_recompute_it():
+    """The README's results table is docs/results/results.md's, row for row, and runs.json (one record per run)
+    recomputes every cell: at least 3 seeds per task and method, 2 tasks, the 6 methods of the grid."""
+    results = REPO / "docs" / "results"
+    table = [line for line in (results / "results.md").read_text().splitlines() if line.startswith("|")]
+    section = README.split("\n## Results", 1)[1].split("\n## ", 1)[0]
+    assert table and [line for line in section.splitlines() if line.startswith("|")][: len(table)] == table
+    assert "docs/results/results.png" in section and (results / "results.png").is_file()
+
+    records = json.loads((results / "runs.json").read_text())
+    scores: dict = {}
+    for record in records:
+        assert {"task", "method", "seed", "dev_score", "test_score", "encoder", "hardware"} <= set(record)
+        scores.setdefault((record["task"], record["method"]), {})[record["seed"]] = record["test_score"]
+    methods = ["fine_tuning", "tapt_fine_tuning", "mt_tartan", "meta_tartan"]
+    for task in ("citation_intent", "sciie"):
+        for method in [*methods, "mt_tartan_posthoc", "meta_tartan_posthoc"]:
+            assert len(scores[(task, method)]) >= 3, (task, method)
+    for task, cells in json.loads((results / "results.json").read_text())["results"].items():
+        for method, cell in cells.items():
+            assert cell["mean"] == pytest.approx(statistics.fmean(scores[(task, method)].values()))
+            assert cell["n"] == len(scores[(task, method)])
