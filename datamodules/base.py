@@ -354,8 +354,8 @@ class EndTaskDataModule(LightningDataModule):
         if path.suffix == ".txt":
             _check_file(path)
             with path.open("rb") as lines:
-                decoded = (_decode(raw, path, lineno).rstrip("\r\n") for lineno, raw in enumerate(lines, start=1))
-                examples = [Example(lineno, text, None) for lineno, text in enumerate(decoded, start=1) if text.strip()]
+                texts = [(lineno, _decode(raw, path, lineno).rstrip("\r\n")) for lineno, raw in enumerate(lines, 1)]
+            examples = [Example(lineno, text, None) for lineno, text in texts if text.strip()]
         else:
             examples = _read_jsonl(path, require_label=False)
         if not examples:

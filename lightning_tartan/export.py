@@ -60,8 +60,9 @@ def classifier_layers(model: PreTrainedModel) -> tuple[nn.Linear, Optional[nn.La
         return classifier.dense, None, classifier.out_proj  # RoBERTa, XLM-RoBERTa, ELECTRA
     if isinstance(classifier, nn.Linear):
         head, pre_classifier = getattr(model, "head", None), getattr(model, "pre_classifier", None)
-        if isinstance(getattr(head, "dense", None), nn.Linear) and isinstance(getattr(head, "norm", None), nn.LayerNorm):
-            return head.dense, head.norm, classifier  # ModernBERT
+        head_norm, head_dense = getattr(head, "norm", None), getattr(head, "dense", None)
+        if isinstance(head_norm, nn.LayerNorm) and isinstance(head_dense, nn.Linear):
+            return head_dense, head_norm, classifier  # ModernBERT
         if isinstance(pre_classifier, nn.Linear):
             return pre_classifier, None, classifier  # DistilBERT
         pooler = getattr(model, "pooler", None)

@@ -92,8 +92,8 @@ def masked_lm_head(mlm_model: PreTrainedModel) -> nn.Module:
     head = parts[order[0]] if len(order) == 1 else nn.Sequential(OrderedDict((name, parts[name]) for name in order))
     if not _reproduces_logits(mlm_model, head):
         raise ValueError(
-            f"{type(mlm_model).__name__}: its modules besides the encoder ({', '.join(parts)}), applied in turn, do not "
-            "compute its masked-LM logits, so lightning-tartan cannot train its masked-LM objective"
+            f"{type(mlm_model).__name__}: its modules besides the encoder ({', '.join(parts)}), applied in turn, do "
+            "not compute its masked-LM logits, so lightning-tartan cannot train its masked-LM objective"
         )
     return head
 
