@@ -482,26 +482,37 @@ def test_training_loaders_resume_where_they_stopped(make, data_root, tmp_path, n
     assert all(same_batches(a, e) for a, e in zip(actual, expected))
 
 
+def small_task(tmp_path: Path) -> Path:
+    """40 labeled examples (10 batches of 4) and a 30-document TAPT corpus."""
+    examples = [{"text": f"example number {i}", "label": "ab"[i % 2]} for i in range(40)]
+    return write_task(tmp_path / "task", train=examples, corpus="".join(f"doc {i}\n" for i in range(30)))
+
+
+def record_batches(dm, max_steps: int, checkpoint_every: int, checkpoint_dir: Path, ckpt_path=None) -> BatchRecorder:
+    """Fit a `BatchRecorder` on `dm` (resuming from `ckpt_path`), writing `checkpoints/step.ckpt` every
+    `checkpoint_every` steps; the recorder holds the batches it was handed."""
+    checkpoint = ModelCheckpoint(checkpoint_dir / "checkpoints", filename="step", every_n_train_steps=checkpoint_every)
+    trainer = Trainer(
+        max_steps=max_steps, limit_val_batches=0, accelerator="cpu", logger=False, callbacks=[checkpoint],
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    model = BatchRecorder()
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    return model
+
+
 def test_resume_from_a_checkpoint_at_the_end_of_an_epoch_starts_the_next_epoch(make, tmp_path):
     """Lightning restores the loaders of an end-of-epoch checkpoint and builds no new iterator for the next epoch:
     restored at their end, they start it themselves."""
-    examples = [{"text": f"example number {i}", "label": "ab"[i % 2]} for i in range(40)]
-    folder = write_task(tmp_path / "task", train=examples, corpus="".join(f"doc {i}\n" for i in range(30)))
+    folder = small_task(tmp_path)
 
     def fit(ckpt_path=None) -> BatchRecorder:
         dm = make(data_dir=folder, batch_size=4, aux_batch_size=4, dev_batch_size=2, dev_grad_batch_size=2)
-        every_epoch = ModelCheckpoint(tmp_path / "checkpoints", filename="end", every_n_train_steps=10)
-        trainer = Trainer(
-            max_steps=13, limit_val_batches=0, accelerator="cpu", logger=False, callbacks=[every_epoch],
-            enable_progress_bar=False, enable_model_summary=False,
-        )  # fmt: skip
-        model = BatchRecorder()
-        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
-        return model
+        return record_batches(dm, max_steps=13, checkpoint_every=10, checkpoint_dir=tmp_path, ckpt_path=ckpt_path)
 
     uninterrupted = fit()
     assert len(uninterrupted.seen) == 13  # an epoch is 10 batches: the checkpoint is the first epoch's last step
-    resumed = fit(tmp_path / "checkpoints" / "end.ckpt")
+    resumed = fit(tmp_path / "checkpoints" / "step.ckpt")
     assert len(resumed.seen) == 3
     assert all(same_batches(a, e) for a, e in zip(resumed.seen, uninterrupted.seen[10:]))
 
@@ -531,23 +542,15 @@ def test_each_rank_resumes_its_own_shard_from_rank_zeros_loader_states(make, dat
 
 def test_resume_under_another_num_workers_keeps_the_checkpoints(make, tmp_path, caplog):
     """A loader's saved position only loads into as many workers as it had; batches do not depend on the number."""
-    examples = [{"text": f"example number {i}", "label": "ab"[i % 2]} for i in range(40)]
-    folder = write_task(tmp_path / "task", train=examples, corpus="".join(f"doc {i}\n" for i in range(30)))
+    folder = small_task(tmp_path)
 
     def fit(num_workers: int, ckpt_path=None) -> BatchRecorder:
         dm = make(data_dir=folder, batch_size=4, aux_batch_size=4, dev_batch_size=2, num_workers=num_workers)
-        mid_epoch = ModelCheckpoint(tmp_path / "checkpoints", filename="mid", every_n_train_steps=4)
-        trainer = Trainer(
-            max_steps=6, limit_val_batches=0, accelerator="cpu", logger=False, callbacks=[mid_epoch],
-            enable_progress_bar=False, enable_model_summary=False,
-        )  # fmt: skip
-        model = BatchRecorder()
-        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
-        return model
+        return record_batches(dm, max_steps=6, checkpoint_every=4, checkpoint_dir=tmp_path, ckpt_path=ckpt_path)
 
     uninterrupted = fit(num_workers=0)
     with caplog.at_level(logging.INFO):
-        resumed = fit(num_workers=2, ckpt_path=tmp_path / "checkpoints" / "mid.ckpt")
+        resumed = fit(num_workers=2, ckpt_path=tmp_path / "checkpoints" / "step.ckpt")
     assert all(same_batches(a, e) for a, e in zip(resumed.seen, uninterrupted.seen[4:], strict=True))
     assert "num_workers=0" in caplog.text
 
