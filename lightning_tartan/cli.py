@@ -88,7 +88,9 @@ class TartanCLI(LightningCLI):
         if config.trainer.logger in (None, True):
             # Lightning's default is TensorBoard where tensorboard is installed and CSV elsewhere; make it CSV
             # everywhere, so every run folder has its metrics.csv (--trainer.logger picks another)
-            save_dir = config.trainer.default_root_dir or "."
+            # absolute, as ModelCheckpoint makes an explicit dirpath: a `--ckpt_path last` resume gives the callback
+            # its checkpoint folder, which must equal the stored one for the best dev score to be restored
+            save_dir = str(Path(config.trainer.default_root_dir or ".").resolve())
             config.trainer.logger = Namespace(class_path=CSV_LOGGER, init_args=Namespace(save_dir=save_dir))
         self._check_encoder(config.model.encoder_name_or_path)
         if self.subcommand == "fit" and config.ckpt_path == "last":

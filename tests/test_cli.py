@@ -351,6 +351,22 @@ def test_a_users_own_task_with_integer_labels_trains_from_the_shipped_config(tin
     assert [row["gold"] for row in rows] == [str(i % 3) for i in range(8)]
 
 
+def test_ckpt_path_last_from_the_working_directory_keeps_the_best_dev_score(
+    tiny_encoder, data_root, cache_dir, tmp_path, monkeypatch
+):
+    """As the README runs it: no --trainer.default_root_dir, logs under ./lightning_logs. The resumed run's
+    checkpoint callback knows the first run's best dev score (else a worse score would become "best")."""
+    monkeypatch.chdir(tmp_path)
+    common = [*acl_arc_baseline(tiny_encoder, data_root, cache_dir), "--trainer.limit_val_batches=2"]
+    first = tartan_cli(["fit", *common, "--trainer.max_steps=2", "--trainer.val_check_interval=2"])
+    best = first.trainer.checkpoint_callback.best_model_score
+    assert best is not None
+    resumed = tartan_cli(
+        ["fit", *common, "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--ckpt_path=last"]
+    )
+    assert resumed.trainer.checkpoint_callback.best_model_score == best
+
+
 def test_predict_labels_a_users_own_file(tiny_encoder, data_root, cache_dir, tmp_path, monkeypatch):
     """`--data.predict_file` labels texts of the user's own, a `.txt` (one per line) or JSON lines without labels,
     into `--predictions.output_file`; a bad line is one error naming the file and line."""
