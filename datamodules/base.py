@@ -7,6 +7,9 @@ A training batch is a dict with one entry per source, each serving one batch per
      "meta_dev": {input_ids, attention_mask, labels},   # a random labeled dev sample: META-TARTAN's dev head
      "meta_dev_grad": {input_ids, attention_mask, labels}}  # a second, independent one: its held-out dev gradient
 
+With ``accumulate_grad_batches`` above 1, a training batch is one optimizer step: each source maps to a list of
+that many such micro-batches (the epoch's last batch may hold fewer).
+
 An epoch is one pass over the longest source; shorter sources make pass after pass within it. Every training loader
 is a ``StatefulDataLoader`` whose position Lightning saves in checkpoints, and everything random in a batch (order,
 dev samples, MLM masks) follows from the seed, the epoch and the batch's position, so a run resumed from a
@@ -106,6 +109,7 @@ class EndTaskDataModule(LightningDataModule):
         dev_batch_size: int = 32,
         dev_grad_batch_size: int = 64,
         eval_batch_size: int = 64,
+        accumulate_grad_batches: int = 1,
         mlm_probability: float = 0.15,
         include_meta_dev: bool = True,
         num_workers: int = 0,
@@ -137,6 +141,10 @@ class EndTaskDataModule(LightningDataModule):
             dev_grad_batch_size: size of the ``meta_dev_grad`` sample its held-out dev gradient is taken on (the
                 paper's 64). Both are drawn afresh for every training batch, without replacement within a sample.
             eval_batch_size: examples per validation, test and predict batch.
+            accumulate_grad_batches: micro-batches per training batch, each of the sizes above: a training batch is
+                then one optimizer step of a `TartanModule` with the same ``accumulate_grad_batches`` (``tartan``
+                links this option to ``--model.accumulate_grad_batches``), so Lightning counts optimizer steps
+                wherever it counts batches. Every source then maps to a list of micro-batches.
             mlm_probability: share of a document's tokens the MLM objective masks (of those, eight in ten become the
                 mask token, one a random token, one stays).
             include_meta_dev: build the two dev samples (META-TARTAN needs them; other methods ignore them).
@@ -164,6 +172,7 @@ class EndTaskDataModule(LightningDataModule):
             "dev_batch_size": dev_batch_size,
             "dev_grad_batch_size": dev_grad_batch_size,
             "eval_batch_size": eval_batch_size,
+            "accumulate_grad_batches": accumulate_grad_batches,
         }
         for name, size in batch_sizes.items():
             if size < 1:
@@ -193,6 +202,7 @@ class EndTaskDataModule(LightningDataModule):
         self.dev_batch_size = dev_batch_size
         self.dev_grad_batch_size = dev_grad_batch_size
         self.eval_batch_size = eval_batch_size
+        self.accumulate_grad_batches = accumulate_grad_batches
         self.mlm_probability = mlm_probability
         self.include_meta_dev = include_meta_dev
         self.num_workers = num_workers
@@ -414,16 +424,27 @@ class EndTaskDataModule(LightningDataModule):
             corpus = name != "end_task"
             sampler = SourceSampler(data, batch_size, num_batches, world_size, rank, seed + i, mask_keys=corpus)
             if corpus:
-                loaders[name] = self._loader(_WithMaskKeys(data), batch_size, masking, sampler, seed)
+                loaders[name] = self._step_loader(_WithMaskKeys(data), batch_size, masking, sampler, seed)
             else:
-                loaders[name] = self._loader(data, batch_size, self._padding_collator(), sampler, seed)
+                loaders[name] = self._step_loader(data, batch_size, self._padding_collator(), sampler, seed)
         if self.include_meta_dev:
             dev = self.splits["dev"]
             samples = {"meta_dev": self.dev_batch_size, "meta_dev_grad": self.dev_grad_batch_size}
             for offset, (name, size) in enumerate(samples.items(), start=len(sources)):
                 sampler = DevSampleSampler(dev, size, num_batches, seed=seed + offset)
-                loaders[name] = self._loader(dev, size, self._padding_collator(), sampler, seed)
+                loaders[name] = self._step_loader(dev, size, self._padding_collator(), sampler, seed)
         return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def _step_loader(
+        self, data: Sized, batch_size: int, collate: Callable, sampler: Sampler, seed: int
+    ) -> StatefulDataLoader:
+        """A training source's loader: one batch per optimizer step, ``accumulate_grad_batches`` micro-batches of
+        ``batch_size`` each (a plain batch without accumulation). The sampler's order is the same either way, and
+        each micro-batch is padded and masked exactly as a batch of its own would be."""
+        if self.accumulate_grad_batches == 1:
+            return self._loader(data, batch_size, collate, sampler, seed)
+        grouped = _MicroBatches(collate, batch_size)
+        return self._loader(data, batch_size * self.accumulate_grad_batches, grouped, sampler, seed)
 
     @property
     def run_seed(self) -> int:
@@ -626,6 +647,17 @@ class _SeededMasking:
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
             return dict(self.collator([document for document, _ in items]))
+
+
+@dataclass
+class _MicroBatches:
+    """Collates a step's examples as consecutive micro-batches of ``size``, each on its own."""
+
+    collate: Callable[[list], dict]
+    size: int
+
+    def __call__(self, examples: list) -> list[dict]:
+        return [self.collate(examples[start : start + self.size]) for start in range(0, len(examples), self.size)]
 
 
 @dataclass

@@ -56,20 +56,12 @@ def main() -> None:
         eval_batch_size=64,
         seed=args.seed,
     )
-    model = TartanModule(
-        encoder,
-        num_labels=data.num_labels,
-        label_names=data.label_names,
-        aux_objectives=data.aux_names,
-        weighting="meta",
-        meta_lr=args.meta_lr,
-        monitor_metric=data.monitor_metric,
-    )
+    model = TartanModule.from_datamodule(data, encoder_name_or_path=encoder, weighting="meta", meta_lr=args.meta_lr)
     plot = TaskWeightPlot(dirpath=args.out_dir)
     trainer = pl.Trainer(
         accelerator="cpu",
         max_steps=args.max_steps,
-        val_check_interval=args.val_every,  # training batches; one optimizer step per batch here
+        val_check_interval=args.val_every,  # optimizer steps: a training batch is one optimizer step
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
         logger=False,

@@ -19,13 +19,15 @@ from transformers import AutoConfig
 
 from datamodules import DataFormatError, EndTaskDataModule  # the import registers every task for `--data <Name>`
 from lightning_tartan.checkpoints import ResumableCheckpoint
-from lightning_tartan.module import TartanModule
+from lightning_tartan.module import DATAMODULE_OPTIONS, TartanModule
 from lightning_tartan.packaged_encoders import local_copy
 from lightning_tartan.posthoc import PostHocSelection
 from lightning_tartan.predictions import PredictionWriter
 
 
 CSV_LOGGER = "pytorch_lightning.loggers.CSVLogger"
+TQDM_BAR = "pytorch_lightning.callbacks.TQDMProgressBar"
+DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
 
 
 def dev_metric_key(monitor_metric: str) -> str:
@@ -54,13 +56,15 @@ class TartanCLI(LightningCLI):
         # The tokenizer is the encoder's: the data tokenizes with it and the model saves it with exports.
         for target in ("data.init_args.tokenizer_name_or_path", "model.tokenizer_name_or_path"):
             parser.link_arguments("model.encoder_name_or_path", target, apply_on="parse")
-        for source, target in (
-            ("num_labels", "num_labels"),
-            ("label_names", "label_names"),
-            ("aux_names", "aux_objectives"),
-            ("monitor_metric", "monitor_metric"),
-        ):
-            parser.link_arguments(f"data.{source}", f"model.{target}", apply_on="instantiate")
+        # The data groups each optimizer step's micro-batches into one training batch.
+        parser.link_arguments(
+            "model.accumulate_grad_batches", "data.init_args.accumulate_grad_batches", apply_on="parse"
+        )
+        # What the task knows, as `TartanModule.from_datamodule` wires it; the encoder's tokenizer and the
+        # micro-batches per step are set on the model's side above.
+        for source, target in DATAMODULE_OPTIONS.items():
+            if target not in ("tokenizer_name_or_path", "accumulate_grad_batches"):
+                parser.link_arguments(f"data.{source}", f"model.{target}", apply_on="instantiate")
         # The task decides what "best" means (macro-F1 for most, accuracy for ChemProt).
         for callback in ("checkpoint", "early_stopping"):
             parser.link_arguments(
@@ -75,6 +79,9 @@ class TartanCLI(LightningCLI):
                 "TartanModule optimizes manually: set --model.accumulate_grad_batches instead of "
                 f"--trainer.accumulate_grad_batches (got {config.trainer.accumulate_grad_batches})"
             )
+        if config.trainer.strategy in DDP_STRATEGIES:
+            # each objective's backward leaves the other objectives' heads unused, which DDP must be told
+            config.trainer.strategy = f"{config.trainer.strategy}_find_unused_parameters_true"
         callbacks = config.trainer.callbacks or []
         posthoc = any(str(getattr(callback, "class_path", "")).endswith(".PostHocSelection") for callback in callbacks)
         init_checkpoint = config.model.init_checkpoint
@@ -85,6 +92,12 @@ class TartanCLI(LightningCLI):
             )
         if init_checkpoint is not None and not Path(init_checkpoint).is_file():
             error(f"--model.init_checkpoint {init_checkpoint}: no such checkpoint file")
+        if config.trainer.enable_progress_bar is not False and not any(
+            "ProgressBar" in str(getattr(callback, "class_path", "")) for callback in callbacks
+        ):
+            # Lightning's default is its Rich bar where rich is installed, which titles a run by steps "Epoch 0/-2";
+            # tqdm's counts the optimizer steps of the epoch (up to max_steps) beside the losses
+            config.trainer.callbacks = [*callbacks, Namespace(class_path=TQDM_BAR, init_args=Namespace())]
         if config.trainer.logger in (None, True):
             # Lightning's default is TensorBoard where tensorboard is installed and CSV elsewhere; make it CSV
             # everywhere, so every run folder has its metrics.csv (--trainer.logger picks another)

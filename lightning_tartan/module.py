@@ -1,9 +1,9 @@
 """`TartanModule`: end-task aware training (TARTAN) as a LightningModule with manual optimization.
 
-One training step, in order: the dev gradient (META only, once per optimizer step), then for each active
-objective its forward, loss and `manual_backward` (weighted, divided by the accumulation count), then, once
-every `accumulate_grad_batches` batches, gradient clipping, the optimizer and LR-scheduler steps, and the
-meta-weight update.
+One training step is one optimizer step over the `accumulate_grad_batches` micro-batches of its training batch.
+For each micro-batch, in order: the dev gradient (META only), then for each active objective its forward, loss and
+`manual_backward` (weighted, divided by the accumulation count). Then gradient clipping, the optimizer and
+LR-scheduler steps, and the meta-weight update.
 """
 import math
 import os
@@ -14,9 +14,10 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from huggingface_hub import HfApi
-from pytorch_lightning.strategies import DDPStrategy
+from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import (
@@ -35,6 +36,15 @@ from lightning_tartan.task_gradients import TaskGradientCosines
 from lightning_tartan.weighting import END_TASK, build_weighting
 
 MONITOR_METRICS = ("f1_macro", "accuracy")
+#: what a task's data module knows (its attribute) -> the `TartanModule` option it sets; `tartan` links the same
+DATAMODULE_OPTIONS = {
+    "num_labels": "num_labels",
+    "label_names": "label_names",
+    "aux_names": "aux_objectives",
+    "monitor_metric": "monitor_metric",
+    "tokenizer_name_or_path": "tokenizer_name_or_path",
+    "accumulate_grad_batches": "accumulate_grad_batches",
+}
 #: the dev sample META-TARTAN's dev head is fitted on, and the fresh one its held-out dev gradient is taken on
 META_DEV, META_DEV_GRAD = "meta_dev", "meta_dev_grad"
 
@@ -47,7 +57,9 @@ class TartanModule(pl.LightningModule):
         num_labels: end-task classes (a datamodule's `num_labels`).
         aux_objectives: names of the auxiliary MLM batches in a training batch (e.g. `["tapt", "dapt"]`).
         weighting: `none` (fine-tuning), `equal` (MT-TARTAN), `meta` (META-TARTAN) or `aux_only` (TAPT/DAPT).
-        accumulate_grad_batches: batches per optimizer step (Lightning's own flag is unavailable in manual
+        accumulate_grad_batches: micro-batches per optimizer step. Each training batch holds that many (see
+            `micro_batches`; `EndTaskDataModule` groups them, and `tartan` links its option to this one), so every
+            count Lightning keeps in batches is in optimizer steps (its own flag is unavailable in manual
             optimization).
         monitor_metric: the validation metric that drives checkpointing and early stopping.
         lr_schedule: `linear` (warm-up, then linear decay to 0: the paper's multitask schedule) or `constant`
@@ -142,6 +154,19 @@ class TartanModule(pl.LightningModule):
         self._run_seed: Optional[int] = None
         if init_checkpoint is not None:
             self.load_weights(init_checkpoint)
+
+    @classmethod
+    def from_datamodule(cls, datamodule: pl.LightningDataModule, **options: Any) -> "TartanModule":
+        """A module for `datamodule`'s task (an `EndTaskDataModule`, or any with the attributes in
+        `DATAMODULE_OPTIONS`): its classes, label names, corpora, dev metric, tokenizer and micro-batches per step
+        set the matching options, so they are never typed twice; `options` are the other `TartanModule` options.
+        What the ``tartan`` command links from ``--data`` to ``--model``."""
+        wired = {option: getattr(datamodule, attribute) for attribute, option in DATAMODULE_OPTIONS.items()}
+        for option, value in wired.items():
+            given = options.get(option, value)
+            if _as_list(given) != _as_list(value):
+                raise ValueError(f"{option}={given!r} disagrees with the data module's {value!r}: leave it out")
+        return cls(**{**options, **wired})
 
     # ----- forward passes -----------------------------------------------------------------------------------
 
@@ -238,48 +263,59 @@ class TartanModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self._run_seed = _run_seed()  # a checkpoint being resumed replaces it after setup
-        strategy = self.trainer.strategy
-        if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters"):
-            # Each objective's backward leaves the other objectives' heads unused; DDP must expect that.
-            rank_zero_info("TartanModule: enabling DDP find_unused_parameters (each objective uses its own head)")
-            strategy._ddp_kwargs["find_unused_parameters"] = True
+
+    def on_fit_start(self) -> None:
+        wrapped = self.trainer.strategy.model
+        if isinstance(wrapped, DistributedDataParallel) and not wrapped.find_unused_parameters:
+            # each objective's backward leaves the other objectives' heads unused, which plain DDP reports as an error
+            # in the middle of the first step
+            raise ValueError(
+                "TartanModule under DDP needs find_unused_parameters=True (each objective's backward leaves the other "
+                "heads unused): Trainer(strategy='ddp_find_unused_parameters_true') or "
+                "DDPStrategy(find_unused_parameters=True); the `tartan` command sets it for --trainer.strategy ddp"
+            )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """One optimizer step over the batch's micro-batches (see `micro_batches`)."""
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         accumulate = self.hparams.accumulate_grad_batches
-        starts_step = batch_idx % accumulate == 0
-        ends_step = (batch_idx + 1) % accumulate == 0 or self.trainer.is_last_batch
+        steps = micro_batches(batch)
+        if len(steps) > accumulate or (len(steps) < accumulate and not self.trainer.is_last_batch):
+            raise ValueError(
+                f"a training batch holds {len(steps)} micro-batches but accumulate_grad_batches={accumulate}: the data "
+                "module must group that many micro-batches per batch (EndTaskDataModule's accumulate_grad_batches, "
+                "which `tartan` links from --model.accumulate_grad_batches)"
+            )
         track_cosines = self.weighting.needs_dev_gradient
-
         if track_cosines:
-            if starts_step:
-                self.task_cosines.start_step()
-            dev_grad = self.dev_gradient(batch, new_step=starts_step)
-            if dev_grad is not None:
-                self.task_cosines.set_dev_gradient(dev_grad)
+            self.task_cosines.start_step()
 
         weights = self.weighting.weights()
-        for name in self.weighting.active:
-            loss = self.objective_loss(name, batch)
-            self.manual_backward(loss * weights[name].to(loss) / accumulate)
+        losses: dict[str, list[Tensor]] = {name: [] for name in self.weighting.active}
+        for index, micro_batch in enumerate(steps):
             if track_cosines:
-                self.task_cosines.record(name)
-            self.log(f"train/loss_{name}", loss.detach(), batch_size=len(batch[name]["input_ids"]))
-        if track_cosines:
-            self.task_cosines.end_micro_batch()
-        if not ends_step:
-            return
+                dev_grad = self.dev_gradient(micro_batch, new_step=index == 0)
+                if dev_grad is not None:
+                    self.task_cosines.set_dev_gradient(dev_grad)
+            for name in self.weighting.active:
+                loss = self.objective_loss(name, micro_batch)
+                self.manual_backward(loss * weights[name].to(loss) / accumulate)
+                if track_cosines:
+                    self.task_cosines.record(name)
+                losses[name].append(loss.detach())
+            if track_cosines:
+                self.task_cosines.end_micro_batch()
 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
+        for name, values in losses.items():
+            self.log(f"train/loss_{name}", torch.stack(values).mean(), prog_bar=True)
         for name, weight in weights.items():
             self.log(f"train/weight_{name}", weight)
         if track_cosines:
             self.update_task_weights(self.task_cosines.finish_step())
-        self.log("train/lr_encoder", scheduler.get_last_lr()[0])
-        self.log("train/lr_heads", scheduler.get_last_lr()[-1])
 
     def update_task_weights(self, cosines: dict[str, Tensor]) -> None:
         """The meta step; skipped when a gradient overflowed (fp16) so inf/NaN never reach the weights."""
@@ -299,8 +335,8 @@ class TartanModule(pl.LightningModule):
         hp = self.hparams
         encoder_params = list(self.encoder.parameters()) + _unique(self.mlm_head.parameters(), self.encoder)
         groups = [
-            *_decay_groups(encoder_params, hp.encoder_lr, hp.encoder_weight_decay),
-            *_decay_groups(list(self.end_task_head.parameters()), hp.head_lr, hp.head_weight_decay),
+            *_decay_groups("encoder", encoder_params, hp.encoder_lr, hp.encoder_weight_decay),
+            *_decay_groups("head", list(self.end_task_head.parameters()), hp.head_lr, hp.head_weight_decay),
         ]
         optimizer = torch.optim.AdamW(groups, betas=tuple(hp.adam_betas), eps=hp.adam_eps)
         total = self.num_optimizer_steps()
@@ -309,7 +345,12 @@ class TartanModule(pl.LightningModule):
             scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
         else:
             scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        # the name prefixes the learning rates `LearningRateMonitor` logs: train/lr/encoder, train/lr/head, ...
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """Learning rates go to the run's loggers once per optimizer step, wherever the module is trained."""
+        return [LearningRateMonitor(logging_interval="step")] if self.trainer.loggers else []
 
     def num_optimizer_steps(self) -> int:
         """Optimizer steps in the whole fit; `Trainer.max_steps` counts optimizer steps in manual optimization."""
@@ -318,7 +359,7 @@ class TartanModule(pl.LightningModule):
         batches = self.trainer.estimated_stepping_batches
         if math.isinf(batches):
             raise ValueError("set Trainer max_steps or max_epochs: the LR schedule needs the run's length")
-        return max(1, math.ceil(batches / self.hparams.accumulate_grad_batches))
+        return max(1, int(batches))  # a training batch is one optimizer step
 
     # ----- evaluation ---------------------------------------------------------------------------------------
 
@@ -426,15 +467,34 @@ def _unique(params, module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in params if id(p) not in seen]
 
 
-def _decay_groups(params: list, lr: float, weight_decay: float) -> list[dict]:
+def _decay_groups(name: str, params: list, lr: float, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only, as is usual for transformers (biases and LayerNorm are exempt); frozen
     parameters are left out."""
     trained = [p for p in params if p.requires_grad]
     groups = [
-        {"params": [p for p in trained if p.dim() >= 2], "lr": lr, "weight_decay": weight_decay},
-        {"params": [p for p in trained if p.dim() < 2], "lr": lr, "weight_decay": 0.0},
+        {"name": name, "params": [p for p in trained if p.dim() >= 2], "lr": lr, "weight_decay": weight_decay},
+        {"name": f"{name}_no_decay", "params": [p for p in trained if p.dim() < 2], "lr": lr, "weight_decay": 0.0},
     ]
     return [group for group in groups if group["params"]]
+
+
+def micro_batches(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The micro-batches of one optimizer step. A training batch maps each source to one micro-batch (a dict of
+    tensors) or, with gradient accumulation, to a list of them, one per micro-batch and as many for every source:
+    one training batch is one optimizer step, so Lightning's step counts (progress bar, logging, validation and
+    checkpoint intervals) are optimizer steps."""
+    grouped = {name: isinstance(source, (list, tuple)) for name, source in batch.items()}
+    if not any(grouped.values()):
+        return [dict(batch)]
+    counts = {name: len(source) for name, source in batch.items() if grouped[name]}
+    if not all(grouped.values()) or len(set(counts.values())) != 1:
+        shapes = {name: counts.get(name, "a single micro-batch") for name in batch}
+        raise ValueError(f"every source of a training batch needs the same number of micro-batches, got {shapes}")
+    return [{name: source[index] for name, source in batch.items()} for index in range(next(iter(counts.values())))]
+
+
+def _as_list(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _source(batch: dict[str, Any], name: str, why: str) -> dict[str, Tensor]:

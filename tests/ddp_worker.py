@@ -1,7 +1,7 @@
 """Runs a short TartanModule fit on synthetic batches, 1 or 2 CPU processes (gloo), and saves each rank's state.
 
 Lightning's DDP launcher re-runs this script for every rank, so it is a script rather than a pytest test.
-Usage: python tests/ddp_worker.py ENCODER_DIR WEIGHTING DEVICES OUT_DIR
+Usage: python tests/ddp_worker.py ENCODER_DIR WEIGHTING DEVICES OUT_DIR [STRATEGY]
 """
 import sys
 from pathlib import Path
@@ -15,13 +15,13 @@ from synthetic import loader, make_batches, shard  # noqa: E402
 from lightning_tartan import TartanModule  # noqa: E402
 
 
-def main(encoder: str, weighting: str, devices: int, out_dir: str) -> None:
+def main(encoder: str, weighting: str, devices: int, out_dir: str, strategy: str) -> None:
     pl.seed_everything(0)
     module = TartanModule(encoder, num_labels=3, aux_objectives=["tapt", "dapt"], weighting=weighting, dropout=0.0)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,
-        strategy="ddp" if devices > 1 else "auto",
+        strategy=strategy if devices > 1 else "auto",
         max_steps=3,
         logger=False,
         enable_checkpointing=False,
@@ -38,4 +38,5 @@ def main(encoder: str, weighting: str, devices: int, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    strategy = sys.argv[5] if len(sys.argv) > 5 else "ddp_find_unused_parameters_true"
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], strategy)

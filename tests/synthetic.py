@@ -42,6 +42,15 @@ def shard(batch: dict, rank: int, world_size: int) -> dict:
     return {name: source if name.startswith("meta_dev") else part(source) for name, source in batch.items()}
 
 
-def loader(batches: list[dict]) -> DataLoader:
+def group(batches: list[dict], accumulate: int) -> list[dict]:
+    """Consecutive batches as the micro-batches of one optimizer step each: every source maps to a list."""
+    if accumulate == 1:
+        return batches
+    steps = [batches[start : start + accumulate] for start in range(0, len(batches), accumulate)]
+    return [{name: [micro[name] for micro in step] for name in step[0]} for step in steps]
+
+
+def loader(batches: list[dict], accumulate: int = 1) -> DataLoader:
+    """One training batch per optimizer step, of `accumulate` consecutive `batches`."""
     # Its own generator keeps the global RNG (dropout) untouched by iterator creation, as the datamodules do.
-    return DataLoader(batches, batch_size=None, generator=torch.Generator())
+    return DataLoader(group(batches, accumulate), batch_size=None, generator=torch.Generator())

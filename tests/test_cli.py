@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from pytorch_lightning.callbacks import TQDMProgressBar
 from transformers import AutoModelForMaskedLM
 
 from datamodules import EndTaskDataModule
@@ -163,6 +164,7 @@ def test_paper_config(task, method, tiny_encoder, data_dir_for, multitask_checkp
     assert (hp.num_labels, list(hp.label_names)) == (data.num_labels, data.label_names)
     assert hp.tokenizer_name_or_path == data.tokenizer_name_or_path == tiny_encoder
     assert model.monitor_metric == data.monitor_metric == metric
+    assert data.accumulate_grad_batches == hp.accumulate_grad_batches  # a training batch is one optimizer step
     for callback in (trainer.checkpoint_callback, early_stopping):
         assert (callback.monitor, callback.mode) == (f"val/{metric}", "max")
     assert trainer.checkpoint_callback.keep_last  # last.ckpt: always the latest state
@@ -172,7 +174,7 @@ def test_paper_config(task, method, tiny_encoder, data_dir_for, multitask_checkp
         assert export.dirpath == Path(f"exports/{task}/{method}")
         assert (trainer.max_epochs, trainer.max_steps) == ((100, -1) if method != "mlm_head_warmup" else (None, 300))
     elif method not in (*FINE_TUNING, "posthoc"):  # the paper's schedule: a dev evaluation every 30 optimizer steps
-        assert (trainer.max_epochs, trainer.val_check_interval, trainer.check_val_every_n_epoch) == (150, 60, None)
+        assert (trainer.max_epochs, trainer.val_check_interval, trainer.check_val_every_n_epoch) == (150, 30, None)
         assert early_stopping.patience == 20
     plots = [callback for callback in trainer.callbacks if isinstance(callback, TaskWeightPlot)]
     assert [plot.enabled for plot in plots] == ([True] if weighting == "meta" else [])
@@ -341,7 +343,7 @@ def test_a_users_own_task_with_integer_labels_trains_from_the_shipped_config(tin
         f"--trainer.default_root_dir={tmp_path}",
         *SMALL,
     ]
-    fit = tartan_cli(["fit", *common, "--trainer.max_steps=2", "--trainer.val_check_interval=4"])
+    fit = tartan_cli(["fit", *common, "--trainer.max_steps=2", "--trainer.val_check_interval=2"])
     assert fit.model.hparams.label_names == ["0", "1", "2"] and fit.model.objectives == ["end_task", "tapt"]
     assert fit.trainer.global_step == 2 and sorted(fit.model.weighting.weights()) == ["end_task", "tapt"]
     best = fit.trainer.checkpoint_callback.best_model_path
@@ -406,7 +408,7 @@ def test_ctrl_c_then_ckpt_path_last_finishes_like_an_uninterrupted_run(tiny_enco
         f"--data.cache_dir={cache_dir}",
         "--model.dropout=0.1",
         "--trainer.max_steps=8",
-        "--trainer.val_check_interval=6",  # dev evaluations after optimizer steps 3 and 6
+        "--trainer.val_check_interval=3",  # dev evaluations after optimizer steps 3 and 6
         "--trainer.limit_val_batches=2",
         "--seed_everything=3",
         *SMALL,
@@ -444,6 +446,31 @@ def test_runs_log_to_csv_unless_told_otherwise(tiny_encoder, data_root, cache_di
     )
     assert type(cli.trainer.logger).__name__ == "CSVLogger"
     assert Path(cli.trainer.logger.log_dir).resolve().parent == tmp_path.resolve() / "lightning_logs"
+
+
+def test_logs_and_progress_count_optimizer_steps(tiny_encoder, data_root, cache_dir, tmp_path, monkeypatch):
+    """The quickstart (two micro-batches per optimizer step): metrics.csv has one row of losses and task weights per
+    optimizer step, against the step; learning rates come from LearningRateMonitor; the progress bar counts the
+    run's optimizer steps and shows the losses."""
+    monkeypatch.chdir(tmp_path)
+    cli = tartan_cli(
+        ["fit", "--config", str(CONFIGS / "quickstart.yaml"), f"--model.encoder_name_or_path={tiny_encoder}"]
+        + [f"--data.data_dir={data_root / 'citation_intent'}", f"--data.cache_dir={cache_dir}", "--data.max_length=32"]
+        + ["--trainer.max_steps=6", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=1"]
+    )
+    trainer = cli.trainer
+    assert trainer.global_step == 6 and cli.model.hparams.accumulate_grad_batches == 2
+    bar = trainer.progress_bar_callback
+    assert type(bar) is TQDMProgressBar and (bar.train_progress_bar.n, bar.train_progress_bar.total) == (6, 6)
+    assert {"train/loss_end_task", "train/loss_tapt"} <= set(bar.get_metrics(trainer, cli.model))
+    rows = list(csv.DictReader((Path(trainer.logger.log_dir) / "metrics.csv").open()))
+    weight_steps = [int(row["step"]) for row in rows if row["train/weight_tapt"]]
+    assert weight_steps == list(range(6))
+    assert [int(row["step"]) for row in rows if row["train/loss_end_task"]] == weight_steps
+    assert [int(row["step"]) for row in rows if row["train/lr/encoder"]] == weight_steps
+    assert [int(row["step"]) for row in rows if row["val/f1_macro"]] == [2, 5]  # after optimizer steps 3 and 6
+    # checkpoint names count the same optimizer steps
+    assert Path(trainer.checkpoint_callback.best_model_path).name in ("epoch=0-step=3.ckpt", "epoch=0-step=6.ckpt")
 
 
 def test_last_checkpoint_is_the_final_state(tiny_encoder, data_root, cache_dir, tmp_path, monkeypatch):

@@ -153,6 +153,26 @@ def test_combined_training_batch(make, data_root):
     assert 0.7 < replaced_by_mask / masked < 0.9  # 80% [MASK], the rest random or kept
 
 
+def test_accumulation_groups_the_very_micro_batches_of_a_step_into_one_training_batch(make, data_root):
+    """With accumulate_grad_batches=2 a training batch is one optimizer step: each source holds the two batches the
+    loader would serve one by one without accumulation (same rows, padding and MLM masks), and the epoch's last step
+    holds what is left."""
+    plain = make(CitationIntentDataModule, data_root / "citation_intent")
+    grouped = make(CitationIntentDataModule, data_root / "citation_intent", accumulate_grad_batches=2)
+    for dm in (plain, grouped):
+        dm.setup("fit")
+    singles = [batch for batch, _, _ in plain.train_dataloader()]
+    steps = [batch for batch, _, _ in grouped.train_dataloader()]
+    assert len(singles) == 211 and len(steps) == 106  # 1,688 training examples in batches of 8
+    for index, step in enumerate(steps):
+        counts = {name: len(micro_batches) for name, micro_batches in step.items()}
+        expected = 2 if index < 105 else 1
+        assert counts == dict.fromkeys(singles[0], expected)
+        for offset in range(expected):
+            micro_batch = {name: micro_batches[offset] for name, micro_batches in step.items()}
+            assert same_batches(micro_batch, singles[2 * index + offset])
+
+
 def test_epoch_is_the_longest_source_and_shorter_ones_reshuffle_for_every_pass(make, data_root, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("".join(f"document {i}\n" for i in range(40)))

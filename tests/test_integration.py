@@ -16,19 +16,12 @@ from lightning_tartan import TartanModule
 from lightning_tartan.checkpoints import ResumableCheckpoint
 
 SMALL = {"max_length": 32, "batch_size": 4, "aux_batch_size": 4, "dev_batch_size": 4, "eval_batch_size": 16}
+SMALL["accumulate_grad_batches"] = 2  # two micro-batches per optimizer step
 
 
 def short_fit(datamodule, weighting: str, encoder: str) -> tuple[TartanModule, pl.Trainer]:
     pl.seed_everything(0)
-    module = TartanModule(
-        encoder,
-        num_labels=datamodule.num_labels,
-        label_names=datamodule.label_names,
-        aux_objectives=datamodule.aux_names,
-        monitor_metric=datamodule.monitor_metric,
-        weighting=weighting,
-        accumulate_grad_batches=2,
-    )
+    module = TartanModule.from_datamodule(datamodule, encoder_name_or_path=encoder, weighting=weighting)
     trainer = pl.Trainer(
         accelerator="cpu",
         max_steps=2,

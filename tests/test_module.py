@@ -9,11 +9,12 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from synthetic import loader, make_batches
+from synthetic import group, loader, make_batches
 from transformers import AutoModelForSequenceClassification
 
 from lightning_tartan import TartanModule
 from lightning_tartan.dev_head import DevHead
+from lightning_tartan.module import micro_batches
 
 AUX = ["tapt", "dapt"]
 
@@ -34,7 +35,8 @@ def fit(module: TartanModule, batches: list[dict], ckpt_path=None, **trainer_opt
         limit_val_batches=0,
     )
     trainer = pl.Trainer(**{**options, **trainer_options})
-    trainer.fit(module, train_dataloaders=loader(batches), ckpt_path=ckpt_path)
+    accumulate = module.hparams.accumulate_grad_batches
+    trainer.fit(module, train_dataloaders=loader(batches, accumulate), ckpt_path=ckpt_path)
     return trainer
 
 
@@ -375,6 +377,14 @@ def test_ddp_two_ranks_match_one_process(tiny_encoder, tmp_path, weighting):
         assert not torch.equal(rank0["weighting.logits"], torch.zeros(3))
 
 
+def test_plain_ddp_is_refused_with_the_strategy_that_works(tiny_encoder, tmp_path):
+    worker = Path(__file__).with_name("ddp_worker.py")
+    command = [sys.executable, str(worker), tiny_encoder, "equal", "2", str(tmp_path), "ddp"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "strategy='ddp_find_unused_parameters_true'" in result.stderr
+
+
 # ---- starting points, schedules and frozen encoders ------------------------------------------------------
 
 
@@ -467,3 +477,51 @@ def test_packaged_encoder_loads_by_its_hub_name_offline(monkeypatch, tmp_path):
     )
     module.save_end_task_model(tmp_path / "export")  # the tokenizer comes from the copy too
     assert (tmp_path / "export" / "tokenizer_config.json").is_file()
+
+
+def test_a_training_batch_is_one_optimizer_step_of_its_micro_batches(tiny_encoder):
+    """Two micro-batches per training batch: one optimizer step on the mean of their weighted losses."""
+
+    class StepGradients(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.grads = {name: p.grad.clone() for name, p in pl_module.named_parameters() if p.grad is not None}
+
+    batches = make_batches(2)
+    module = make_module(tiny_encoder, weighting="equal", accumulate_grad_batches=2)
+    expected = copy.deepcopy(module)
+    recorder = StepGradients()
+    trainer = fit(module, batches, callbacks=[recorder])
+    assert trainer.global_step == 1
+
+    for batch in batches:
+        for name in expected.objectives:
+            (expected.objective_loss(name, batch) / len(expected.objectives) / 2).backward()
+    grads = {name: p.grad for name, p in expected.named_parameters() if p.grad is not None}
+    assert recorder.grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(recorder.grads[name], grad, msg=name)
+
+
+def test_micro_batches_that_do_not_match_the_accumulation_fail_naming_both_options(tiny_encoder):
+    module = make_module(tiny_encoder, weighting="equal", accumulate_grad_batches=2)
+    with pytest.raises(ValueError, match="holds 1 micro-batches but accumulate_grad_batches=2"):
+        pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False).fit(
+            module, train_dataloaders=loader(make_batches(2))
+        )
+    uneven = group(make_batches(2), 2)[0]
+    uneven["tapt"] = uneven["tapt"][:1]
+    with pytest.raises(ValueError, match="the same number of micro-batches"):
+        micro_batches(uneven)
+
+
+def test_from_datamodule_takes_what_the_task_knows(tiny_encoder):
+    class Task:
+        num_labels, label_names, aux_names = 3, ["a", "b", "c"], ["tapt"]
+        monitor_metric, tokenizer_name_or_path, accumulate_grad_batches = "accuracy", tiny_encoder, 2
+
+    module = TartanModule.from_datamodule(Task(), encoder_name_or_path=tiny_encoder, weighting="meta")
+    hp = module.hparams
+    assert (hp.num_labels, list(hp.label_names), list(hp.aux_objectives)) == (3, ["a", "b", "c"], ["tapt"])
+    assert (hp.monitor_metric, hp.accumulate_grad_batches, hp.weighting) == ("accuracy", 2, "meta")
+    with pytest.raises(ValueError, match="num_labels=4 disagrees with the data module's 3"):
+        TartanModule.from_datamodule(Task(), encoder_name_or_path=tiny_encoder, num_labels=4)

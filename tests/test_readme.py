@@ -41,7 +41,7 @@ def test_python_example_trains_tests_and_exports(tiny_encoder, data_root, cache_
                 f"eval_batch_size=16, cache_dir={cache_dir!r}, "
             ),
             "max_epochs=150": "max_steps=2, limit_val_batches=2, limit_test_batches=2, enable_progress_bar=False",
-            "val_check_interval=60": "val_check_interval=2",
+            "val_check_interval=30": "val_check_interval=2",
         },
     )
     namespace: dict = {}
