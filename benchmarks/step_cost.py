@@ -124,7 +124,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="ACL-ARC citation intent files")
     parser.add_argument("--cache-dir", default=None, help="`datasets` cache for the tokenised data")
     parser.add_argument("--batch-size", type=int, default=32, help="rows per source (end task, each corpus, the "
-                        "dev head's sample); the dev-gradient sample keeps the data module's (the paper's 64)")
+                        "dev head's sample)")
+    parser.add_argument("--dev-grad-batch-size", type=int, default=64,
+                        help="rows of META's held-out dev-gradient sample (the paper's 64)")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--paper-batch", action="store_true",
                         help=f"the paper's batch: {PAPER_BATCH[0]} rows per source, max length {PAPER_BATCH[1]}")
@@ -229,6 +231,7 @@ def real_batches(args: argparse.Namespace, encoder: str, count: int) -> tuple[li
         batch_size=args.batch_size,
         aux_batch_size=args.batch_size,
         dev_batch_size=args.batch_size,
+        dev_grad_batch_size=args.dev_grad_batch_size,
         cache_dir=args.cache_dir,
     )
     datamodule.setup("fit")
@@ -481,7 +484,8 @@ def summarize(results: dict[str, Result], args: argparse.Namespace, encoder_para
             summary[key] = (results[variant].peak_bytes - results[baseline].peak_bytes) / MB
     summary["encoder_params_m"] = encoder_params / 1e6
     summary["encoder_fp32_buffer_mb"] = encoder_params * 4 / MB
-    summary.update({"batch_size": args.batch_size, "max_length": args.max_length, "fixed_length": args.fixed_length})
+    summary.update({"batch_size": args.batch_size, "dev_grad_batch_size": args.dev_grad_batch_size})
+    summary.update({"max_length": args.max_length, "fixed_length": args.fixed_length})
     summary.update({"timed_steps": args.steps, "warmup_steps": args.warmup, "rounds": args.rounds})
     for name, result in results.items():
         summary[f"{name}_median_s"] = result.median_s(clock)
