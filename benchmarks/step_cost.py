@@ -26,14 +26,16 @@ Forward hooks on the encoder and both heads count every pass a step really runs,
 objective's, and META's dev-gradient forward and its no-grad dev-feature forward (or the paper's re-run at each
 dev-head step). A pass whose output requires grad is backpropagated and counts 3x its forward (backward = 2x).
 META's dev head (fitted on cached features) is not a module of the model; it is counted as at most
-`dev_head_steps` forward+backward passes plus the dev-gradient one over the dev rows: well under 0.1% of a step.
+`dev_head_steps` forward+backward passes plus the dev-gradient one over the dev rows (< 0.1% of a roberta-base step).
 MFU = model FLOPs per second / the chip's peak (`--peak-tflops`; defaults: H100 SXM and H200 989 TFLOP/s dense
 bf16/fp16, none on CPU or in fp32, where MFU is reported as null). Padded positions count like real ones, as the
 hardware computes them; tokens/s counts the padded positions of the objectives a variant trains.
 
-`--encoder tiny` (hidden 32, 2 layers, random weights, MiniLM's tokenizer) makes the compute negligible, so its
-step time is what a step costs besides the model's arithmetic: Python, hooks, host syncs, optimizer bookkeeping.
-That per-step overhead is what faster step code (fused AdamW, fewer syncs) should shrink.
+`--encoder tiny` (hidden 32, 2 layers, random weights, MiniLM's tokenizer) on small batches (the README's 2 x 32)
+makes the arithmetic a small share of the step, so its step time is mostly what a step costs besides the model's
+arithmetic: Python, hooks, host syncs, optimizer bookkeeping. That per-step overhead is what faster step code
+(fused AdamW, fewer syncs) should shrink. Its vocabulary projection (32 x 30522) is the one large matrix left, so
+the dense-MLM variants stay arithmetic-bound; the FLOP column says how much of each step is arithmetic.
 
 Run from the repository root: `python benchmarks/step_cost.py` (add `--quick` for a smoke run). On a GPU:
 `python benchmarks/step_cost.py --device cuda --precision bf16-mixed --encoder roberta-base-random --paper-batch`
