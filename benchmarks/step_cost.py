@@ -506,7 +506,7 @@ def report(results: dict[str, Result], summary: dict[str, Any], batches: list[Ba
     print(f"\nencoder {summary['encoder']} ({summary['encoder_params_m']:.1f} M parameters; one fp32 encoder-sized "
           f"buffer = {summary['encoder_fp32_buffer_mb']:.0f} MB)")
     if summary["encoder"] == "tiny":
-        print("tiny encoder: the arithmetic is negligible, so step times are the per-step overhead")
+        print("tiny encoder: on small batches a step is mostly per-step overhead; its FLOPs say how much is not")
     peak = "no peak given: MFU n/a" if summary["peak_tflops"] is None else f"peak {summary['peak_tflops']} TFLOP/s"
     print(f"device {summary['device_name']} ({summary['threads']} CPU threads), precision {summary['precision']}, "
           f"{peak}")
