@@ -19,7 +19,7 @@ from transformers import AutoConfig
 
 from datamodules import DataFormatError, EndTaskDataModule  # the import registers every task for `--data <Name>`
 from lightning_tartan.checkpoints import ResumableCheckpoint
-from lightning_tartan.module import DATAMODULE_OPTIONS, TartanModule
+from lightning_tartan.module import DATAMODULE_OPTIONS, WEIGHTINGS, TartanModule
 from lightning_tartan.packaged_encoders import local_copy
 from lightning_tartan.posthoc import PostHocSelection
 from lightning_tartan.predictions import PredictionWriter
@@ -33,6 +33,11 @@ DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
 def dev_metric_key(monitor_metric: str) -> str:
     """The logged key of a task's dev metric, e.g. `val/f1_macro`."""
     return f"val/{monitor_metric}"
+
+
+def needs_dev_samples(weighting: str) -> bool:
+    """Whether the `weighting` strategy reads the `meta_dev` samples of a training batch (META-TARTAN)."""
+    return WEIGHTINGS[weighting].needs_dev_samples if weighting in WEIGHTINGS else False
 
 
 def is_hub_model_id(name: str) -> bool:
@@ -56,6 +61,10 @@ class TartanCLI(LightningCLI):
         # The tokenizer is the encoder's: the data tokenizes with it and the model saves it with exports.
         for target in ("data.init_args.tokenizer_name_or_path", "model.tokenizer_name_or_path"):
             parser.link_arguments("model.encoder_name_or_path", target, apply_on="parse")
+        # What the model trains decides what the data builds: the dev samples only for a strategy that reads them.
+        parser.link_arguments(
+            "model.weighting", "data.init_args.include_meta_dev", compute_fn=needs_dev_samples, apply_on="parse"
+        )
         # The data groups each optimizer step's micro-batches into one training batch.
         parser.link_arguments(
             "model.accumulate_grad_batches", "data.init_args.accumulate_grad_batches", apply_on="parse"

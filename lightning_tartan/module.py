@@ -1,22 +1,25 @@
 """`TartanModule`: end-task aware training (TARTAN) as a LightningModule with manual optimization.
 
-One training step is one optimizer step over the `accumulate_grad_batches` micro-batches of its training batch.
-For each micro-batch, in order: the dev gradient (META only), then for each active objective its forward, loss and
-`manual_backward` (weighted, divided by the accumulation count). Then gradient clipping, the optimizer and
-LR-scheduler steps, and the meta-weight update.
+One training step is one optimizer step over the `accumulate_grad_batches` micro-batches of its training batch,
+the same for every method; the weighting strategy (`lightning_tartan.weighting`) owns what differs. For each
+micro-batch, in order: the strategy's `start_micro_batch` (META-TARTAN's dev gradient), then for each objective the
+strategy trains its forward, loss and `manual_backward` (weighted, divided by the accumulation count) followed by
+the strategy's `after_backward`. Then gradient clipping, the optimizer and LR-scheduler steps, and the strategy's
+`end_step` (META-TARTAN's weight update).
 """
 import math
 import os
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Sequence
+from typing import Any, ContextManager, Literal, Mapping, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from huggingface_hub import HfApi
 from pytorch_lightning.callbacks import LearningRateMonitor
-from pytorch_lightning.utilities import rank_zero_info
-from torch import Tensor
+from pytorch_lightning.strategies import ParallelStrategy
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
@@ -27,13 +30,19 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from lightning_tartan.dev_head import DevHead
 from lightning_tartan.export import check_exportable, classification_model, masked_lm_model
 from lightning_tartan.heads import ClassificationHead, classification_head_options, load_encoder_and_mlm_head
+from lightning_tartan.meta_tartan import MetaWeighting
 from lightning_tartan.model_card import end_task_model_card
 from lightning_tartan.packaged_encoders import local_copy
-from lightning_tartan.task_gradients import TaskGradientCosines
-from lightning_tartan.weighting import END_TASK, build_weighting
+from lightning_tartan.weighting import (
+    END_TASK,
+    AuxOnlyWeighting,
+    EncoderAccess,
+    EqualWeighting,
+    NoWeighting,
+    Weighting,
+)
 
 MONITOR_METRICS = ("f1_macro", "accuracy")
 #: what a task's data module knows (its attribute) -> the `TartanModule` option it sets; `tartan` links the same
@@ -45,8 +54,13 @@ DATAMODULE_OPTIONS = {
     "tokenizer_name_or_path": "tokenizer_name_or_path",
     "accumulate_grad_batches": "accumulate_grad_batches",
 }
-#: the dev sample META-TARTAN's dev head is fitted on, and the fresh one its held-out dev gradient is taken on
-META_DEV, META_DEV_GRAD = "meta_dev", "meta_dev_grad"
+#: the `weighting` option's names; a new strategy is its class (one file) and a line here
+WEIGHTINGS: dict[str, type[Weighting]] = {
+    "none": NoWeighting,
+    "equal": EqualWeighting,
+    "meta": MetaWeighting,
+    "aux_only": AuxOnlyWeighting,
+}
 
 
 class TartanModule(pl.LightningModule):
@@ -66,15 +80,16 @@ class TartanModule(pl.LightningModule):
             (warm-up, then constant: the "Don't Stop Pretraining" classifier and the post-hoc stage).
         freeze_encoder: train only the heads. With `weighting="aux_only"` this fits a missing MLM head before
             multitasking (`configs/<task>/mlm_head_warmup.yaml`); with `none`, it is a linear probe.
-        dev_gradient: how META-TARTAN estimates the dev gradient. The dev head is fitted once per optimizer step
-            on the `meta_dev` sample; `held_out` (the paper's) differentiates its loss on `meta_dev_grad`, a fresh
-            dev sample drawn for every micro-batch; `in_sample` differentiates it on the very sample it was fitted
-            to, once per step (cheaper, but the head has fitted that sample, so the gradient is biased).
+        meta_lr, dev_head_lr, dev_head_weight_decay, dev_head_steps, dev_head_tolerance, dev_gradient,
+            dev_head_on_cached_features, per_task_grad_copies: META-TARTAN's options, handed to the strategy that
+            owns its whole procedure, `lightning_tartan.meta_tartan.MetaWeighting` (their meaning is documented
+            there); the other weightings take none. `dev_gradient="held_out"` is the paper's estimator.
         init_checkpoint: a `TartanModule` checkpoint whose weights (encoder, MLM head, end-task head) this module
             starts from, e.g. a multitask run's best checkpoint for post-hoc fine-tuning (`configs/<task>/posthoc.yaml`).
             Read at construction and not stored in the hyper-parameters, so this module's own checkpoints load
             without it.
-        sparse_mlm, dev_head_on_cached_features, per_task_grad_copies: efficiency switches; the paper's code
+        sparse_mlm: the MLM head's vocabulary projection only at masked positions. With
+            `dev_head_on_cached_features` and `per_task_grad_copies`, an efficiency switch: the paper's code
             corresponds to `False, False, True`.
     """
 
@@ -130,18 +145,8 @@ class TartanModule(pl.LightningModule):
         self.end_task_head = ClassificationHead(config.hidden_size, num_labels, dropout, **head_options)
         self.end_task_head.reset_parameters(init_std)
         self.objectives = [END_TASK, *aux_objectives]
-        self.weighting = build_weighting(weighting, self.objectives, meta_lr)
+        self.weighting = _build_weighting(weighting, self.objectives, self.encoder, config, num_labels, self.hparams)
         self.monitor_metric = monitor_metric
-        self.dev_head = DevHead(
-            config.hidden_size,
-            num_labels,
-            lr=dev_head_lr,
-            weight_decay=dev_head_weight_decay,
-            max_steps=dev_head_steps,
-            tolerance=dev_head_tolerance,
-            init_std=init_std,
-        )
-        self.task_cosines = TaskGradientCosines(list(self.encoder.parameters()), keep_copies=per_task_grad_copies)
         metrics = MetricCollection(
             {
                 "f1_macro": MulticlassF1Score(num_labels, average="macro"),
@@ -200,48 +205,20 @@ class TartanModule(pl.LightningModule):
         return self.end_task_loss(source) if name == END_TASK else self.mlm_loss(source)
 
     def dev_gradient(self, batch: dict[str, Any], new_step: bool = True) -> Optional[list[Tensor]]:
-        """g_dev over the encoder's parameters for this training batch, or None to keep the step's current one.
+        """META-TARTAN's dev gradient on a training batch, as a step takes it (`MetaWeighting.dev_gradient`): for
+        analyses such as `reproduce/gradient_alignment.py`."""
+        if not isinstance(self.weighting, MetaWeighting):
+            raise ValueError(f"weighting={self.hparams.weighting!r} takes no dev gradient; META-TARTAN (meta) does")
+        return self.weighting.dev_gradient(batch, self.encoder_access(), new_step)
 
-        `new_step` (the first micro-batch of an optimizer step) fits a fresh dev head on `meta_dev`, the encoder
-        frozen in eval mode; `dev_gradient` says which sample its loss is differentiated on.
-        """
-        in_sample = self.hparams.dev_gradient == "in_sample"
-        if in_sample and not new_step:
-            return None
-        fit_sample = _source(batch, META_DEV, "META-TARTAN fits its dev head on this dev sample")
-        grad_sample = fit_sample if in_sample else _source(
-            batch, META_DEV_GRAD, "dev_gradient='held_out' takes the dev gradient on this second, independent dev "
-            "sample (or set dev_gradient='in_sample')"
-        )
-        was_training = self.encoder.training
-        self.encoder.eval()
-        try:
-            with torch.enable_grad():
-                features = self._cls_features(grad_sample)
-            if new_step or self.dev_head.head is None:
-                self._fit_dev_head(fit_sample, features.detach() if in_sample else None)
-            return self.dev_head.gradient(features, grad_sample["labels"], self.task_cosines.params, self._loss_scale())
-        finally:
-            self.encoder.train(was_training)
+    def encoder_access(self) -> EncoderAccess:
+        """What a weighting strategy may read from the model at this step."""
+        # the run's seed and the step fix what the strategy draws: the same on every rank, new across seeds
+        seed = self.run_seed * 1_000_003 + self.global_step
+        return EncoderAccess(self.encoder, self._cls_features, self._loss_scale(), seed)
 
     def _cls_features(self, sample: dict[str, Tensor]) -> Tensor:
         return self.encode(sample)[:, 0]
-
-    def _fit_dev_head(self, sample: dict[str, Tensor], features: Optional[Tensor] = None) -> None:
-        if self.hparams.dev_head_on_cached_features:
-            if features is None:
-                with torch.no_grad():
-                    features = self._cls_features(sample)
-            source = lambda: features  # noqa: E731
-        else:
-
-            def source() -> Tensor:
-                with torch.no_grad():
-                    return self._cls_features(sample)
-
-        # the run's seed and the step fix the head's init: the same on every rank, different across seeds
-        seed = self.run_seed * 1_000_003 + self.global_step
-        self.dev_head.fit(source, sample["labels"], seed=seed)
 
     def _loss_scale(self) -> float:
         try:
@@ -287,25 +264,18 @@ class TartanModule(pl.LightningModule):
                 "module must group that many micro-batches per batch (EndTaskDataModule's accumulate_grad_batches, "
                 "which `tartan` links from --model.accumulate_grad_batches)"
             )
-        track_cosines = self.weighting.needs_dev_gradient
-        if track_cosines:
-            self.task_cosines.start_step()
-
         weights = self.weighting.weights()
-        losses: dict[str, list[Tensor]] = {name: [] for name in self.weighting.active}
+        active = self.weighting.active
+        losses: dict[str, list[Tensor]] = {name: [] for name in active}
         for index, micro_batch in enumerate(steps):
-            if track_cosines:
-                dev_grad = self.dev_gradient(micro_batch, new_step=index == 0)
-                if dev_grad is not None:
-                    self.task_cosines.set_dev_gradient(dev_grad)
-            for name in self.weighting.active:
+            self.weighting.start_micro_batch(micro_batch, self.encoder_access(), first=index == 0)
+            for name in active:
                 loss = self.objective_loss(name, micro_batch)
-                self.manual_backward(loss * weights[name].to(loss) / accumulate)
-                if track_cosines:
-                    self.task_cosines.record(name)
+                with self.gradient_sync(last=index == len(steps) - 1 and name == active[-1]):
+                    self.manual_backward(loss * weights[name].to(loss) / accumulate)
+                self.weighting.after_backward(name)
                 losses[name].append(loss.detach())
-            if track_cosines:
-                self.task_cosines.end_micro_batch()
+            self.weighting.end_micro_batch()
 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -314,18 +284,16 @@ class TartanModule(pl.LightningModule):
             self.log(f"train/loss_{name}", torch.stack(values).mean(), prog_bar=True)
         for name, weight in weights.items():
             self.log(f"train/weight_{name}", weight)
-        if track_cosines:
-            self.update_task_weights(self.task_cosines.finish_step())
+        for key, value in self.weighting.end_step().items():
+            self.log(f"train/{key}", value)
 
-    def update_task_weights(self, cosines: dict[str, Tensor]) -> None:
-        """The meta step; skipped when a gradient overflowed (fp16) so inf/NaN never reach the weights."""
-        finite = bool(torch.stack(list(cosines.values())).isfinite().all())
-        self.log("train/meta_skipped", float(not finite))
-        if not finite:
-            return
-        for name, cosine in cosines.items():
-            self.log(f"train/cos_{name}", cosine)
-        self.weighting.update(cosines)
+    def gradient_sync(self, last: bool) -> ContextManager:
+        """Under DDP, only the step's `last` backward all-reduces (Lightning's `block_backward_sync` skips the
+        others), unless the strategy reads each objective's global gradient (META-TARTAN's cosines)."""
+        strategy = self.trainer.strategy
+        if last or self.weighting.needs_objective_gradients or not isinstance(strategy, ParallelStrategy):
+            return nullcontext()
+        return strategy.block_backward_sync()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Lightning calls this after unscaling fp16 gradients, so clipping sees their true norm.
@@ -493,6 +461,35 @@ def micro_batches(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [{name: source[index] for name, source in batch.items()} for index in range(next(iter(counts.values())))]
 
 
+def _build_weighting(
+    name: str, objectives: list[str], encoder: nn.Module, config: Any, num_labels: int, hparams: Mapping[str, Any]
+) -> Weighting:
+    """The strategy named by the `weighting` option, given what it needs: META-TARTAN the encoder's parameters, the
+    dev head's shape and its options; the others the objective names alone."""
+    if name == "aux_only" and len(objectives) < 2:
+        raise ValueError("weighting='aux_only' needs at least one entry in aux_objectives")
+    if name != "meta":
+        return WEIGHTINGS[name](objectives)
+    meta_options = (
+        "meta_lr",
+        "dev_head_lr",
+        "dev_head_weight_decay",
+        "dev_head_steps",
+        "dev_head_tolerance",
+        "dev_gradient",
+        "dev_head_on_cached_features",
+        "per_task_grad_copies",
+    )
+    return MetaWeighting(
+        objectives,
+        params=list(encoder.parameters()),
+        hidden_size=config.hidden_size,
+        num_labels=num_labels,
+        init_std=getattr(config, "initializer_range", 0.02),
+        **{option: hparams[option] for option in meta_options},
+    )
+
+
 def _as_list(value: Any) -> Any:
     return list(value) if isinstance(value, (list, tuple)) else value
 
@@ -524,6 +521,8 @@ def _check_options(options: dict[str, Any]) -> None:
     for name, choices in (("lr_schedule", ("linear", "constant")), ("dev_gradient", ("held_out", "in_sample"))):
         if options[name] not in choices:
             raise ValueError(f"{name}={options[name]!r} is not one of {choices}")
+    if options["weighting"] not in WEIGHTINGS:
+        raise ValueError(f"weighting={options['weighting']!r} is not one of {sorted(WEIGHTINGS)}")
     if options["monitor_metric"] not in MONITOR_METRICS:
         raise ValueError(f"monitor_metric={options['monitor_metric']!r} is not one of {MONITOR_METRICS}")
     if options["label_names"] is not None and len(options["label_names"]) != options["num_labels"]:

@@ -31,7 +31,8 @@ class TaskGradientCosines:
         if not self._snapshot or self._snapshot[0].device != self.params[0].device:
             self._snapshot = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
         else:
-            torch._foreach_zero_(self._snapshot)
+            for snap in self._snapshot:
+                snap.zero_()
         self._sums.clear()
         self._counts.clear()
 

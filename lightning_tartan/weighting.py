@@ -1,9 +1,22 @@
-"""Task weighting strategies: which objectives a step trains, and how much each counts.
+"""Task weighting strategies: which objectives a step trains, how much each counts, and what else a method does
+around the step's backward passes.
 
-Each strategy is one small class behind `Weighting`. A strategy gets everything it needs as arguments
-(the objective names at construction, the cosines at `update`); nothing is injected from outside.
+Each strategy is one class behind `Weighting`, which owns its whole procedure: `training_step` calls the same hooks
+for every method, in this order, and a strategy gets everything it needs as arguments::
+
+    weights = strategy.weights()
+    for each micro-batch of the step:
+        strategy.start_micro_batch(micro_batch, encoder_access, first)
+        for name in strategy.active: backward(weights[name] * loss(name) / micro-batches); strategy.after_backward(name)
+        strategy.end_micro_batch()
+    optimizer step
+    logs = strategy.end_step()
+
+META-TARTAN (`lightning_tartan.meta_tartan`) is the strategy that uses every hook; `TartanModule` maps the
+`weighting` option's names to the classes.
 """
-from typing import Mapping, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -11,11 +24,29 @@ from torch import Tensor, nn
 END_TASK = "end_task"
 
 
+@dataclass
+class EncoderAccess:
+    """What a strategy may read from the model at a micro-batch (META-TARTAN's dev gradient), handed over
+    explicitly."""
+
+    #: switched to eval mode while a dev head is fitted and differentiated, so dropout leaves its features fixed
+    encoder: nn.Module
+    #: a labeled sample's first-token features through the encoder, with a graph when grad is enabled
+    cls_features: Callable[[dict[str, Tensor]], Tensor]
+    #: the fp16 loss scale (1 otherwise), so gradients taken outside the objectives' backward do not underflow
+    loss_scale: float
+    #: a seed for what the strategy draws at this step: the same on every rank and after a resume, new every step
+    seed: int
+
+
 class Weighting(nn.Module):
     """Weights for the objectives `["end_task", *aux]`; an `nn.Module` so its state rides in checkpoints."""
 
-    #: whether `update` needs the cosine of each objective's gradient with the dev gradient
-    needs_dev_gradient: bool = False
+    #: whether the strategy reads the `meta_dev` samples of a training batch (the data module builds them)
+    needs_dev_samples: bool = False
+    #: whether `after_backward` reads each objective's own gradient: under DDP every backward must then all-reduce;
+    #: otherwise only the step's last one does
+    needs_objective_gradients: bool = False
 
     def __init__(self, objectives: Sequence[str]) -> None:
         super().__init__()
@@ -27,12 +58,22 @@ class Weighting(nn.Module):
         return self.objectives
 
     def weights(self) -> dict[str, Tensor]:
-        """The weight each active objective's loss is multiplied by."""
+        """The weight each active objective's loss is multiplied by in this optimizer step."""
         share = torch.tensor(1.0 / len(self.active))
         return {name: share for name in self.active}
 
-    def update(self, cosines: Mapping[str, Tensor]) -> None:
-        """Called after each optimizer step with cos(g_dev, g_t) per active objective (meta only)."""
+    def start_micro_batch(self, micro_batch: dict[str, Any], model: EncoderAccess, first: bool) -> None:
+        """Before the objectives' backward passes of a micro-batch (`first`: the step's first)."""
+
+    def after_backward(self, name: str) -> None:
+        """Right after objective `name`'s backward, its gradient accumulated into `.grad`."""
+
+    def end_micro_batch(self) -> None:
+        """After the last objective's backward of a micro-batch."""
+
+    def end_step(self) -> dict[str, Tensor]:
+        """After the optimizer step: update the strategy's state; what to log (as `train/<key>`)."""
+        return {}
 
 
 class NoWeighting(Weighting):
@@ -53,48 +94,3 @@ class AuxOnlyWeighting(Weighting):
     @property
     def active(self) -> list[str]:
         return [name for name in self.objectives if name != END_TASK]
-
-
-class MetaWeighting(Weighting):
-    """META-TARTAN: weights are a softmax over logits moved toward objectives whose gradients agree with the dev gradient.
-
-    The logit of objective t has gradient −cos(g_dev, g_t); one SGD step per optimizer step. The logits are a
-    buffer, not a parameter, so DDP never reduces them: every rank computes the same update from the same
-    globally averaged gradients.
-    """
-
-    needs_dev_gradient = True
-
-    def __init__(self, objectives: Sequence[str], meta_lr: float = 1e-2) -> None:
-        super().__init__(objectives)
-        if meta_lr <= 0:
-            raise ValueError(f"meta_lr must be > 0, got {meta_lr}")
-        self.meta_lr = meta_lr
-        self.register_buffer("logits", torch.zeros(len(self.objectives)))
-
-    def weights(self) -> dict[str, Tensor]:
-        probs = torch.softmax(self.logits, dim=0)
-        return dict(zip(self.objectives, probs))
-
-    def update(self, cosines: Mapping[str, Tensor]) -> None:
-        grad = -torch.stack([cosines[name] for name in self.objectives]).to(self.logits)
-        self.logits.sub_(self.meta_lr * grad)
-
-
-STRATEGIES: dict[str, type[Weighting]] = {
-    "none": NoWeighting,
-    "equal": EqualWeighting,
-    "aux_only": AuxOnlyWeighting,
-    "meta": MetaWeighting,
-}
-
-
-def build_weighting(name: str, objectives: Sequence[str], meta_lr: Optional[float] = None) -> Weighting:
-    """The strategy named by the `weighting` option."""
-    if name not in STRATEGIES:
-        raise ValueError(f"weighting={name!r} is not one of {sorted(STRATEGIES)}")
-    if name == "aux_only" and len(objectives) < 2:
-        raise ValueError("weighting='aux_only' needs at least one entry in aux_objectives")
-    if name == "meta":
-        return MetaWeighting(objectives, meta_lr=meta_lr if meta_lr is not None else 1e-2)
-    return STRATEGIES[name](objectives)

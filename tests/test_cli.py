@@ -201,7 +201,7 @@ def test_config_trains(task, method, tiny_encoder, data_dir_for, multitask_check
     active = cli.model.weighting.active
     assert all(torch.isfinite(metrics[f"train/loss_{name}"]) for name in active)
     assert list(cli.datamodule.corpora) == (["tapt"] if method is None else METHODS[method][1])
-    if cli.model.weighting.needs_dev_gradient:
+    if cli.model.weighting.needs_dev_samples:
         assert {f"train/cos_{name}" for name in active} <= set(metrics)
         assert (tmp_path / "task_weights.png").is_file()
     if method in EXPORTS:

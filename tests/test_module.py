@@ -1,5 +1,6 @@
 """Core behaviour of TartanModule: gradients, weights, updates, precision, DDP, resume, export."""
 import copy
+import json
 import shutil
 import subprocess
 import sys
@@ -177,7 +178,7 @@ def test_in_sample_and_held_out_dev_gradients_differ_only_in_the_sample(tiny_enc
     assert not all(torch.allclose(a, b) for a, b in zip(g_in, g_fresh))
     assert in_sample.dev_gradient(batch, new_step=False) is None  # in-sample: one dev gradient per optimizer step
 
-    head = held_out.dev_head.head
+    head = held_out.weighting.dev_head.head
     with torch.no_grad():
         losses = {
             name: F.cross_entropy(head(cls_features(held_out.encoder.eval(), batch[name])), batch[name]["labels"])
@@ -375,6 +376,10 @@ def test_ddp_two_ranks_match_one_process(tiny_encoder, tmp_path, weighting):
         torch.testing.assert_close(rank0[name], single[name], rtol=1e-5, atol=1e-6, msg=name)
     if weighting == "meta":
         assert not torch.equal(rank0["weighting.logits"], torch.zeros(3))
+    # equal: only the step's last backward all-reduces; meta: every objective's, for its global gradient's cosine
+    stats = json.loads((tmp_path / "devices2" / "rank0.json").read_text())
+    assert stats["optimizer_steps"] == 3
+    assert stats["synced_backwards"] == 3 * (3 if weighting == "meta" else 1)
 
 
 def test_plain_ddp_is_refused_with_the_strategy_that_works(tiny_encoder, tmp_path):
