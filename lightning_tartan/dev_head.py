@@ -53,12 +53,13 @@ class DevHead:
         with torch.enable_grad():
             for _ in range(self.max_steps):
                 loss = F.cross_entropy(head(features()).float(), labels)
-                if previous is not None and abs(previous - loss.item()) < self.tolerance:
+                value = loss.item()  # the early stop reads the loss on the host: one sync per fitting step
+                if previous is not None and abs(previous - value) < self.tolerance:
                     break
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                previous = loss.item()
+                previous = value
         self.head = head.requires_grad_(False)
 
     def gradient(
