@@ -210,7 +210,9 @@ class EndTaskDataModule(LightningDataModule):
         dataset = None if dataset is None else str(dataset)
         if aux_corpora is not None:
             aux_corpora = {str(name): _plain_corpus(str(name), corpus) for name, corpus in aux_corpora.items()}
-        self.save_hyperparameters()
+        # Lightning's loggers merge these with the model's hyper-parameters, which must agree on every shared key: the
+        # model's monitor_metric is the resolved one, so a default (None) is left out here (it resolves alike on load)
+        self.save_hyperparameters(ignore=["monitor_metric"] if monitor_metric is None else [])
         aux_corpora = dict(self.default_aux_corpora if aux_corpora is None else aux_corpora)
         max_length = self.default_max_length if max_length is None else max_length
         monitor_metric = self.default_monitor_metric if monitor_metric is None else monitor_metric
