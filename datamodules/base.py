@@ -315,11 +315,12 @@ class EndTaskDataModule(LightningDataModule):
                 self._fetch(file)
         else:
             for option, split in self.hub_splits.items():
-                self._load_hub(self.dataset, self.dataset_config, split, f"{option}_split")
+                self._load_hub(self.dataset, self.dataset_config, split, f"`{option}_split`")
         self._derive_tapt_corpus()
         for name, corpus in self.aux_corpora.items():
             if isinstance(corpus, dict):
-                self._load_hub(corpus["dataset"], corpus.get("config"), corpus.get("split", "train"), name)
+                split, option = corpus.get("split", "train"), f"`aux_corpora[{name!r}]`"
+                self._load_hub(corpus["dataset"], corpus.get("config"), split, option)
             elif self.corpus_file(name) == self._path(corpus):
                 self._fetch(corpus)
 
@@ -350,12 +351,11 @@ class EndTaskDataModule(LightningDataModule):
             _write_atomic(path, response.read())
 
     def _load_hub(self, name: str, config: Optional[str], split: str, option: str) -> Dataset:
-        """``load_dataset(name, config, split=split)``; a split it lacks (or a bad slice) names the option."""
+        """``load_dataset(name, config, split=split)``; a split it lacks (or a bad slice) names ``option``."""
         try:
             return load_dataset(name, config, split=split, cache_dir=self.cache_dir)
         except ValueError as err:
-            what = f"`aux_corpora[{option!r}]`" if option in self.aux_corpora else f"`{option}`"
-            raise ValueError(f"{what}: split {split!r} of {name!r}: {err}") from err
+            raise ValueError(f"{option}: split {split!r} of {name!r}: {err}") from err
 
     def _cache_root(self) -> Path:
         return Path(self.cache_dir).expanduser() if self.cache_dir else Path(datasets.config.HF_DATASETS_CACHE)
@@ -399,7 +399,7 @@ class EndTaskDataModule(LightningDataModule):
                 read = _read_file(self._path(self.files[split]), self.fields, True, option, self.cache_dir)
             else:
                 option, name = f"{split}_split", self.hub_splits[split]
-                table = self._load_hub(self.dataset, self.dataset_config, name, option)
+                table = self._load_hub(self.dataset, self.dataset_config, name, f"`{option}`")
                 read = _read_table(table, _Source(f"{self.dataset}[{name}]", rows=True), self.fields, True, option)
             examples = read.examples
             empty = [example.line for example in examples if _is_empty(example)]
@@ -536,8 +536,9 @@ class EndTaskDataModule(LightningDataModule):
     def _tokenize_hub_corpus(self, name: str, corpus: dict[str, str]) -> Dataset:
         """A corpus of ``aux_corpora`` given as a dataset: its ``text_field`` column, blank texts skipped."""
         split, field = corpus.get("split", "train"), corpus.get("text_field", "text")
-        table = self._load_hub(corpus["dataset"], corpus.get("config"), split, name)
-        where = f"`aux_corpora[{name!r}]` ({corpus['dataset']}[{split}])"
+        option = f"`aux_corpora[{name!r}]`"
+        table = self._load_hub(corpus["dataset"], corpus.get("config"), split, option)
+        where = f"{option} ({corpus['dataset']}[{split}])"
         if field not in table.column_names:
             columns = _names(table.column_names)
             raise DataFormatError(f"{where}: no {field!r} column (columns: {columns}); set its text_field")
@@ -1035,7 +1036,7 @@ def _read_table(table: Dataset, source: _Source, fields: _Fields, require_label:
         label = record.get(fields.label)
         if class_names is not None and isinstance(label, int):
             if label < 0 and require_label:
-                what = "split" if source.rows and option.endswith("_split") else "file"
+                what = "split" if option.endswith("_split") else "file"
                 raise DataFormatError(
                     f"{source.at(row)}: label {label} marks an unlabeled example: the {what} has no labels; choose a"
                     f" labeled {what} with --data.init_args.{option}"
