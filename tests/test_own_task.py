@@ -54,7 +54,7 @@ def hub_folder(folder: Path, splits: dict[str, dict[str, list]], names: list[str
     for split, columns in splits.items():
         features = None
         if names is not None:
-            features = Features({**{name: Value("string") for name in columns if name != "label"}})
+            features = Features({name: Value("string") for name in columns if name != "label"})
             features["label"] = ClassLabel(names=names)
         Dataset.from_dict(columns, features=features).to_parquet(folder / "data" / f"{split}-00000-of-00001.parquet")
     return folder
@@ -63,7 +63,8 @@ def hub_folder(folder: Path, splits: dict[str, dict[str, list]], names: list[str
 def sentiment_folder(folder: Path, test_labels: list[int] | None = None) -> Path:
     """Class names deliberately unsorted: ids must stay the dataset's."""
     def split(size: int, labels: list[int] | None = None) -> dict[str, list]:
-        return {"text": [f"review {i} was {WORDS[i % 6]}" for i in range(size)], "label": labels or [i % 2 for i in range(size)]}
+        texts = [f"review {i} was {WORDS[i % 6]}" for i in range(size)]
+        return {"text": texts, "label": labels or [i % 2 for i in range(size)]}
 
     return hub_folder(
         folder, {"train": split(12), "validation": split(6), "test": split(4, test_labels)}, names=["pos", "neg"]
