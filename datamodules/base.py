@@ -16,27 +16,32 @@ dev samples, MLM masks) follows from the seed, the epoch and the batch's positio
 mid-epoch checkpoint sees exactly the batches the uninterrupted run saw.
 
 Validation and test batches are plain ``{input_ids, attention_mask, labels}`` dicts, in file order. Predict
-batches are ``{input_ids, attention_mask, line}`` (``line``: the example's line in its file) plus ``labels`` when
-every input has a known label, also in file order.
+batches are ``{input_ids, attention_mask, line}`` (``line``: the example's line in its file, or its row in a Parquet
+file or Hub split) plus ``labels`` when every input has a known label, also in file order. A sentence-pair task
+(``text_pair_field``) adds the tokenizer's ``token_type_ids`` to every labeled batch.
 """
+import csv
 import hashlib
+import inspect
 import json
 import logging
 import math
 import os
+import re
 import urllib.request
 import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, NamedTuple, Optional, Sized
+from typing import Any, Callable, ClassVar, Iterator, Mapping, NamedTuple, Optional, Sized, Union
 
 import datasets
 import numpy as np
 import torch
 from datasets import Dataset, load_dataset
 from datasets.exceptions import DatasetGenerationError
+from datasets.fingerprint import Hasher
 from pytorch_lightning import LightningDataModule
 from pytorch_lightning.utilities import CombinedLoader, rank_zero_info
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
@@ -49,11 +54,16 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lightning_tartan.module import MONITOR_METRICS
 from lightning_tartan.packaged_encoders import local_copy
 
 log = logging.getLogger(__name__)
 
 RESERVED_SOURCES = ("end_task", "meta_dev", "meta_dev_grad")
+#: labeled-split formats, by file suffix (``predict_file`` also reads ``.txt``: one text per line)
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+#: the keys of an ``aux_corpora`` entry read with ``datasets.load_dataset``
+HUB_CORPUS_KEYS = ("dataset", "config", "split", "text_field")
 DSP_URL = "https://allennlp.s3-us-west-2.amazonaws.com/dont_stop_pretraining/data/{task}/{split}.jsonl"
 
 
@@ -67,42 +77,50 @@ class DataFormatError(ValueError):
 
 
 class Example(NamedTuple):
-    """One example and the line of its file it was read from; ``label`` is None only in inputs to predict."""
+    """One example and where it was read from (the line of its file, or the 0-based row of a Parquet file or Hub
+    split); ``label`` is None only in inputs to predict, ``text_pair`` only outside sentence-pair tasks."""
 
     line: int
     text: str
     label: Optional[str]
+    text_pair: Optional[str] = None
+
+
+#: a corpus of ``aux_corpora``: a text file, or a Hub dataset (``HUB_CORPUS_KEYS``)
+AuxCorpus = Union[str, dict[str, Optional[str]]]
 
 
 class EndTaskDataModule(LightningDataModule):
     """Labeled end-task splits, auxiliary MLM corpora and a meta-dev sample for TARTAN training.
 
-    Subclasses only set the class attributes below.
+    Subclasses only set the class attributes below. The labeled splits are task files in ``data_dir`` (JSON lines,
+    CSV, TSV or Parquet, by suffix) or the splits of a Hugging Face Hub dataset (``dataset``); either is read through
+    one checked reader, so a bad example fails naming its file and line (or its row) and the option to change.
 
-    Examples whose ``text`` is empty (or only whitespace) are dropped from the train split, where there is nothing to
+    Examples whose text is empty (or only whitespace) are dropped from the train split, where there is nothing to
     learn from them, and kept in the dev and test splits as empty inputs (the tokenizer still gives ``[CLS] [SEP]``, the
     model predicts a label and the example counts in the metric, as it does for everyone scoring that split). Each
-    split with such examples is reported in one line naming the file and the line numbers. A ``text`` that is not a
-    string is an error.
+    split with such examples is reported in one line naming the file and the line numbers. A text that is not a
+    string is an error. In a sentence-pair task an example is empty when both of its texts are.
     """
 
     #: corpus name -> text file (relative to ``data_dir``), used when ``aux_corpora`` is None
     default_aux_corpora: ClassVar[dict[str, str]] = {"tapt": "train.txt"}
     default_max_length: ClassVar[int] = 512
-    #: the validation metric a checkpoint callback should monitor
-    monitor_metric: ClassVar[str] = "f1_macro"
+    #: the validation metric a checkpoint callback monitors unless ``monitor_metric`` is given
+    default_monitor_metric: ClassVar[str] = "f1_macro"
     #: file name (as configured) -> public URL, fetched by ``prepare_data`` when the file is missing
     urls: ClassVar[dict[str, str]] = {}
 
     def __init__(
         self,
-        data_dir: str,
+        data_dir: Optional[str] = None,
         tokenizer_name_or_path: str = "roberta-base",
         train_file: str = "train.jsonl",
         dev_file: str = "dev.jsonl",
         test_file: str = "test.jsonl",
         predict_file: Optional[str] = None,
-        aux_corpora: Optional[dict[str, str]] = None,
+        aux_corpora: Optional[dict[str, AuxCorpus]] = None,
         max_length: Optional[int] = None,
         batch_size: int = 64,
         aux_batch_size: int = 64,
@@ -115,25 +133,40 @@ class EndTaskDataModule(LightningDataModule):
         num_workers: int = 0,
         seed: Optional[int] = None,
         cache_dir: Optional[str] = None,
+        dataset: Optional[str] = None,
+        dataset_config: Optional[str] = None,
+        train_split: str = "train",
+        dev_split: str = "validation",
+        test_split: str = "test",
+        text_field: str = "text",
+        text_pair_field: Optional[str] = None,
+        label_field: str = "label",
+        monitor_metric: Optional[str] = None,
     ) -> None:
         """
         Args:
             data_dir: folder holding the task files. Only files the task downloads (``urls``) are ever written there,
-                so it may be read-only once they exist.
+                so it may be read-only once they exist. Not needed with ``dataset`` (relative corpus files then
+                resolve in it, or in the working directory without it); one of the two is required.
             tokenizer_name_or_path: the tokenizer (hub name or folder); the encoder's, so ids match its embeddings.
-            train_file: the labeled training split: JSON lines, each with a string ``text`` and a ``label`` (a
-                string or an integer), relative to ``data_dir`` (or absolute). Its labels, sorted (integers as
-                numbers), are the classes.
-            dev_file: the dev split, in the same format; a label the train split lacks is an error.
-            test_file: the test split, in the same format; its labels are checked before a fit, too.
-            predict_file: what ``tartan predict`` labels: JSON lines with a string ``text`` (a ``label``, if every
-                line has one, must be a train label and is written beside the prediction), or a ``.txt`` file with
-                one text per line (blank lines skipped); relative to ``data_dir`` (or absolute). ``None`` labels the
-                test split.
+            train_file: the labeled training split, relative to ``data_dir`` (or absolute), in a format its suffix
+                names: ``.jsonl``/``.json`` (JSON lines, one object per line), ``.csv`` (standard quoting) or ``.tsv``
+                (tab-separated, no quoting: IANA TSV), both with a header row naming the columns, or ``.parquet``.
+                Each example has a string text (``text_field``) and a label (``label_field``: a class name or an
+                integer id; a decimal number such as ``1.0`` is an error). Its labels, sorted (integers as numbers),
+                are the classes; a Parquet label column of type ``ClassLabel`` gives them by its names instead.
+            dev_file: the dev split, in any of these formats; a label the train split lacks is an error.
+            test_file: the test split, likewise; its labels are checked before a fit, too.
+            predict_file: what ``tartan predict`` labels: a file in any of these formats whose examples need only the
+                text (labels, if every example has one, must be train labels and are written beside the
+                predictions), or a ``.txt`` file with one text per line (blank lines skipped); relative to
+                ``data_dir`` (or absolute). ``None`` labels the test split.
             aux_corpora: corpus name -> text file with one document per line (relative to ``data_dir``, or
-                absolute); ``None`` uses the task's defaults, ``{}`` trains without auxiliary corpora. A ``tapt``
-                corpus missing from ``data_dir`` is derived from the train split's texts into the cache (see
-                ``cache_dir``).
+                absolute), or a Hub dataset as ``{dataset: <name or folder>, config: <its configuration>, split:
+                <default "train">, text_field: <default "text">}``, read with ``datasets.load_dataset``; blank texts
+                are skipped, with a report. ``None`` uses the task's defaults, ``{}`` trains without auxiliary
+                corpora. A ``tapt`` corpus file missing from ``data_dir`` is derived from the train split's texts
+                into the cache (see ``cache_dir``).
             max_length: truncation length in tokens; ``None`` uses the task's default.
             batch_size: end-task examples per training batch (per process under DDP).
             aux_batch_size: documents per training batch from each auxiliary corpus (per process under DDP).
@@ -152,20 +185,45 @@ class EndTaskDataModule(LightningDataModule):
                 are the same for any number.
             seed: shuffling of every source, the dev samples and the MLM masks; ``None`` follows the run's seed
                 (``seed_everything``, i.e. ``tartan --seed_everything``), or 0 when none was set.
-            cache_dir: where ``datasets`` caches the tokenised splits and a derived TAPT corpus is written; ``None``
-                uses the ``datasets`` cache (``HF_DATASETS_CACHE``).
+            cache_dir: where ``datasets`` caches downloaded and tokenised data and a derived TAPT corpus is written;
+                ``None`` uses the ``datasets`` cache (``HF_DATASETS_CACHE``).
+            dataset: read the labeled splits with ``datasets.load_dataset(dataset, dataset_config)`` instead of from
+                files: a Hugging Face Hub dataset (e.g. ``SetFit/sst2``) or a local folder in its layout (e.g.
+                ``data/train-00000-of-00001.parquet``). The ``*_file`` options then stay at their defaults (an error
+                otherwise, rather than a file silently not read); a ``ClassLabel`` label column gives the classes
+                by its names, ids kept.
+            dataset_config: the dataset's configuration (its subset, e.g. ``sst2`` of ``nyu-mll/glue``).
+            train_split: the split of ``dataset`` to train on. Split strings go to ``load_dataset(split=...)``, so a
+                slice works, e.g. ``train[:90%]`` (with ``dev_split: train[90%:]`` for a dataset without a dev split).
+            dev_split: the split of ``dataset`` that model selection and META-TARTAN's dev samples use.
+            test_split: the split of ``dataset`` to test on. It must be labeled: Hub test splits often are not
+                (GLUE's labels are -1), which is an error naming this option.
+            text_field: the field (JSON key or column) holding the text.
+            text_pair_field: the field holding a second text, for sentence-pair tasks (entailment, paraphrase): the
+                pair is tokenised together, ``tokenizer(text, text_pair)``, and batches keep the tokenizer's
+                ``token_type_ids`` so BERT-style encoders tell the two segments apart. The TAPT corpus derived from
+                the training split has one line per example, the two texts joined by a space.
+            label_field: the field holding the label.
+            monitor_metric: the dev metric that selects checkpoints and stops early, one of
+                ``lightning_tartan.module.MONITOR_METRICS``; ``None`` uses the task's (macro-F1; accuracy for
+                ChemProt). ``tartan`` links it to the model and its callbacks.
         """
         super().__init__()
         # plain strings in the hyper-parameters: a Path would make every checkpoint unloadable with weights_only
-        data_dir, tokenizer_name_or_path = str(data_dir), str(tokenizer_name_or_path)
+        data_dir = None if data_dir is None else str(data_dir)
+        tokenizer_name_or_path = str(tokenizer_name_or_path)
         train_file, dev_file, test_file = str(train_file), str(dev_file), str(test_file)
         predict_file = None if predict_file is None else str(predict_file)
         cache_dir = None if cache_dir is None else str(cache_dir)
+        dataset = None if dataset is None else str(dataset)
         if aux_corpora is not None:
-            aux_corpora = {str(name): str(file) for name, file in aux_corpora.items()}
-        self.save_hyperparameters()
+            aux_corpora = {str(name): _plain_corpus(str(name), corpus) for name, corpus in aux_corpora.items()}
+        # Lightning's loggers merge these with the model's hyper-parameters, which must agree on every shared key: the
+        # model's monitor_metric is the resolved one, so a default (None) is left out here (it resolves alike on load)
+        self.save_hyperparameters(ignore=["monitor_metric"] if monitor_metric is None else [])
         aux_corpora = dict(self.default_aux_corpora if aux_corpora is None else aux_corpora)
         max_length = self.default_max_length if max_length is None else max_length
+        monitor_metric = self.default_monitor_metric if monitor_metric is None else monitor_metric
         batch_sizes = {
             "batch_size": batch_size,
             "aux_batch_size": aux_batch_size,
@@ -185,16 +243,36 @@ class EndTaskDataModule(LightningDataModule):
             raise ValueError(f"`num_workers` must be >= 0, got {num_workers}")
         if seed is not None and seed < 0:
             raise ValueError(f"`seed` must be >= 0, got {seed}")
+        if monitor_metric not in MONITOR_METRICS:
+            raise ValueError(f"`monitor_metric` must be one of {MONITOR_METRICS}, got {monitor_metric!r}")
         for name, file in aux_corpora.items():
             if not name or name in RESERVED_SOURCES:
                 raise ValueError(f"`aux_corpora` names must be non-empty and not {RESERVED_SOURCES}, got {name!r}")
             if not file:
                 raise ValueError(f"`aux_corpora[{name!r}]` needs a file name")
+        options = {"train_file": train_file, "dev_file": dev_file, "test_file": test_file}
+        splits = {"dataset_config": dataset_config, "train_split": train_split, "dev_split": dev_split}
+        _check_source(data_dir, dataset, options, {**splits, "test_split": test_split})
+        if predict_file is not None:
+            _check_suffix("predict_file", predict_file, (*FILE_SUFFIXES, ".txt"))
+        fields = {"text_field": text_field, "label_field": label_field}
+        for name, field in fields.items():
+            if not field:
+                raise ValueError(f"`{name}` must name a field, got {field!r}")
+        if text_pair_field is not None and text_pair_field in fields.values():
+            raise ValueError(
+                f"`text_pair_field` must differ from `text_field` and `label_field`, got {text_pair_field!r}"
+            )
 
-        self.data_dir = Path(data_dir).expanduser()
+        self.data_dir = None if data_dir is None else Path(data_dir).expanduser()
         self.tokenizer_name_or_path = tokenizer_name_or_path
         self.files = {"train": train_file, "dev": dev_file, "test": test_file}
         self.predict_file = predict_file
+        self.dataset = dataset
+        self.dataset_config = dataset_config
+        self.hub_splits = {"train": train_split, "dev": dev_split, "test": test_split}
+        self.fields = _Fields(text_field, text_pair_field, label_field)
+        self.monitor_metric = monitor_metric
         self.aux_corpora = aux_corpora
         self.max_length = max_length
         self.batch_size = batch_size
@@ -212,17 +290,22 @@ class EndTaskDataModule(LightningDataModule):
         self.tokenizer: Optional[PreTrainedTokenizerBase] = None
         self.splits: dict[str, Dataset] = {}  # "train" / "dev" / "test" / "predict", tokenised
         self.corpora: dict[str, Dataset] = {}  # aux corpus name -> tokenised documents
-        self._examples: dict[str, list[Example]] = {}  # split -> its checked examples, read once
+        self._read: dict[str, _Split] = {}  # split -> its checked examples, read once
         self._run_seed: Optional[int] = None
 
     # ---- what the model needs at instantiation, without tokenising ----------------------------------
 
     @cached_property
     def label_names(self) -> list[str]:
-        """The sorted train-split labels; index = class id. Integer labels sort as numbers, so labels 0..n-1 keep
-        their ids. Read once, before any tokenisation."""
-        self._fetch(self.files["train"])  # the model needs this before Lightning calls prepare_data
-        return sorted({example.label for example in self._labeled("train")}, key=_label_order)
+        """The classes; index = class id. The sorted train-split labels (integer labels sort as numbers, so labels
+        0..n-1 keep their ids), or the names of a ``ClassLabel`` label column, ids kept. Read once, before any
+        tokenisation."""
+        if self.dataset is None:
+            self._fetch(self.files["train"])  # the model needs this before Lightning calls prepare_data
+        train = self._split("train")
+        if train.class_names is not None:
+            return list(train.class_names)
+        return sorted({example.label for example in train.examples}, key=_label_order)
 
     @property
     def num_labels(self) -> int:
@@ -235,23 +318,34 @@ class EndTaskDataModule(LightningDataModule):
     # ---- files --------------------------------------------------------------------------------------
 
     def prepare_data(self) -> None:
-        """Fetch missing files from the task's URLs and derive a missing TAPT corpus; no network call when every
-        file is present."""
-        for file in self.files.values():
-            self._fetch(file)
-        self._derive_tapt_corpus()
-        for name, file in self.aux_corpora.items():
-            if self.corpus_file(name) == self._path(file):
+        """Fetch missing files from the task's URLs (or download the Hub dataset and corpora) and derive a missing
+        TAPT corpus; no network call when every file is present."""
+        if self.dataset is None:
+            for file in self.files.values():
                 self._fetch(file)
+        else:
+            for option, split in self.hub_splits.items():
+                self._load_hub(self.dataset, self.dataset_config, split, f"`{option}_split`")
+        self._derive_tapt_corpus()
+        for name, corpus in self.aux_corpora.items():
+            if isinstance(corpus, dict):
+                split, option = corpus.get("split", "train"), f"`aux_corpora[{name!r}]`"
+                self._load_hub(corpus["dataset"], corpus.get("config"), split, option)
+            elif self.corpus_file(name) == self._path(corpus):
+                self._fetch(corpus)
 
     def corpus_file(self, name: str) -> Path:
         """The text file corpus ``name`` is read from: its file in ``data_dir``, except for a ``tapt`` corpus missing
-        there (and from ``urls``), which is derived from the train split into the cache."""
+        there (and from ``urls``), which is derived from the train split into the cache. A Hub corpus has none."""
+        corpus = self.aux_corpora[name]
+        if isinstance(corpus, dict):
+            raise ValueError(f"`aux_corpora[{name!r}]` is read from the dataset {corpus['dataset']!r}, not a file")
         derived = self._derived_tapt_file() if name == "tapt" else None
-        return derived if derived is not None else self._path(self.aux_corpora[name])
+        return derived if derived is not None else self._path(corpus)
 
     def _path(self, file: str) -> Path:
-        return self.data_dir / Path(file).expanduser()  # an absolute `file` replaces data_dir
+        # an absolute `file` replaces data_dir; without data_dir, a relative one is in the working directory
+        return (self.data_dir or Path()) / Path(file).expanduser()
 
     def _fetch(self, file: str) -> None:
         path = self._path(file)
@@ -266,62 +360,86 @@ class EndTaskDataModule(LightningDataModule):
         with urllib.request.urlopen(self.urls[file], timeout=60) as response:
             _write_atomic(path, response.read())
 
+    def _load_hub(self, name: str, config: Optional[str], split: str, option: str) -> Dataset:
+        """``load_dataset(name, config, split=split)``; a split it lacks (or a bad slice) names ``option``."""
+        try:
+            return load_dataset(name, config, split=split, cache_dir=self.cache_dir)
+        except ValueError as err:
+            raise ValueError(f"{option}: split {split!r} of {name!r}: {err}") from err
+
+    def _cache_root(self) -> Path:
+        return Path(self.cache_dir).expanduser() if self.cache_dir else Path(datasets.config.HF_DATASETS_CACHE)
+
     def _derived_tapt_file(self) -> Optional[Path]:
         """Where the TAPT corpus is derived to, or None when none is derived. The TAPT corpus is by definition the
-        task's training texts; derived data belongs in the cache, keyed by the train split's path, size and
-        modification time, so an edited split derives a new corpus and the data folder is never written."""
+        task's training texts; derived data belongs in the cache, keyed by a hash of the derived text itself (so an
+        edited split, or another Hub revision, derives a new corpus), and the data folder is never written."""
         file = self.aux_corpora.get("tapt")
-        train = self._path(self.files["train"])
-        if file is None or file in self.urls or self._path(file).exists() or not train.is_file():
+        if not isinstance(file, str) or file in self.urls or self._path(file).exists():
             return None
-        stat = train.stat()
-        key = hashlib.sha256(f"{train.resolve()}\n{stat.st_size}\n{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-        cache = Path(self.cache_dir).expanduser() if self.cache_dir else Path(datasets.config.HF_DATASETS_CACHE)
-        return cache / "tartan_tapt_corpora" / key / Path(file).name
+        if self.dataset is None and not self._path(self.files["train"]).is_file():
+            return None
+        key = hashlib.sha256(self._tapt_text()).hexdigest()[:16]
+        return self._cache_root() / "tartan_tapt_corpora" / key / Path(file).name
+
+    def _tapt_text(self) -> bytes:
+        """The training texts, one per line (a pair's two texts joined by a space), whitespace normalised."""
+        lines = (" ".join((e.text + " " + (e.text_pair or "")).split()) + "\n" for e in self._labeled("train"))
+        return "".join(lines).encode()
 
     def _derive_tapt_corpus(self) -> None:
         derived = self._derived_tapt_file()
         if derived is None or derived.exists():
             return
-        texts = (" ".join(example.text.split()) + "\n" for example in self._labeled("train"))
-        _write_atomic(derived, "".join(texts).encode())
-        train = self._path(self.files["train"])
+        _write_atomic(derived, self._tapt_text())
+        unchanged = "" if self.data_dir is None else f"; {self.data_dir} is left unchanged"
         rank_zero_info(
-            f"Derived the TAPT corpus (the training texts, one per line) from {train} into {derived};"
-            f" {self.data_dir} is left unchanged"
+            f"Derived the TAPT corpus (the training texts, one per line) from {self._split('train').source.name}"
+            f" into {derived}{unchanged}"
         )
 
     # ---- reading and checking -----------------------------------------------------------------------
 
-    def _labeled(self, split: str) -> list[Example]:
-        """The split's examples, read and checked once. Empty texts are dropped from train and kept elsewhere
-        (see the class docstring); either is reported in one line."""
-        if split not in self._examples:
-            path = self._path(self.files[split])
-            examples = _read_jsonl(path)
-            empty = [example.line for example in examples if not example.text.strip()]
+    def _split(self, split: str) -> "_Split":
+        """The split's examples and where they come from, read and checked once. Empty texts are dropped from train
+        and kept elsewhere (see the class docstring); either is reported in one line."""
+        if split not in self._read:
+            if self.dataset is None:
+                option = f"{split}_file"
+                read = _read_file(self._path(self.files[split]), self.fields, True, option, self.cache_dir)
+            else:
+                option, name = f"{split}_split", self.hub_splits[split]
+                table = self._load_hub(self.dataset, self.dataset_config, name, f"`{option}`")
+                read = _read_table(table, _Source(f"{self.dataset}[{name}]", rows=True), self.fields, True, option)
+            examples = read.examples
+            empty = [example.line for example in examples if _is_empty(example)]
             if empty:
                 kept = split != "train"
                 outcome = "kept as an empty input" if kept else "dropped: there is nothing to learn from"
-                rank_zero_info(f"{path}: {_count(empty, 'example')} with empty text ({_lines(empty)}) {outcome}")
+                where, count = read.source, _count(empty, "example")
+                rank_zero_info(f"{where.name}: {count} with empty text ({where.lines(empty)}) {outcome}")
                 if not kept:
-                    examples = [example for example in examples if example.text.strip()]
+                    examples = [example for example in examples if not _is_empty(example)]
             if not examples:
-                raise DataFormatError(f"{path} holds no example with text")
-            self._examples[split] = examples
-        return self._examples[split]
+                raise DataFormatError(f"{read.source.name} holds no example with text")
+            self._read[split] = replace(read, examples=examples)
+        return self._read[split]
+
+    def _labeled(self, split: str) -> list[Example]:
+        return self._split(split).examples
 
     def _check_labels(self, split: str) -> None:
         """Every label of `split` is a train label: read from the file alone, so a fit checks the test split before
         training rather than at ``tartan test``, after the whole fit."""
         classes = set(self.label_names)  # the train split is read (and reported on) first
-        _check_known_labels(self._path(self.files[split]), self._labeled(split), classes)
+        read = self._split(split)
+        _check_known_labels(read.source, read.examples, classes)
 
     # ---- tokenisation -------------------------------------------------------------------------------
 
     def setup(self, stage: Optional[str] = None) -> None:
-        """Check the labels of every split the stage's run uses, then tokenise what it needs; ``datasets`` caches the
-        tokenised data on disk, keyed on tokenizer and max_length."""
+        """Check the labels of every split the stage's run uses, then tokenise what it needs; the tokenised data is
+        cached on disk, keyed on the examples, tokenizer and max_length."""
         if self.tokenizer is None:
             self.tokenizer = AutoTokenizer.from_pretrained(local_copy(self.tokenizer_name_or_path))
         checked = {"fit": ["dev", "test"], "validate": ["dev"], "test": ["test"], "predict": []}
@@ -336,54 +454,79 @@ class EndTaskDataModule(LightningDataModule):
         if stage in ("fit", None):
             self._run_seed = None  # a new fit follows the seed set now (a resumed checkpoint restores its own)
             self._derive_tapt_corpus()  # for a setup without prepare_data
-            for name in self.aux_corpora:
+            for name, corpus in self.aux_corpora.items():
                 if name not in self.corpora:
-                    self.corpora[name] = self._tokenize_corpus(self.corpus_file(name))
+                    if isinstance(corpus, dict):
+                        self.corpora[name] = self._tokenize_hub_corpus(name, corpus)
+                    else:
+                        self.corpora[name] = self._tokenize_corpus(self.corpus_file(name))
 
     def _tokenize_labeled(self, split: str) -> Dataset:
-        path = self._path(self.files[split])
-        examples = self._labeled(split)
-        raw = load_dataset("json", data_files=str(path), split="train", cache_dir=self.cache_dir)
-        if len(raw) > len(examples):  # the train split's empty texts
-            desc = f"Dropping empty texts in {path.name}"
-            raw = raw.filter(_non_blank, batched=True, input_columns="text", desc=desc)
+        read = self._split(split)
         label2id = {label: i for i, label in enumerate(self.label_names)}
-        return raw.map(
-            _encode_labeled,
+        columns = self._text_columns(read.examples)
+        columns["labels"] = [label2id[example.label] for example in read.examples]
+        return self._tokenize(columns, read.source, cached=True)
+
+    def _text_columns(self, examples: list[Example]) -> dict[str, list]:
+        columns: dict[str, list] = {"text": [example.text for example in examples]}
+        if self.fields.text_pair is not None:
+            columns["text_pair"] = [example.text_pair for example in examples]
+        return columns
+
+    def _tokenize(self, columns: dict[str, list], source: "_Source", cached: bool) -> Dataset:
+        """Tokenise the ``text`` (and ``text_pair``) column; the others pass through. With ``cached``, the result is
+        an Arrow file in the cache keyed on the content, tokenizer and max_length, so a second setup reads it."""
+        texts = [name for name in ("text", "text_pair") if name in columns]
+        encode = {"tokenizer": self.tokenizer, "max_length": self.max_length, "pairs": "text_pair" in columns}
+        cache: dict[str, Any] = {}
+        if cached:
+            digest = hashlib.sha256(json.dumps([columns, self.max_length]).encode())
+            digest.update(Hasher.hash(self.tokenizer).encode())
+            key = digest.hexdigest()[:32]
+            folder = self._cache_root() / "tartan_tokenized"
+            folder.mkdir(parents=True, exist_ok=True)
+            cache = {"cache_file_name": str(folder / f"{key}.arrow"), "new_fingerprint": key}
+        return Dataset.from_dict(columns).map(
+            _encode_texts,
             batched=True,
-            remove_columns=raw.column_names,
-            fn_kwargs={"tokenizer": self.tokenizer, "max_length": self.max_length, "label2id": label2id},
-            desc=f"Tokenizing {path.name}",
+            remove_columns=texts,
+            fn_kwargs=encode,
+            desc=f"Tokenizing {Path(source.name).name if not source.rows else source.name}",
+            **cache,
         )
 
-    def _predict_inputs(self) -> tuple[Path, list[Example]]:
-        """The file ``tartan predict`` labels and its examples: ``predict_file``, or else the test split."""
+    def _predict_inputs(self) -> tuple["_Source", list[Example]]:
+        """What ``tartan predict`` labels and its examples: ``predict_file``, or else the test split."""
         if self.predict_file is None:
-            return self._path(self.files["test"]), self._labeled("test")
+            read = self._split("test")
+            return read.source, read.examples
         path = self._path(self.predict_file)
-        if path.suffix == ".txt":
+        if path.suffix.lower() == ".txt":
             _check_file(path)
             with path.open("rb") as lines:
                 texts = [(lineno, _decode(raw, path, lineno).rstrip("\r\n")) for lineno, raw in enumerate(lines, 1)]
             examples = [Example(lineno, text, None) for lineno, text in texts if text.strip()]
+            source = _Source(str(path))
         else:
-            examples = _read_jsonl(path, require_label=False)
+            read = _read_file(path, self.fields, False, "predict_file", self.cache_dir)
+            source, examples = read.source, read.examples
         if not examples:
             raise DataFormatError(f"{path} holds no text to predict")
         if all(example.label is not None for example in examples):
-            _check_known_labels(path, examples, set(self.label_names))
-        return path, examples
+            _check_known_labels(source, examples, set(self.label_names))
+        return source, examples
 
     def _tokenize_predict_inputs(self) -> Dataset:
-        path, examples = self._predict_inputs()
-        columns: dict[str, list] = {"text": [e.text for e in examples], "line": [e.line for e in examples]}
+        source, examples = self._predict_inputs()
+        columns = self._text_columns(examples)
+        if self.fields.text_pair is not None and any(example.text_pair is None for example in examples):
+            raise DataFormatError(f"{source.name}: a sentence-pair task predicts pairs, not one text per line")
+        columns["line"] = [example.line for example in examples]
         label2id = {label: i for i, label in enumerate(self.label_names)}
         if all(example.label is not None for example in examples):
             columns["labels"] = [label2id[example.label] for example in examples]
-        encode = {"tokenizer": self.tokenizer, "max_length": self.max_length}
-        raw = Dataset.from_dict(columns)
-        desc = f"Tokenizing {path.name}"
-        return raw.map(_encode_texts, batched=True, remove_columns=["text"], fn_kwargs=encode, desc=desc)
+        return self._tokenize(columns, source, cached=False)
 
     def _tokenize_corpus(self, path: Path) -> Dataset:
         _check_file(path)
@@ -398,12 +541,34 @@ class EndTaskDataModule(LightningDataModule):
             raise DataFormatError(f"{path} has no non-blank lines to train on")
         if len(docs) < len(lines):
             rank_zero_only(log.info)(f"Skipped {len(lines) - len(docs)} blank lines in {path}")
+        return self._tokenize_documents(docs, path.name)
+
+    def _tokenize_hub_corpus(self, name: str, corpus: dict[str, str]) -> Dataset:
+        """A corpus of ``aux_corpora`` given as a dataset: its ``text_field`` column, blank texts skipped."""
+        split, field = corpus.get("split", "train"), corpus.get("text_field", "text")
+        option = f"`aux_corpora[{name!r}]`"
+        table = self._load_hub(corpus["dataset"], corpus.get("config"), split, option)
+        where = f"{option} ({corpus['dataset']}[{split}])"
+        if field not in table.column_names:
+            columns = _names(table.column_names)
+            raise DataFormatError(f"{where}: no {field!r} column (columns: {columns}); set its text_field")
+        texts = table.select_columns([field])
+        if field != "text":
+            texts = texts.rename_column(field, "text")
+        docs = texts.filter(_non_blank, batched=True, input_columns="text", desc=f"Dropping blank texts in {name}")
+        if len(docs) == 0:
+            raise DataFormatError(f"{where} has no non-blank texts to train on")
+        if len(docs) < len(texts):
+            rank_zero_only(log.info)(f"Skipped {len(texts) - len(docs)} blank texts in {where}")
+        return self._tokenize_documents(docs, name)
+
+    def _tokenize_documents(self, docs: Dataset, name: str) -> Dataset:
         return docs.map(
             _encode_documents,
             batched=True,
             remove_columns=docs.column_names,
             fn_kwargs={"tokenizer": self.tokenizer, "max_length": self.max_length},
-            desc=f"Tokenizing {path.name}",
+            desc=f"Tokenizing {name}",
         )
 
     # ---- loaders ------------------------------------------------------------------------------------
@@ -671,18 +836,14 @@ class _PlainDict:
 
 
 # Module-level so `datasets` fingerprints them (with tokenizer and max_length from fn_kwargs) for its cache.
-def _encode_labeled(batch: dict, tokenizer: PreTrainedTokenizerBase, max_length: int, label2id: dict) -> dict:
-    encoded = tokenizer(batch["text"], truncation=True, max_length=max_length, return_token_type_ids=False)
-    encoded["labels"] = [label2id[str(label)] for label in batch["label"]]
-    return encoded
-
-
-def _encode_texts(batch: dict, tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict:
+def _encode_texts(batch: dict, tokenizer: PreTrainedTokenizerBase, max_length: int, pairs: bool = False) -> dict:
+    if pairs:  # token_type_ids tell BERT-style encoders the two segments apart
+        return tokenizer(batch["text"], batch["text_pair"], truncation=True, max_length=max_length)
     return tokenizer(batch["text"], truncation=True, max_length=max_length, return_token_type_ids=False)
 
 
-def _non_blank(texts: list[str]) -> list[bool]:
-    return [bool(text.strip()) for text in texts]
+def _non_blank(texts: list[Optional[str]]) -> list[bool]:
+    return [isinstance(text, str) and bool(text.strip()) for text in texts]
 
 
 def _encode_documents(batch: dict, tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict:
@@ -696,6 +857,100 @@ def _encode_documents(batch: dict, tokenizer: PreTrainedTokenizerBase, max_lengt
     )
 
 
+# ---- reading labeled data -------------------------------------------------------------------------------
+
+
+class _Fields(NamedTuple):
+    """The fields (JSON keys or columns) an example is read from."""
+
+    text: str = "text"
+    text_pair: Optional[str] = None
+    label: str = "label"
+
+    def inputs(self) -> list[str]:
+        return [self.text] if self.text_pair is None else [self.text, self.text_pair]
+
+    def required(self, require_label: bool) -> list[str]:
+        return [*self.inputs(), self.label] if require_label else self.inputs()
+
+    def option(self, field: str) -> str:
+        """The option that names `field`, for messages."""
+        return {self.text: "text_field", self.text_pair: "text_pair_field", self.label: "label_field"}[field]
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where examples come from and how a message points at one: ``path:line`` in a text file, ``path row N`` or
+    ``dataset[split] row N`` (0-based, as ``ds[split][N]`` shows it) in a table."""
+
+    name: str
+    rows: bool = False
+
+    def at(self, line: int) -> str:
+        return f"{self.name} row {line}" if self.rows else f"{self.name}:{line}"
+
+    def lines(self, numbers: list[int]) -> str:
+        return _lines(numbers, "row" if self.rows else "line")
+
+
+@dataclass(frozen=True)
+class _Split:
+    """A split's checked examples, their source and, for a ``ClassLabel`` label column, its names in id order."""
+
+    source: _Source
+    examples: list[Example]
+    class_names: Optional[list[str]] = None
+
+
+_DECIMAL = re.compile(r"[+-]?(\d+\.\d*|\.\d+)([eE][+-]?\d+)?|[+-]?\d+[eE][+-]?\d+")
+
+
+def _check_suffix(option: str, file: str, suffixes: tuple[str, ...]) -> None:
+    suffix = Path(file).suffix.lower()
+    if suffix not in suffixes:
+        raise DataFormatError(
+            f"`{option}`={file!r}: unsupported suffix {suffix or '(none)'!r}; the format is read from the suffix,"
+            f" one of {', '.join(suffixes)}"
+        )
+
+
+def _check_source(data_dir: Optional[str], dataset: Optional[str], files: dict[str, str], splits: dict) -> None:
+    """Exactly one place to read the labeled splits from, and no option that would be silently ignored."""
+    defaults = {name: p.default for name, p in inspect.signature(EndTaskDataModule.__init__).parameters.items()}
+    if data_dir is None and dataset is None:
+        raise ValueError(
+            "set `data_dir` (the folder of the task's files) or `dataset` (a Hugging Face Hub dataset, or a folder in"
+            " its layout)"
+        )
+    if dataset is None:
+        for option, value in splits.items():
+            if value != defaults[option]:
+                raise ValueError(f"`{option}`={value!r} only applies to a `dataset`, which is not set")
+        for option, file in files.items():
+            _check_suffix(option, file, FILE_SUFFIXES)
+        return
+    for option, file in files.items():
+        if file != defaults[option]:
+            raise ValueError(
+                f"`{option}`={file!r} is not read when `dataset` is set: the labeled splits are `train_split`,"
+                " `dev_split` and `test_split` of the dataset"
+            )
+
+
+def _plain_corpus(name: str, corpus: Union[str, Mapping[str, Any]]) -> AuxCorpus:
+    """An ``aux_corpora`` entry as plain strings (hyper-parameters stay loadable with ``weights_only``), checked."""
+    if not isinstance(corpus, Mapping):
+        return str(corpus)
+    unknown = sorted(set(map(str, corpus)) - set(HUB_CORPUS_KEYS))
+    if unknown:
+        raise ValueError(f"`aux_corpora[{name!r}]`: unknown keys {unknown}; a dataset corpus takes {HUB_CORPUS_KEYS}")
+    if not corpus.get("dataset"):
+        raise ValueError(
+            f"`aux_corpora[{name!r}]` needs a `dataset` (a Hub dataset name or a folder), got {dict(corpus)!r}"
+        )
+    return {str(key): str(value) for key, value in corpus.items() if value is not None}
+
+
 def _check_file(path: Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (run `prepare_data()` or check `data_dir`)")
@@ -703,11 +958,26 @@ def _check_file(path: Path) -> None:
         raise DataFormatError(f"{path} is empty")
 
 
-def _read_jsonl(path: Path, require_label: bool = True) -> list[Example]:
+def _read_file(path: Path, fields: _Fields, require_label: bool, option: str, cache_dir: Optional[str]) -> _Split:
+    """A labeled (or, without ``require_label``, a predict) file in the format its suffix names."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        _check_file(path)
+        try:
+            table = load_dataset("parquet", data_files=str(path), split="train", cache_dir=cache_dir)
+        except DatasetGenerationError as err:
+            raise DataFormatError(f"{path}: not a readable Parquet file ({err.__cause__ or err})") from None
+        return _read_table(table, _Source(str(path), rows=True), fields, require_label, option)
+    if suffix in (".csv", ".tsv"):
+        return _Split(_Source(str(path)), _read_delimited(path, suffix == ".tsv", fields, require_label))
+    return _Split(_Source(str(path)), _read_jsonl(path, require_label, fields))
+
+
+def _read_jsonl(path: Path, require_label: bool = True, fields: _Fields = _Fields()) -> list[Example]:
     """Check every line in plain Python, so a bad file fails with its line number instead of inside `datasets`.
 
     Blank lines are skipped (as the JSON loader does); texts may be empty (the caller decides). Without
-    ``require_label``, a line may lack ``label`` (its Example's label is None).
+    ``require_label``, a line may lack the label (its Example's label is None).
     """
     _check_file(path)
     examples = []
@@ -717,30 +987,142 @@ def _read_jsonl(path: Path, require_label: bool = True) -> list[Example]:
             if not line.strip():
                 continue
             try:
-                example = json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataFormatError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(example, dict):
-                raise DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(example).__name__}")
-            for key in ("text", "label") if require_label else ("text",):
-                if key not in example:
-                    raise DataFormatError(f"{path}:{lineno}: no {key!r} field")
-            text, label = example["text"], example.get("label")
-            if not isinstance(text, str):
-                raise DataFormatError(f"{path}:{lineno}: 'text' must be a string, got {json.dumps(text)[:40]}")
-            if label is None and not require_label:
-                examples.append(Example(lineno, text, None))
-                continue
-            if isinstance(label, int) and not isinstance(label, bool):
-                label = str(label)  # class ids as labels: their names are the numbers
-            if not isinstance(label, str) or not label:
-                raise DataFormatError(
-                    f"{path}:{lineno}: 'label' must be a non-empty string or an integer, got {json.dumps(label)[:40]}"
-                )
-            examples.append(Example(lineno, text, label))
+            if not isinstance(record, dict):
+                raise DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            for key in fields.required(require_label):
+                if key not in record:
+                    raise DataFormatError(
+                        f"{path}:{lineno}: no {key!r} field (its fields: {_names(record)}; see `{fields.option(key)}`)"
+                    )
+            examples.append(_example(record, f"{path}:{lineno}", lineno, fields, require_label))
     if not examples:
         raise DataFormatError(f"{path} holds no examples")
     return examples
+
+
+def _read_delimited(path: Path, tsv: bool, fields: _Fields, require_label: bool) -> list[Example]:
+    """A CSV (standard quoting) or TSV (IANA: tab-delimited, no quoting) file with a header row, checked row by row
+    with the ``csv`` module so every error names the line a record starts on."""
+    _check_file(path)
+    kind, options = ("TSV", {"delimiter": "\t", "quoting": csv.QUOTE_NONE}) if tsv else ("CSV", {"strict": True})
+    examples = []
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as file:  # utf-8-sig: a spreadsheet's byte-order mark
+            reader = csv.reader(file, **options)
+            try:
+                header = next(reader, [])
+                if not any(name.strip() for name in header):
+                    raise DataFormatError(f"{path}:1: no header row; the first line names the columns, e.g. text,label")
+                duplicates = sorted({name for name in header if header.count(name) > 1})
+                if duplicates:
+                    raise DataFormatError(f"{path}:1: the header names {_names(duplicates)} more than once")
+                for field in fields.required(require_label):
+                    if field not in header:
+                        raise DataFormatError(
+                            f"{path}:1: no {field!r} column (columns: {_names(header)}; see `{fields.option(field)}`)"
+                        )
+                start = reader.line_num + 1
+                for row in reader:
+                    line, start = start, reader.line_num + 1
+                    if not row or (len(row) == 1 and not row[0].strip()):
+                        continue  # a blank line
+                    if len(row) != len(header):
+                        hint = "a tab inside a text?" if tsv else "quote a text holding a comma"
+                        raise DataFormatError(
+                            f"{path}:{line}: {len(row)} fields where the header has {len(header)} ({hint})"
+                        )
+                    record: dict[str, Optional[str]] = dict(zip(header, row))
+                    if not require_label and record.get(fields.label) == "":
+                        record[fields.label] = None  # an input to predict without a known label
+                    where = f"{path}:{line}"
+                    examples.append(_example(record, where, line, fields, require_label, numbers_as_text=True))
+            except csv.Error as err:
+                raise DataFormatError(f"{path}:{reader.line_num}: malformed {kind} ({err})") from None
+    except UnicodeDecodeError:
+        _check_utf8(path)  # names the line
+        raise
+    if not examples:
+        raise DataFormatError(f"{path} holds no examples")
+    return examples
+
+
+def _read_table(table: Dataset, source: _Source, fields: _Fields, require_label: bool, option: str) -> _Split:
+    """The examples of a ``datasets`` table (a Parquet file, a Hub split), by 0-based row. A ``ClassLabel`` label
+    column gives its names as labels; its -1 (no label) is an error in a labeled split."""
+    for field in fields.required(require_label):
+        if field not in table.column_names:
+            raise DataFormatError(
+                f"{source.name}: no {field!r} column (columns: {_names(table.column_names)}; see"
+                f" `{fields.option(field)}`)"
+            )
+    feature = table.features.get(fields.label)
+    class_names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+    present = [field for field in (*fields.inputs(), fields.label) if field in table.column_names]
+    data = table.select_columns(present).to_dict()
+    examples = []
+    for row in range(len(table)):
+        record = {field: data[field][row] for field in present}
+        label = record.get(fields.label)
+        if class_names is not None and isinstance(label, int):
+            if label < 0 and require_label:
+                what = "split" if option.endswith("_split") else "file"
+                raise DataFormatError(
+                    f"{source.at(row)}: label {label} marks an unlabeled example: the {what} has no labels; choose a"
+                    f" labeled {what} with --data.init_args.{option}"
+                )
+            record[fields.label] = None if label < 0 else class_names[label]
+        examples.append(_example(record, source.at(row), row, fields, require_label))
+    if not examples:
+        raise DataFormatError(f"{source.name} holds no examples")
+    return _Split(source, examples, class_names)
+
+
+def _example(
+    record: Mapping[str, Any],
+    where: str,
+    line: int,
+    fields: _Fields,
+    require_label: bool,
+    numbers_as_text: bool = False,
+) -> Example:
+    """One checked example: string texts, and a label that is a non-empty string or an integer (kept as its digits).
+    ``numbers_as_text``: labels are text (CSV, TSV), where a decimal number such as ``1.0`` is an error."""
+    texts = []
+    for field in fields.inputs():
+        text = record[field]
+        if not isinstance(text, str):
+            raise DataFormatError(f"{where}: {field!r} must be a string, got {_show(text)}")
+        texts.append(text)
+    pair = texts[1] if len(texts) > 1 else None
+    label = record.get(fields.label)
+    if label is None and not require_label:
+        return Example(line, texts[0], None, pair)
+    if isinstance(label, int) and not isinstance(label, bool):
+        label = str(label)  # class ids as labels: their names are the numbers
+    if not isinstance(label, str) or not label:
+        raise DataFormatError(
+            f"{where}: {fields.label!r} must be a non-empty string or an integer, got {_show(label)}"
+        )
+    if numbers_as_text and _DECIMAL.fullmatch(label.strip()):
+        raise DataFormatError(
+            f"{where}: {fields.label!r} is {label!r}, a decimal number: labels are class names or integer ids"
+        )
+    return Example(line, texts[0], label, pair)
+
+
+def _is_empty(example: Example) -> bool:
+    return not example.text.strip() and not (example.text_pair or "").strip()
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value, default=repr)[:40]
+
+
+def _names(names: Any) -> str:
+    return ", ".join(repr(name) for name in names) or "none"
 
 
 def _label_order(label: str) -> tuple[int, int, str]:
@@ -749,10 +1131,12 @@ def _label_order(label: str) -> tuple[int, int, str]:
     return (0, int(label), "") if number else (1, 0, label)
 
 
-def _check_known_labels(path: Path, examples: list[Example], classes: set[str]) -> None:
+def _check_known_labels(source: _Source, examples: list[Example], classes: set[str]) -> None:
     for example in examples:
         if example.label not in classes:
-            raise DataFormatError(f"{path}:{example.line}: label {example.label!r} never occurs in the train split")
+            raise DataFormatError(
+                f"{source.at(example.line)}: label {example.label!r} never occurs in the train split"
+            )
 
 
 def _decode(line: bytes, path: Path, lineno: int) -> str:
@@ -776,11 +1160,11 @@ def _count(items: list, noun: str) -> str:
     return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
 
 
-def _lines(numbers: list[int], shown: int = 10) -> str:
+def _lines(numbers: list[int], noun: str = "line", shown: int = 10) -> str:
     """'line 22', 'lines 3, 6', or the first `shown` and how many more."""
     listed = ", ".join(map(str, numbers[:shown]))
     more = f" and {len(numbers) - shown} more" if len(numbers) > shown else ""
-    return f"line{'' if len(numbers) == 1 else 's'} {listed}{more}"
+    return f"{noun}{'' if len(numbers) == 1 else 's'} {listed}{more}"
 
 
 def _write_atomic(path: Path, content: bytes) -> None:

@@ -7,5 +7,5 @@ from datamodules.base import EndTaskDataModule, dsp_urls
 
 class ChemProtDataModule(EndTaskDataModule):
     default_aux_corpora = {"tapt": "train.txt", "dapt": "domain.1xTAPT.txt"}
-    monitor_metric = "accuracy"
+    default_monitor_metric = "accuracy"
     urls = dsp_urls("chemprot")

@@ -4,5 +4,5 @@ from datamodules.base import EndTaskDataModule, dsp_urls
 
 class CitationIntentDataModule(EndTaskDataModule):
     default_aux_corpora = {"tapt": "train.txt", "dapt": "domain.1xTAPT.txt"}
-    monitor_metric = "f1_macro"
+    default_monitor_metric = "f1_macro"
     urls = dsp_urls("citation_intent")

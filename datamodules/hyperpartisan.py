@@ -11,5 +11,5 @@ from datamodules.base import EndTaskDataModule, dsp_urls
 class HyperPartisanDataModule(EndTaskDataModule):
     default_aux_corpora = {"tapt": "train.txt"}
     default_max_length = 512
-    monitor_metric = "f1_macro"
+    default_monitor_metric = "f1_macro"
     urls = dsp_urls("hyperpartisan_news")

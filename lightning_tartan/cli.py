@@ -74,7 +74,7 @@ class TartanCLI(LightningCLI):
         for source, target in DATAMODULE_OPTIONS.items():
             if target not in ("tokenizer_name_or_path", "accumulate_grad_batches"):
                 parser.link_arguments(f"data.{source}", f"model.{target}", apply_on="instantiate")
-        # The task decides what "best" means (macro-F1 for most, accuracy for ChemProt).
+        # The task decides what "best" means (macro-F1 for most, accuracy for ChemProt; --data.monitor_metric).
         for callback in ("checkpoint", "early_stopping"):
             parser.link_arguments(
                 "data.monitor_metric", f"{callback}.monitor", compute_fn=dev_metric_key, apply_on="instantiate"
@@ -159,11 +159,13 @@ class TartanCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (FileNotFoundError, URLError) as err:
-            data_dir = self._subcommand_config().data.init_args.data_dir
+            init_args = self._subcommand_config().data.init_args
+            dataset = getattr(init_args, "dataset", None)
+            option = f"--data.dataset {dataset}" if dataset else f"--data.data_dir {init_args.data_dir}"
             reason = str(err)
             if isinstance(err, URLError):
                 reason = f"its files are missing and downloading them failed ({err.reason})"
-            self.parser.error(f"--data.data_dir {data_dir}: {reason}")
+            self.parser.error(f"{option}: {reason}")
         except ValueError as err:
             # our own checks name the option (or file and line); jsonargparse wraps them in a dump of every option
             self.parser.error(str(_root_cause(err)))

@@ -176,11 +176,18 @@ class TartanModule(pl.LightningModule):
     # ----- forward passes -----------------------------------------------------------------------------------
 
     def encode(self, batch: dict[str, Tensor]) -> Tensor:
-        return self.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        """The encoder's last hidden states; a sentence-pair batch's ``token_type_ids`` mark its two segments."""
+        segments = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
+        return self.encoder(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **segments
+        ).last_hidden_state
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Optional[Tensor] = None) -> Tensor:
         """End-task logits."""
-        return self.end_task_head(self.encode({"input_ids": input_ids, "attention_mask": attention_mask}))
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            batch["token_type_ids"] = token_type_ids
+        return self.end_task_head(self.encode(batch))
 
     def end_task_loss(self, batch: dict[str, Tensor]) -> Tensor:
         logits = self.end_task_head(self.encode(batch))
@@ -332,7 +339,7 @@ class TartanModule(pl.LightningModule):
     # ----- evaluation ---------------------------------------------------------------------------------------
 
     def _evaluate(self, batch: dict[str, Tensor], metrics: MetricCollection, stage: str) -> None:
-        logits = self(batch["input_ids"], batch["attention_mask"])
+        logits = self(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
         loss = F.cross_entropy(logits.float(), batch["labels"])
         metrics.update(logits.argmax(-1), batch["labels"])
         batch_size = len(batch["labels"])
@@ -348,7 +355,8 @@ class TartanModule(pl.LightningModule):
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """``probabilities`` (examples x classes), with the batch's ``line`` and ``labels`` passed through when it has
         them, so a writer (`PredictionWriter`) can say which input each row is and whether it was right."""
-        probabilities = self(batch["input_ids"], batch["attention_mask"]).float().softmax(-1)
+        logits = self(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        probabilities = logits.float().softmax(-1)
         return {"probabilities": probabilities, **{key: batch[key] for key in ("line", "labels") if key in batch}}
 
     # ----- checkpoints and export ---------------------------------------------------------------------------

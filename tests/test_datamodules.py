@@ -387,11 +387,12 @@ def test_hyperpartisan_format(make, tmp_path, no_network):
 
 
 def test_config_builds_from_yaml_like_dict(data_root):
-    """LightningCLI builds data modules through jsonargparse from the type hints; data_dir stays required."""
+    """LightningCLI builds data modules through jsonargparse from the type hints; a task needs its data_dir (or a
+    dataset), named when neither is given."""
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(ChemProtDataModule, "data")
-    with pytest.raises(Exception, match="data_dir"):
-        parser.parse_object({"data": {}})
+    with pytest.raises(ValueError, match="`data_dir`.*`dataset`"):
+        parser.instantiate_classes(parser.parse_object({"data": {}}))
     config = {"data_dir": str(data_root / "chemprot"), "aux_corpora": {"tapt": "train.txt"}, "max_length": 128}
     dm = parser.instantiate_classes(parser.parse_object({"data": config})).data
     assert isinstance(dm, ChemProtDataModule)

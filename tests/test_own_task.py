@@ -1,0 +1,290 @@
+"""A user's own task through the generic data module: CSV/TSV/Parquet files, Hub datasets (here a local folder in
+the Hub layout), custom field names, sentence pairs, dataset corpora, the monitored metric, and clear errors."""
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import ClassLabel, Dataset, Features, Value
+
+from datamodules import DataFormatError, EndTaskDataModule
+from lightning_tartan import TartanModule
+from lightning_tartan.cli import tartan_cli
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SMALL = {"max_length": 32, "batch_size": 4, "aux_batch_size": 4, "dev_batch_size": 4, "eval_batch_size": 16}
+CLI_SMALL = [f"--data.{name}={value}" for name, value in SMALL.items()] + [
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+WORDS = ["good", "bad", "fine", "poor", "great", "awful"]
+
+
+@pytest.fixture
+def build(tiny_encoder, cache_dir):
+    """A generic data module with the tiny tokenizer and small batches."""
+
+    def build(**kwargs) -> EndTaskDataModule:
+        return EndTaskDataModule(tokenizer_name_or_path=tiny_encoder, cache_dir=cache_dir, **{**SMALL, **kwargs})
+
+    return build
+
+
+def write_rows(path: Path, header: list[str], rows: list[list]) -> Path:
+    with path.open("w", newline="") as file:
+        csv.writer(file, lineterminator="\n").writerows([header, *rows])
+    return path
+
+
+def csv_task(folder: Path, sizes=(24, 8, 8)) -> Path:
+    """train/dev/test.csv with a `sentence` column and integer labels 0, 1, 2, 10 in a `score` column."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, size in zip(("train", "dev", "test"), sizes):
+        rows = [[f"a {WORDS[i % 6]}, honest review number {i}", [0, 1, 2, 10][i % 4]] for i in range(size)]
+        write_rows(folder / f"{split}.csv", ["id", "sentence", "score"], [[i, *row] for i, row in enumerate(rows)])
+    return folder
+
+
+def hub_folder(folder: Path, splits: dict[str, dict[str, list]], names: list[str] | None = None) -> Path:
+    """A local dataset in the Hub's layout, `data/<split>-00000-of-00001.parquet`; with `names`, the `label`
+    column is a `ClassLabel` with those names."""
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    for split, columns in splits.items():
+        features = None
+        if names is not None:
+            features = Features({name: Value("string") for name in columns if name != "label"})
+            features["label"] = ClassLabel(names=names)
+        Dataset.from_dict(columns, features=features).to_parquet(folder / "data" / f"{split}-00000-of-00001.parquet")
+    return folder
+
+
+def sentiment_folder(folder: Path, test_labels: list[int] | None = None) -> Path:
+    """Class names deliberately unsorted: ids must stay the dataset's."""
+    def split(size: int, labels: list[int] | None = None) -> dict[str, list]:
+        texts = [f"review {i} was {WORDS[i % 6]}" for i in range(size)]
+        return {"text": texts, "label": labels or [i % 2 for i in range(size)]}
+
+    return hub_folder(
+        folder, {"train": split(12), "validation": split(6), "test": split(4, test_labels)}, names=["pos", "neg"]
+    )
+
+
+# ---- formats ----------------------------------------------------------------------------------------------
+
+
+def test_csv_with_integer_labels_and_custom_field_names(build, tmp_path):
+    folder = csv_task(tmp_path / "task")
+    files = {"train_file": "train.csv", "dev_file": "dev.csv", "test_file": "test.csv"}
+    dm = build(data_dir=str(folder), **files, text_field="sentence", label_field="score", aux_corpora={})
+    assert dm.label_names == ["0", "1", "2", "10"]  # numeric order: labels 0..n-1 keep their ids
+    dm.setup()
+    expected = [[0, 1, 2, 3][i % 4] for i in range(8)]
+    batch = next(iter(dm.val_dataloader()))
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert batch["labels"].tolist() == expected
+    first = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
+    assert first == dm.tokenizer("a good, honest review number 0", truncation=True, max_length=32)["input_ids"]
+
+
+def test_a_csv_task_trains_with_meta_tartan_from_the_shipped_config(tiny_encoder, cache_dir, tmp_path):
+    folder = csv_task(tmp_path / "task")
+    fit = tartan_cli(
+        [
+            "fit",
+            f"--config={CONFIGS / 'own_task.yaml'}",
+            f"--model.encoder_name_or_path={tiny_encoder}",
+            f"--data.data_dir={folder}",
+            *[f"--data.{split}_file={split}.csv" for split in ("train", "dev", "test")],
+            "--data.text_field=sentence",
+            "--data.label_field=score",
+            f"--data.cache_dir={cache_dir}",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.max_steps=2",
+            "--trainer.val_check_interval=4",
+            *CLI_SMALL,
+        ]
+    )
+    assert fit.model.hparams.weighting == "meta" and fit.model.hparams.label_names == ["0", "1", "2", "10"]
+    assert fit.trainer.global_step == 2 and fit.model.objectives == ["end_task", "tapt"]
+    assert not torch.equal(fit.model.weighting.logits, torch.zeros(2))  # the meta-weights moved
+    # the derived TAPT corpus is the training sentences
+    assert len(fit.datamodule.corpora["tapt"]) == 24
+
+
+def test_tsv_is_read_as_iana_tsv_without_quoting(build, tmp_path):
+    folder = tmp_path / "task"
+    folder.mkdir()
+    rows = [[f'he said "{WORDS[i % 6]}\' twice', "ab"[i % 2]] for i in range(6)]
+    for split in ("train", "dev", "test"):
+        (folder / f"{split}.tsv").write_text("".join("\t".join(row) + "\n" for row in [["text", "label"], *rows]))
+    dm = build(data_dir=str(folder), train_file="train.tsv", dev_file="dev.tsv", test_file="test.tsv")
+    examples = dm._labeled("dev")
+    assert [example.text for example in examples] == [row[0] for row in rows]  # quotes kept as written
+    assert [example.line for example in examples] == list(range(2, 8))
+    assert dm.label_names == ["a", "b"]
+
+
+def test_parquet_files_and_a_parquet_predict_file_keep_their_rows(build, tmp_path):
+    folder = tmp_path / "task"
+    folder.mkdir()
+    columns = {"text": [f"text {WORDS[i % 6]} {i}" for i in range(6)], "label": ["yes", "no"] * 3}
+    for split in ("train", "dev", "test"):
+        Dataset.from_dict(columns).to_parquet(folder / f"{split}.parquet")
+    Dataset.from_dict({"text": ["first input", "second input"]}).to_parquet(folder / "inputs.parquet")
+    files = {f"{split}_file": f"{split}.parquet" for split in ("train", "dev", "test")}
+    dm = build(data_dir=str(folder), predict_file="inputs.parquet", **files)
+    dm.setup("fit")
+    assert dm.label_names == ["no", "yes"] and dm.splits["train"]["labels"] == [1, 0, 1, 0, 1, 0]
+    dm.setup("predict")
+    batch = next(iter(dm.predict_dataloader()))
+    assert batch["line"].tolist() == [0, 1] and "labels" not in batch  # rows of the file, no labels
+
+
+def test_hub_layout_folder_takes_class_names_from_its_classlabel_and_slices_splits(build, tmp_path):
+    folder = sentiment_folder(tmp_path / "sentiment")
+    dm = build(dataset=str(folder), train_split="train[:8]", aux_corpora={})
+    assert dm.label_names == ["pos", "neg"]  # the feature's names, ids kept (not sorted)
+    dm.setup()
+    assert len(dm.splits["train"]) == 8 and len(dm.splits["dev"]) == 6
+    assert dm.splits["test"]["labels"] == [0, 1, 0, 1]
+    dm.setup("predict")  # no predict_file: the test split, by row
+    assert dm.splits["predict"]["line"] == [0, 1, 2, 3]
+
+
+def test_dataset_corpus_with_its_own_text_field(build, tmp_path):
+    task = sentiment_folder(tmp_path / "sentiment")
+    domain = hub_folder(tmp_path / "domain", {"train": {"content": ["one document", "  ", "another one", ""]}})
+    corpus = {"dataset": str(domain), "text_field": "content"}
+    dm = build(dataset=str(task), aux_corpora={"tapt": "train.txt", "domain": corpus})
+    assert dm.hparams.aux_corpora == {"tapt": "train.txt", "domain": corpus}
+    path = tmp_path / "hparams.pt"
+    torch.save(dict(dm.hparams), path)
+    assert torch.load(path, weights_only=True)["aux_corpora"]["domain"] == corpus  # checkpoints stay loadable
+    dm.setup("fit")
+    assert len(dm.corpora["domain"]) == 2  # blank texts skipped
+    assert dm.corpora["domain"][0]["input_ids"] == dm.tokenizer("one document")["input_ids"]
+    assert len(dm.corpora["tapt"]) == 12  # derived from the Hub train split
+    assert dm.corpus_file("tapt").read_text().splitlines()[0] == "review 0 was good"
+
+
+# ---- sentence pairs ---------------------------------------------------------------------------------------
+
+
+def test_sentence_pairs_keep_segment_ids_and_the_model_uses_them(build, tiny_encoder, tmp_path):
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    rows = [
+        {"premise": f"the film was {WORDS[i % 6]}", "hypothesis": f"a {WORDS[(i + 1) % 6]} film", "label": i % 2}
+        for i in range(6)
+    ]
+    for split in ("train", "dev", "test"):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    dm = build(data_dir=str(folder), text_field="premise", text_pair_field="hypothesis")
+    dm.setup("fit")
+    assert dm.corpus_file("tapt").read_text().splitlines()[0] == "the film was good a bad film"
+    batch = next(iter(dm.val_dataloader()))
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "token_type_ids"}
+    expected = dm.tokenizer(rows[0]["premise"], rows[0]["hypothesis"])
+    length = len(expected["input_ids"])
+    assert batch["input_ids"][0, :length].tolist() == expected["input_ids"]
+    segments = batch["token_type_ids"][0, :length]
+    assert segments.tolist() == expected["token_type_ids"] and set(segments.tolist()) == {0, 1}
+
+    model = TartanModule(tiny_encoder, num_labels=2).eval()
+    inputs, mask, segments = batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+    with torch.no_grad():
+        paired = model(inputs, mask, segments)
+        single = model(inputs, mask)
+        assert torch.equal(single, model(inputs, mask, torch.zeros_like(segments)))  # BERT's default segment
+        assert not torch.allclose(paired, single)
+        assert torch.equal(model.end_task_head(model.encode(batch)), paired)  # training batches use them too
+
+
+# ---- the monitored metric ---------------------------------------------------------------------------------
+
+
+def test_monitor_metric_option_reaches_the_model_and_callbacks(tiny_encoder, cache_dir, tmp_path):
+    folder = sentiment_folder(tmp_path / "sentiment")
+    cli = tartan_cli(
+        [
+            f"--config={CONFIGS / 'own_task.yaml'}",
+            f"--model.encoder_name_or_path={tiny_encoder}",
+            f"--data.dataset={folder}",
+            "--data.monitor_metric=accuracy",
+            f"--data.cache_dir={cache_dir}",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        run=False,
+    )
+    assert cli.datamodule.monitor_metric == cli.model.monitor_metric == "accuracy"
+    assert cli.trainer.checkpoint_callback.monitor == "val/accuracy"
+    assert [c.monitor for c in cli.trainer.callbacks if type(c).__name__ == "EarlyStopping"] == ["val/accuracy"]
+
+
+# ---- mistakes -------------------------------------------------------------------------------------------
+
+
+def test_a_missing_field_names_the_line_the_field_and_what_exists(build, tmp_path):
+    folder = csv_task(tmp_path / "task")
+    dm = build(data_dir=str(folder), train_file="train.csv", dev_file="dev.csv", test_file="test.csv")
+    message = f"{folder / 'train.csv'}:1: no 'text' column (columns: 'id', 'sentence', 'score'; see `text_field`)"
+    with pytest.raises(DataFormatError, match=re.escape(message)):
+        dm.label_names
+
+    (folder / "train.jsonl").write_text('{"sentence": "fine", "label": "a"}\n{"text": "no sentence", "label": "b"}\n')
+    dm = build(data_dir=str(folder), text_field="sentence")
+    message = f"{folder / 'train.jsonl'}:2: no 'sentence' field (its fields: 'text', 'label'; see `text_field`)"
+    with pytest.raises(DataFormatError, match=re.escape(message)):
+        dm.label_names
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (["text,label", "fine,1", "not whole,1.0"], ":3: 'label' is '1.0', a decimal number"),
+        (["text,label", "fine,1", "", "a, b,1"], ":4: 3 fields where the header has 2 (quote a text holding a comma)"),
+        (["text,label", 'fine,1', '"unclosed "quote,1'], ":3: malformed CSV"),
+        (["", "fine,1"], ":1: no header row"),
+    ],
+)
+def test_bad_csv_is_reported_with_file_and_line(build, tmp_path, lines, message):
+    folder = csv_task(tmp_path / "task")
+    (folder / "train.csv").write_text("".join(line + "\n" for line in lines))
+    dm = build(data_dir=str(folder), train_file="train.csv", dev_file="dev.csv", test_file="test.csv")
+    with pytest.raises(DataFormatError, match=re.escape(f"{folder / 'train.csv'}{message}")):
+        dm.label_names
+
+
+def test_an_unlabeled_test_split_is_an_actionable_error(build, tmp_path):
+    folder = sentiment_folder(tmp_path / "glue_like", test_labels=[-1, -1, -1, -1])
+    dm = build(dataset=str(folder), aux_corpora={})
+    message = f"{folder}[test] row 0: label -1 marks an unlabeled example: the split has no labels; choose a"
+    with pytest.raises(DataFormatError, match=re.escape(message) + ".*--data.init_args.test_split"):
+        dm.setup("fit")
+
+
+def test_a_missing_split_names_its_option(build, tmp_path):
+    folder = sentiment_folder(tmp_path / "sentiment")
+    with pytest.raises(ValueError, match="`dev_split`: split 'dev' of"):
+        build(dataset=str(folder), dev_split="dev").prepare_data()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"data_dir": None}, "set `data_dir` (the folder of the task's files) or `dataset`"),
+        ({"train_file": "train.xlsx"}, "`train_file`='train.xlsx': unsupported suffix '.xlsx'; the format is read"),
+        ({"predict_file": "inputs.doc"}, "`predict_file`='inputs.doc': unsupported suffix '.doc'"),
+        ({"dataset": "some/dataset", "train_file": "mine.csv"}, "`train_file`='mine.csv' is not read when `dataset`"),
+        ({"test_split": "validation"}, "`test_split`='validation' only applies to a `dataset`"),
+        ({"monitor_metric": "f2"}, "`monitor_metric` must be one of ('f1_macro', 'accuracy'), got 'f2'"),
+        ({"text_pair_field": "text"}, "`text_pair_field` must differ from `text_field`"),
+        ({"aux_corpora": {"hub": {"dataset": "x", "column": "y"}}}, "`aux_corpora['hub']`: unknown keys ['column']"),
+        ({"aux_corpora": {"hub": {"split": "train"}}}, "`aux_corpora['hub']` needs a `dataset`"),
+    ],
+)
+def test_option_mistakes_name_the_option(options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        EndTaskDataModule(**{"data_dir": ".", **options})
