@@ -282,7 +282,7 @@ class FlopMeter:
         config = module.encoder.config
         self.shape = (non_embedding_params(module.encoder), config.num_hidden_layers, config.hidden_size)
         self.head_weights = {head: matmul_weights(head) for head in (module.mlm_head, module.end_task_head)}
-        self.dev_head_steps = module.hparams.dev_head_steps if module.weighting.needs_dev_gradient else 0
+        self.dev_head_steps = module.hparams.dev_head_steps if module.weighting.needs_dev_samples else 0
         self.flops = 0
         module.encoder.register_forward_hook(self._encoder)
         for head in self.head_weights:

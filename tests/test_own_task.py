@@ -202,6 +202,30 @@ def test_sentence_pairs_keep_segment_ids_and_the_model_uses_them(build, tiny_enc
         assert torch.equal(model.end_task_head(model.encode(batch)), paired)  # training batches use them too
 
 
+def test_a_hub_dataset_trains_and_predicts_from_the_shipped_config(tiny_encoder, cache_dir, tmp_path):
+    """The README's Hub walk-through, on a local folder in the Hub layout: META-TARTAN trains on the end task and
+    the training texts, and `tartan predict` writes the dataset's class names."""
+    folder = sentiment_folder(tmp_path / "sentiment")
+    common = [
+        f"--config={CONFIGS / 'own_task.yaml'}",
+        f"--model.encoder_name_or_path={tiny_encoder}",
+        f"--data.dataset={folder}",
+        "--data.text_field=text",
+        f"--data.cache_dir={cache_dir}",
+        f"--trainer.default_root_dir={tmp_path}",
+        *CLI_SMALL,
+    ]
+    fit = tartan_cli(["fit", *common, "--trainer.max_steps=2", "--trainer.val_check_interval=2"])
+    assert fit.model.hparams.weighting == "meta" and fit.model.hparams.label_names == ["pos", "neg"]
+    assert fit.trainer.global_step == 2 and not torch.equal(fit.model.weighting.logits, torch.zeros(2))
+    best = fit.trainer.checkpoint_callback.best_model_path
+    tartan_cli(["predict", *common, f"--ckpt_path={best}"])
+    written = sorted(tmp_path.glob("lightning_logs/version_*/predictions.jsonl"))
+    rows = [json.loads(line) for line in written[-1].read_text().splitlines()]
+    assert [row["gold"] for row in rows] == ["pos", "neg", "pos", "neg"]  # the test split's ClassLabel names
+    assert all(set(row["probabilities"]) == {"pos", "neg"} for row in rows)
+
+
 # ---- the monitored metric ---------------------------------------------------------------------------------
 
 
