@@ -71,6 +71,16 @@ class TartanModule(pl.LightningModule):
         num_labels: end-task classes (a datamodule's `num_labels`).
         aux_objectives: names of the auxiliary MLM batches in a training batch (e.g. `["tapt", "dapt"]`).
         weighting: `none` (fine-tuning), `equal` (MT-TARTAN), `meta` (META-TARTAN) or `aux_only` (TAPT/DAPT).
+        label_names: the class names, index = class id (a datamodule's `label_names`); exports and predictions
+            show them instead of ids.
+        tokenizer_name_or_path: saved beside exports so they load as a whole; `None`: the encoder's.
+        encoder_lr, head_lr: AdamW learning rates of the encoder (with the MLM head) and of the end-task head; the
+            paper trains the fresh head ten times faster.
+        encoder_weight_decay, head_weight_decay: AdamW weight decay of the same two groups, on matrices only.
+        adam_betas, adam_eps: AdamW's, the paper's (0.9, 0.98) and 1e-6 by default.
+        warmup_ratio: share of the run's optimizer steps the learning rate warms up over.
+        max_grad_norm: gradients are clipped to this global norm before every optimizer step.
+        dropout: the encoder's dropout (its config's hidden and attention dropout) and the end-task head's.
         accumulate_grad_batches: micro-batches per optimizer step. Each training batch holds that many (see
             `micro_batches`; `EndTaskDataModule` groups them, and `tartan` links its option to this one), so every
             count Lightning keeps in batches is in optimizer steps (its own flag is unavailable in manual
