@@ -541,6 +541,8 @@ def _check_options(options: dict[str, Any]) -> None:
             raise ValueError(f"{name}={options[name]!r} is not one of {choices}")
     if options["weighting"] not in WEIGHTINGS:
         raise ValueError(f"weighting={options['weighting']!r} is not one of {sorted(WEIGHTINGS)}")
+    if options["weighting"] == "meta" and options["freeze_encoder"]:
+        raise ValueError("weighting='meta' weighs objectives by their encoder gradients; freeze_encoder=True leaves none")
     if options["monitor_metric"] not in MONITOR_METRICS:
         raise ValueError(f"monitor_metric={options['monitor_metric']!r} is not one of {MONITOR_METRICS}")
     if options["label_names"] is not None and len(options["label_names"]) != options["num_labels"]:

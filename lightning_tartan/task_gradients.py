@@ -5,6 +5,11 @@ change of `.grad` across its backward, so one snapshot buffer suffices: after ea
 snapshot into that difference in place, take its dot products with the dev gradient, then copy `.grad`
 back into the snapshot. Under DDP each backward all-reduces, so the differences are global gradients and
 every rank computes the same cosines.
+
+For the parameters' gradients to be read with a few whole-buffer operations rather than several per parameter
+(hundreds of small kernels per backward on a GPU), each step's `.grad` of the trained parameters are views into one
+flat buffer; autograd and DDP accumulate into them in place. The snapshot and the dev gradient are flat buffers of
+the same size: the two encoder-sized buffers META-TARTAN costs.
 """
 from typing import Optional, Sequence
 
@@ -19,20 +24,33 @@ class TaskGradientCosines:
         self.params = list(params)
         self.keep_copies = keep_copies
         self.eps = eps
-        self._snapshot: list[Tensor] = []
-        self._dev_grad: list[Tensor] = []
+        self._grads: Optional[Tensor] = None  # the trained parameters' `.grad`, as one flat buffer
+        self._snapshot: Optional[Tensor] = None
+        self._dev_grad: Optional[Tensor] = None
         self._dev_norm: Optional[Tensor] = None
-        self._copies: dict[str, list[Tensor]] = {}
+        self._copies: dict[str, Tensor] = {}
         self._sums: dict[str, Tensor] = {}
         self._counts: dict[str, int] = {}
 
+    @property
+    def trained(self) -> list[nn.Parameter]:
+        return [param for param in self.params if param.requires_grad]
+
     def start_step(self) -> None:
-        """Begin an optimizer step; `.grad` must be empty."""
-        if not self._snapshot or self._snapshot[0].device != self.params[0].device:
-            self._snapshot = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        """Begin an optimizer step (`.grad` is empty after the last step's `zero_grad`): the trained parameters'
+        gradients become views into one zeroed buffer."""
+        trained = self.trained
+        size = sum(param.numel() for param in trained)
+        first = trained[0]
+        if self._grads is None or self._grads.numel() != size or self._grads.device != first.device:
+            self._grads = torch.zeros(size, device=first.device, dtype=first.dtype)
+            self._snapshot = torch.zeros(size, device=first.device, dtype=torch.float32)
+            self._dev_grad = torch.zeros(size, device=first.device, dtype=torch.float32)
         else:
-            for snap in self._snapshot:
-                snap.zero_()
+            self._grads.zero_()
+            self._snapshot.zero_()
+        for param, grad in zip(trained, self._grads.split([param.numel() for param in trained])):
+            param.grad = grad.view_as(param)
         self._sums.clear()
         self._counts.clear()
 
@@ -41,35 +59,25 @@ class TaskGradientCosines:
         between the micro-batches of a step: the paper draws a fresh dev sample for each)."""
         if len(dev_grad) != len(self.params):
             raise ValueError(f"dev gradient has {len(dev_grad)} tensors for {len(self.params)} parameters")
-        self._dev_grad = list(dev_grad)
-        self._dev_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in dev_grad]))
+        trained = [grad.reshape(-1) for grad, param in zip(dev_grad, self.params) if param.requires_grad]
+        torch.cat(trained, out=self._dev_grad)
+        self._dev_norm = torch.linalg.vector_norm(self._dev_grad)
 
     def record(self, name: str) -> None:
         """Call right after objective `name`'s backward."""
         if self._dev_norm is None:
             raise RuntimeError("record() before set_dev_gradient()")
-        dot = torch.zeros((), device=self._dev_norm.device)
-        sq_norm = torch.zeros((), device=self._dev_norm.device)
-        for param, snap, dev in zip(self.params, self._snapshot, self._dev_grad):
-            if param.grad is None:
-                continue
-            torch.sub(param.grad, snap, out=snap)
-            dot += torch.vdot(snap.reshape(-1), dev.reshape(-1))
-            sq_norm += torch.vdot(snap.reshape(-1), snap.reshape(-1))
+        torch.sub(self._grads, self._snapshot, out=self._snapshot)  # this objective's gradient
         if self.keep_copies:
-            self._copies[name] = [snap.clone() for snap in self._snapshot]
-        for param, snap in zip(self.params, self._snapshot):
-            if param.grad is not None:
-                snap.copy_(param.grad)
-        if not self.keep_copies:
-            self._accumulate(name, dot, sq_norm)
+            self._copies[name] = self._snapshot.clone()
+        else:
+            self._accumulate(name, self._snapshot @ self._dev_grad, self._snapshot @ self._snapshot)
+        self._snapshot.copy_(self._grads)
 
     def end_micro_batch(self) -> None:
         """Cosines from stored per-objective copies (the paper's memory layout, kept for the ablation)."""
         for name, grad in self._copies.items():
-            dot = sum(torch.vdot(g.reshape(-1), d.reshape(-1)) for g, d in zip(grad, self._dev_grad))
-            sq_norm = sum(torch.vdot(g.reshape(-1), g.reshape(-1)) for g in grad)
-            self._accumulate(name, dot, sq_norm)
+            self._accumulate(name, grad @ self._dev_grad, grad @ grad)
         self._copies.clear()
 
     def _accumulate(self, name: str, dot: Tensor, sq_norm: Tensor) -> None:
@@ -80,5 +88,5 @@ class TaskGradientCosines:
     def finish_step(self) -> dict[str, Tensor]:
         """Mean cosine per objective over the step's micro-batches."""
         cosines = {name: total / self._counts[name] for name, total in self._sums.items()}
-        self._dev_grad, self._dev_norm = [], None
+        self._dev_norm = None
         return cosines
