@@ -20,24 +20,21 @@ batches are ``{input_ids, attention_mask, line}`` (``line``: the example's line 
 file or Hub split) plus ``labels`` when every input has a known label, also in file order. A sentence-pair task
 (``text_pair_field``) adds the tokenizer's ``token_type_ids`` to every labeled batch.
 """
-import csv
 import hashlib
 import inspect
 import json
 import logging
 import math
 import os
-import re
 import urllib.request
 import uuid
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Mapping, NamedTuple, Optional, Sized, Union
+from typing import Any, Callable, ClassVar, Mapping, Optional, Sized, Union
 
 import datasets
-import numpy as np
 import torch
 from datasets import Dataset, load_dataset
 from datasets.exceptions import DatasetGenerationError
@@ -45,7 +42,7 @@ from datasets.fingerprint import Hasher
 from pytorch_lightning import LightningDataModule
 from pytorch_lightning.utilities import CombinedLoader, rank_zero_info
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
-from torch.utils.data import DistributedSampler, Sampler
+from torch.utils.data import Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import (
     AutoTokenizer,
@@ -54,6 +51,23 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from datamodules.reading import (
+    DataFormatError,
+    Example,
+    Fields,
+    Source,
+    Split,
+    check_file,
+    check_known_labels,
+    check_utf8,
+    decode,
+    is_empty,
+    label_order,
+    names,
+    read_file,
+    read_table,
+)
+from datamodules.sampling import DevSampleSampler, MicroBatches, PlainDict, SeededMasking, SourceSampler, WithMaskKeys
 from lightning_tartan.module import MONITOR_METRICS
 from lightning_tartan.packaged_encoders import local_copy
 
@@ -70,20 +84,6 @@ DSP_URL = "https://allennlp.s3-us-west-2.amazonaws.com/dont_stop_pretraining/dat
 def dsp_urls(task: str) -> dict[str, str]:
     """The labeled splits as published by "Don't Stop Pretraining" (Gururangan et al., 2020)."""
     return {f"{split}.jsonl": DSP_URL.format(task=task, split=split) for split in ("train", "dev", "test")}
-
-
-class DataFormatError(ValueError):
-    """A task file exists but its content cannot be used; the message names the file (and line)."""
-
-
-class Example(NamedTuple):
-    """One example and where it was read from (the line of its file, or the 0-based row of a Parquet file or Hub
-    split); ``label`` is None only in inputs to predict, ``text_pair`` only outside sentence-pair tasks."""
-
-    line: int
-    text: str
-    label: Optional[str]
-    text_pair: Optional[str] = None
 
 
 #: a corpus of ``aux_corpora``: a text file, or a Hub dataset (``HUB_CORPUS_KEYS``)
@@ -271,7 +271,7 @@ class EndTaskDataModule(LightningDataModule):
         self.dataset = dataset
         self.dataset_config = dataset_config
         self.hub_splits = {"train": train_split, "dev": dev_split, "test": test_split}
-        self.fields = _Fields(text_field, text_pair_field, label_field)
+        self.fields = Fields(text_field, text_pair_field, label_field)
         self.monitor_metric = monitor_metric
         self.aux_corpora = aux_corpora
         self.max_length = max_length
@@ -290,7 +290,7 @@ class EndTaskDataModule(LightningDataModule):
         self.tokenizer: Optional[PreTrainedTokenizerBase] = None
         self.splits: dict[str, Dataset] = {}  # "train" / "dev" / "test" / "predict", tokenised
         self.corpora: dict[str, Dataset] = {}  # aux corpus name -> tokenised documents
-        self._read: dict[str, _Split] = {}  # split -> its checked examples, read once
+        self._read: dict[str, Split] = {}  # split -> its checked examples, read once
         self._run_seed: Optional[int] = None
 
     # ---- what the model needs at instantiation, without tokenising ----------------------------------
@@ -305,7 +305,7 @@ class EndTaskDataModule(LightningDataModule):
         train = self._split("train")
         if train.class_names is not None:
             return list(train.class_names)
-        return sorted({example.label for example in train.examples}, key=_label_order)
+        return sorted({example.label for example in train.examples}, key=label_order)
 
     @property
     def num_labels(self) -> int:
@@ -400,26 +400,26 @@ class EndTaskDataModule(LightningDataModule):
 
     # ---- reading and checking -----------------------------------------------------------------------
 
-    def _split(self, split: str) -> "_Split":
+    def _split(self, split: str) -> "Split":
         """The split's examples and where they come from, read and checked once. Empty texts are dropped from train
         and kept elsewhere (see the class docstring); either is reported in one line."""
         if split not in self._read:
             if self.dataset is None:
                 option = f"{split}_file"
-                read = _read_file(self._path(self.files[split]), self.fields, True, option, self.cache_dir)
+                read = read_file(self._path(self.files[split]), self.fields, True, option, self.cache_dir)
             else:
                 option, name = f"{split}_split", self.hub_splits[split]
                 table = self._load_hub(self.dataset, self.dataset_config, name, f"`{option}`")
-                read = _read_table(table, _Source(f"{self.dataset}[{name}]", rows=True), self.fields, True, option)
+                read = read_table(table, Source(f"{self.dataset}[{name}]", rows=True), self.fields, True, option)
             examples = read.examples
-            empty = [example.line for example in examples if _is_empty(example)]
+            empty = [example.line for example in examples if is_empty(example)]
             if empty:
                 kept = split != "train"
                 outcome = "kept as an empty input" if kept else "dropped: there is nothing to learn from"
                 where, count = read.source, _count(empty, "example")
                 rank_zero_info(f"{where.name}: {count} with empty text ({where.lines(empty)}) {outcome}")
                 if not kept:
-                    examples = [example for example in examples if not _is_empty(example)]
+                    examples = [example for example in examples if not is_empty(example)]
             if not examples:
                 raise DataFormatError(f"{read.source.name} holds no example with text")
             self._read[split] = replace(read, examples=examples)
@@ -433,7 +433,7 @@ class EndTaskDataModule(LightningDataModule):
         training rather than at ``tartan test``, after the whole fit."""
         classes = set(self.label_names)  # the train split is read (and reported on) first
         read = self._split(split)
-        _check_known_labels(read.source, read.examples, classes)
+        check_known_labels(read.source, read.examples, classes)
 
     # ---- tokenisation -------------------------------------------------------------------------------
 
@@ -474,7 +474,7 @@ class EndTaskDataModule(LightningDataModule):
             columns["text_pair"] = [example.text_pair for example in examples]
         return columns
 
-    def _tokenize(self, columns: dict[str, list], source: "_Source", cached: bool) -> Dataset:
+    def _tokenize(self, columns: dict[str, list], source: "Source", cached: bool) -> Dataset:
         """Tokenise the ``text`` (and ``text_pair``) column; the others pass through. With ``cached``, the result is
         an Arrow file in the cache keyed on the content, tokenizer and max_length, so a second setup reads it."""
         texts = [name for name in ("text", "text_pair") if name in columns]
@@ -496,25 +496,25 @@ class EndTaskDataModule(LightningDataModule):
             **cache,
         )
 
-    def _predict_inputs(self) -> tuple["_Source", list[Example]]:
+    def _predict_inputs(self) -> tuple["Source", list[Example]]:
         """What ``tartan predict`` labels and its examples: ``predict_file``, or else the test split."""
         if self.predict_file is None:
             read = self._split("test")
             return read.source, read.examples
         path = self._path(self.predict_file)
         if path.suffix.lower() == ".txt":
-            _check_file(path)
+            check_file(path)
             with path.open("rb") as lines:
-                texts = [(lineno, _decode(raw, path, lineno).rstrip("\r\n")) for lineno, raw in enumerate(lines, 1)]
+                texts = [(lineno, decode(raw, path, lineno).rstrip("\r\n")) for lineno, raw in enumerate(lines, 1)]
             examples = [Example(lineno, text, None) for lineno, text in texts if text.strip()]
-            source = _Source(str(path))
+            source = Source(str(path))
         else:
-            read = _read_file(path, self.fields, False, "predict_file", self.cache_dir)
+            read = read_file(path, self.fields, False, "predict_file", self.cache_dir)
             source, examples = read.source, read.examples
         if not examples:
             raise DataFormatError(f"{path} holds no text to predict")
         if all(example.label is not None for example in examples):
-            _check_known_labels(source, examples, set(self.label_names))
+            check_known_labels(source, examples, set(self.label_names))
         return source, examples
 
     def _tokenize_predict_inputs(self) -> Dataset:
@@ -529,12 +529,12 @@ class EndTaskDataModule(LightningDataModule):
         return self._tokenize(columns, source, cached=False)
 
     def _tokenize_corpus(self, path: Path) -> Dataset:
-        _check_file(path)
+        check_file(path)
         try:
             lines = load_dataset("text", data_files=str(path), split="train", cache_dir=self.cache_dir)
         except DatasetGenerationError as err:
             if isinstance(err.__cause__, UnicodeDecodeError):
-                _check_utf8(path)
+                check_utf8(path)
             raise
         docs = lines.filter(_non_blank, batched=True, input_columns="text", desc=f"Dropping blank lines in {path.name}")
         if len(docs) == 0:
@@ -550,7 +550,7 @@ class EndTaskDataModule(LightningDataModule):
         table = self._load_hub(corpus["dataset"], corpus.get("config"), split, option)
         where = f"{option} ({corpus['dataset']}[{split}])"
         if field not in table.column_names:
-            columns = _names(table.column_names)
+            columns = names(table.column_names)
             raise DataFormatError(f"{where}: no {field!r} column (columns: {columns}); set its text_field")
         texts = table.select_columns([field])
         if field != "text":
@@ -578,7 +578,7 @@ class EndTaskDataModule(LightningDataModule):
         ours, so the order is set per epoch and a loader restored from a checkpoint continues its epoch."""
         world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         seed = self.run_seed
-        masking = _SeededMasking(DataCollatorForLanguageModeling(self.tokenizer, mlm_probability=self.mlm_probability))
+        masking = SeededMasking(DataCollatorForLanguageModeling(self.tokenizer, mlm_probability=self.mlm_probability))
         sources = {"end_task": (self.splits["train"], self.batch_size)}
         sources.update({name: (docs, self.aux_batch_size) for name, docs in self.corpora.items()})
         num_batches = max(math.ceil(math.ceil(len(data) / world_size) / size) for data, size in sources.values())
@@ -589,7 +589,7 @@ class EndTaskDataModule(LightningDataModule):
             corpus = name != "end_task"
             sampler = SourceSampler(data, batch_size, num_batches, world_size, rank, seed + i, mask_keys=corpus)
             if corpus:
-                loaders[name] = self._step_loader(_WithMaskKeys(data), batch_size, masking, sampler, seed)
+                loaders[name] = self._step_loader(WithMaskKeys(data), batch_size, masking, sampler, seed)
             else:
                 loaders[name] = self._step_loader(data, batch_size, self._padding_collator(), sampler, seed)
         if self.include_meta_dev:
@@ -608,7 +608,7 @@ class EndTaskDataModule(LightningDataModule):
         each micro-batch is padded and masked exactly as a batch of its own would be."""
         if self.accumulate_grad_batches == 1:
             return self._loader(data, batch_size, collate, sampler, seed)
-        grouped = _MicroBatches(collate, batch_size)
+        grouped = MicroBatches(collate, batch_size)
         return self._loader(data, batch_size * self.accumulate_grad_batches, grouped, sampler, seed)
 
     @property
@@ -644,8 +644,8 @@ class EndTaskDataModule(LightningDataModule):
         """`tartan predict` labels ``predict_file`` (or the test split), in file order."""
         return self._loader(self.splits["predict"], self.eval_batch_size, self._padding_collator())
 
-    def _padding_collator(self) -> "_PlainDict":
-        return _PlainDict(DataCollatorWithPadding(self.tokenizer))
+    def _padding_collator(self) -> "PlainDict":
+        return PlainDict(DataCollatorWithPadding(self.tokenizer))
 
     def _loader(
         self, data: Sized, batch_size: int, collate: Callable, sampler: Optional[Sampler] = None, seed: int = 0
@@ -663,176 +663,6 @@ class EndTaskDataModule(LightningDataModule):
                 num_workers=self.num_workers,
                 persistent_workers=self.num_workers > 0,  # the same workers from one epoch to the next
             )
-
-
-class EpochSampler(DistributedSampler):
-    """Indices fixed by the seed and the epoch, served by an iterator a ``StatefulDataLoader`` checkpoints.
-
-    The iterator carries the epoch it was made for and its position, so a loader restored from a mid-epoch
-    checkpoint continues that epoch where it stopped: Lightning restores loaders before it calls ``set_epoch``, too
-    late for a sampler that reads its epoch as iteration starts. One restored at the end of an epoch starts the next.
-    Subclasses say what an epoch holds.
-    """
-
-    def __init__(self, data: Sized, num_replicas: int, rank: int, seed: int, length: int) -> None:
-        super().__init__(data, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.length = length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __iter__(self) -> "_EpochIterator":
-        return _EpochIterator(self, self.epoch)
-
-    def epoch_indices(self, epoch: int) -> list[int]:
-        """The ``length`` dataset indices of ``epoch``, in order."""
-        raise NotImplementedError
-
-    def item(self, index: int, epoch: int, position: int) -> Any:
-        """What the loader's dataset is indexed with for ``index`` at ``position`` of ``epoch``."""
-        return index
-
-
-class _EpochIterator(Iterator):
-    """One epoch of an ``EpochSampler``; its state (epoch, position) is what a ``StatefulDataLoader`` saves."""
-
-    def __init__(self, sampler: EpochSampler, epoch: int) -> None:
-        self.sampler = sampler
-        self._start(epoch, 0)
-
-    def _start(self, epoch: int, position: int) -> None:
-        self.epoch, self.position = epoch, position
-        self.indices = self.sampler.epoch_indices(epoch)
-
-    def __next__(self) -> Any:
-        if self.position >= len(self.indices):
-            raise StopIteration
-        item = self.sampler.item(self.indices[self.position], self.epoch, self.position)
-        self.position += 1
-        return item
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        epoch = state_dict["epoch"]
-        self._start(epoch, state_dict["position"])
-        if self.position >= len(self.indices):
-            # saved at the epoch's last batch: the resumed run goes on with the next epoch, and Lightning builds no
-            # new iterator for it
-            self._start(epoch + 1, 0)
-
-
-class SourceSampler(EpochSampler):
-    """This rank's shard of a training source, for an epoch of ``num_batches`` batches.
-
-    The longest source makes one pass, in ``DistributedSampler``'s order. A shorter one makes pass after pass, each in
-    a new order, until it fills ``num_batches`` full batches, so no loader restarts within an epoch. With
-    ``mask_keys`` each index comes with the key of its position (seed, epoch, rank, position), from which the MLM
-    masks of the batch it starts are drawn.
-    """
-
-    def __init__(
-        self, data: Sized, batch_size: int, num_batches: int, num_replicas: int, rank: int, seed: int, mask_keys: bool
-    ) -> None:
-        shard = math.ceil(len(data) / num_replicas)
-        length = shard if math.ceil(shard / batch_size) == num_batches else num_batches * batch_size
-        super().__init__(data, num_replicas, rank, seed, length)
-        self.mask_keys = mask_keys
-
-    def epoch_indices(self, epoch: int) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed + epoch)
-        indices: list[int] = []
-        while len(indices) < self.length:
-            order = torch.randperm(len(self.dataset), generator=generator).tolist()
-            padded = (order * math.ceil(self.total_size / len(order)))[: self.total_size]  # equal shards on all ranks
-            indices += padded[self.rank : self.total_size : self.num_replicas]
-        return indices[: self.length]
-
-    def item(self, index: int, epoch: int, position: int) -> Any:
-        return (index, (self.seed, epoch, self.rank, position)) if self.mask_keys else index
-
-
-class DevSampleSampler(EpochSampler):
-    """A fresh random dev sample for every training batch, as the paper draws them, the same on every rank.
-
-    Each consecutive block of ``sample_size`` indices is one sample drawn without replacement (with replacement
-    only when the split is smaller than a sample); ``num_draws`` blocks cover an epoch of the longest source,
-    so the loader never restarts within an epoch. The draws depend only on ``seed`` and the epoch (Lightning
-    calls ``set_epoch``), so a resumed run draws the same samples. A ``DistributedSampler`` with one replica,
-    so Lightning leaves it unsharded under DDP.
-    """
-
-    def __init__(self, dev: Sized, sample_size: int, num_draws: int, seed: int) -> None:
-        super().__init__(dev, num_replicas=1, rank=0, seed=seed, length=sample_size * num_draws)
-        self.sample_size = sample_size
-
-    def epoch_indices(self, epoch: int) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed + epoch)
-        n = len(self.dataset)
-        indices: list[int] = []
-        for _ in range(self.length // self.sample_size):
-            if n >= self.sample_size:
-                indices += torch.randperm(n, generator=generator)[: self.sample_size].tolist()
-            else:
-                indices += torch.randint(n, (self.sample_size,), generator=generator).tolist()
-        return indices
-
-
-MaskKey = tuple[int, ...]
-
-
-class _WithMaskKeys(torch.utils.data.Dataset):
-    """A tokenised corpus indexed by a ``SourceSampler``'s ``(index, mask key)`` items; returns the document and key.
-
-    A bare index (Lightning's ``overfit_batches`` swaps in a ``SequentialSampler``) is its own key.
-    """
-
-    def __init__(self, docs: Dataset) -> None:
-        self.docs = docs
-
-    def __len__(self) -> int:
-        return len(self.docs)
-
-    def __getitem__(self, item: tuple[int, MaskKey] | int) -> tuple[dict, MaskKey]:
-        index, key = item if isinstance(item, tuple) else (item, (item,))
-        return self.docs[index], key
-
-
-@dataclass
-class _SeededMasking:
-    """MLM masking of a batch drawn from a generator seeded by the key of its first document: new masks for every
-    batch, epoch and seed, yet the same in any process, with any number of workers and after a resume. The global RNG,
-    which dropout draws from, is left as it was."""
-
-    collator: DataCollatorForLanguageModeling
-
-    def __call__(self, items: list[tuple[dict, MaskKey]]) -> dict:
-        seed = int(np.random.SeedSequence(items[0][1]).generate_state(1, np.uint64)[0])
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            return dict(self.collator([document for document, _ in items]))
-
-
-@dataclass
-class _MicroBatches:
-    """Collates a step's examples as consecutive micro-batches of ``size``, each on its own."""
-
-    collate: Callable[[list], dict]
-    size: int
-
-    def __call__(self, examples: list) -> list[dict]:
-        return [self.collate(examples[start : start + self.size]) for start in range(0, len(examples), self.size)]
-
-
-@dataclass
-class _PlainDict:
-    """HF collators return a ``BatchEncoding`` (a ``UserDict``); the batch contract is plain dicts."""
-
-    collator: Callable[[list], Any]
-
-    def __call__(self, examples: list) -> dict:
-        return dict(self.collator(examples))
 
 
 # Module-level so `datasets` fingerprints them (with tokenizer and max_length from fn_kwargs) for its cache.
@@ -855,54 +685,6 @@ def _encode_documents(batch: dict, tokenizer: PreTrainedTokenizerBase, max_lengt
         return_token_type_ids=False,
         return_special_tokens_mask=True,
     )
-
-
-# ---- reading labeled data -------------------------------------------------------------------------------
-
-
-class _Fields(NamedTuple):
-    """The fields (JSON keys or columns) an example is read from."""
-
-    text: str = "text"
-    text_pair: Optional[str] = None
-    label: str = "label"
-
-    def inputs(self) -> list[str]:
-        return [self.text] if self.text_pair is None else [self.text, self.text_pair]
-
-    def required(self, require_label: bool) -> list[str]:
-        return [*self.inputs(), self.label] if require_label else self.inputs()
-
-    def option(self, field: str) -> str:
-        """The option that names `field`, for messages."""
-        return {self.text: "text_field", self.text_pair: "text_pair_field", self.label: "label_field"}[field]
-
-
-@dataclass(frozen=True)
-class _Source:
-    """Where examples come from and how a message points at one: ``path:line`` in a text file, ``path row N`` or
-    ``dataset[split] row N`` (0-based, as ``ds[split][N]`` shows it) in a table."""
-
-    name: str
-    rows: bool = False
-
-    def at(self, line: int) -> str:
-        return f"{self.name} row {line}" if self.rows else f"{self.name}:{line}"
-
-    def lines(self, numbers: list[int]) -> str:
-        return _lines(numbers, "row" if self.rows else "line")
-
-
-@dataclass(frozen=True)
-class _Split:
-    """A split's checked examples, their source and, for a ``ClassLabel`` label column, its names in id order."""
-
-    source: _Source
-    examples: list[Example]
-    class_names: Optional[list[str]] = None
-
-
-_DECIMAL = re.compile(r"[+-]?(\d+\.\d*|\.\d+)([eE][+-]?\d+)?|[+-]?\d+[eE][+-]?\d+")
 
 
 def _check_suffix(option: str, file: str, suffixes: tuple[str, ...]) -> None:
@@ -951,220 +733,8 @@ def _plain_corpus(name: str, corpus: Union[str, Mapping[str, Any]]) -> AuxCorpus
     return {str(key): str(value) for key, value in corpus.items() if value is not None}
 
 
-def _check_file(path: Path) -> None:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist (run `prepare_data()` or check `data_dir`)")
-    if path.stat().st_size == 0:
-        raise DataFormatError(f"{path} is empty")
-
-
-def _read_file(path: Path, fields: _Fields, require_label: bool, option: str, cache_dir: Optional[str]) -> _Split:
-    """A labeled (or, without ``require_label``, a predict) file in the format its suffix names."""
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        _check_file(path)
-        try:
-            table = load_dataset("parquet", data_files=str(path), split="train", cache_dir=cache_dir)
-        except DatasetGenerationError as err:
-            raise DataFormatError(f"{path}: not a readable Parquet file ({err.__cause__ or err})") from None
-        return _read_table(table, _Source(str(path), rows=True), fields, require_label, option)
-    if suffix in (".csv", ".tsv"):
-        return _Split(_Source(str(path)), _read_delimited(path, suffix == ".tsv", fields, require_label))
-    return _Split(_Source(str(path)), _read_jsonl(path, require_label, fields))
-
-
-def _read_jsonl(path: Path, require_label: bool = True, fields: _Fields = _Fields()) -> list[Example]:
-    """Check every line in plain Python, so a bad file fails with its line number instead of inside `datasets`.
-
-    Blank lines are skipped (as the JSON loader does); texts may be empty (the caller decides). Without
-    ``require_label``, a line may lack the label (its Example's label is None).
-    """
-    _check_file(path)
-    examples = []
-    with path.open("rb") as lines:
-        for lineno, raw in enumerate(lines, start=1):
-            line = _decode(raw, path, lineno)
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataFormatError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(record, dict):
-                raise DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            for key in fields.required(require_label):
-                if key not in record:
-                    raise DataFormatError(
-                        f"{path}:{lineno}: no {key!r} field (its fields: {_names(record)}; see `{fields.option(key)}`)"
-                    )
-            examples.append(_example(record, f"{path}:{lineno}", lineno, fields, require_label))
-    if not examples:
-        raise DataFormatError(f"{path} holds no examples")
-    return examples
-
-
-def _read_delimited(path: Path, tsv: bool, fields: _Fields, require_label: bool) -> list[Example]:
-    """A CSV (standard quoting) or TSV (IANA: tab-delimited, no quoting) file with a header row, checked row by row
-    with the ``csv`` module so every error names the line a record starts on."""
-    _check_file(path)
-    kind, options = ("TSV", {"delimiter": "\t", "quoting": csv.QUOTE_NONE}) if tsv else ("CSV", {"strict": True})
-    examples = []
-    try:
-        with path.open(encoding="utf-8-sig", newline="") as file:  # utf-8-sig: a spreadsheet's byte-order mark
-            reader = csv.reader(file, **options)
-            try:
-                header = next(reader, [])
-                if not any(name.strip() for name in header):
-                    raise DataFormatError(f"{path}:1: no header row; the first line names the columns, e.g. text,label")
-                duplicates = sorted({name for name in header if header.count(name) > 1})
-                if duplicates:
-                    raise DataFormatError(f"{path}:1: the header names {_names(duplicates)} more than once")
-                for field in fields.required(require_label):
-                    if field not in header:
-                        raise DataFormatError(
-                            f"{path}:1: no {field!r} column (columns: {_names(header)}; see `{fields.option(field)}`)"
-                        )
-                start = reader.line_num + 1
-                for row in reader:
-                    line, start = start, reader.line_num + 1
-                    if not row or (len(row) == 1 and not row[0].strip()):
-                        continue  # a blank line
-                    if len(row) != len(header):
-                        hint = "a tab inside a text?" if tsv else "quote a text holding a comma"
-                        raise DataFormatError(
-                            f"{path}:{line}: {len(row)} fields where the header has {len(header)} ({hint})"
-                        )
-                    record: dict[str, Optional[str]] = dict(zip(header, row))
-                    if not require_label and record.get(fields.label) == "":
-                        record[fields.label] = None  # an input to predict without a known label
-                    where = f"{path}:{line}"
-                    examples.append(_example(record, where, line, fields, require_label, numbers_as_text=True))
-            except csv.Error as err:
-                raise DataFormatError(f"{path}:{reader.line_num}: malformed {kind} ({err})") from None
-    except UnicodeDecodeError:
-        _check_utf8(path)  # names the line
-        raise
-    if not examples:
-        raise DataFormatError(f"{path} holds no examples")
-    return examples
-
-
-def _read_table(table: Dataset, source: _Source, fields: _Fields, require_label: bool, option: str) -> _Split:
-    """The examples of a ``datasets`` table (a Parquet file, a Hub split), by 0-based row. A ``ClassLabel`` label
-    column gives its names as labels; its -1 (no label) is an error in a labeled split."""
-    for field in fields.required(require_label):
-        if field not in table.column_names:
-            raise DataFormatError(
-                f"{source.name}: no {field!r} column (columns: {_names(table.column_names)}; see"
-                f" `{fields.option(field)}`)"
-            )
-    feature = table.features.get(fields.label)
-    class_names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
-    present = [field for field in (*fields.inputs(), fields.label) if field in table.column_names]
-    data = table.select_columns(present).to_dict()
-    examples = []
-    for row in range(len(table)):
-        record = {field: data[field][row] for field in present}
-        label = record.get(fields.label)
-        if class_names is not None and isinstance(label, int):
-            if label < 0 and require_label:
-                what = "split" if option.endswith("_split") else "file"
-                raise DataFormatError(
-                    f"{source.at(row)}: label {label} marks an unlabeled example: the {what} has no labels; choose a"
-                    f" labeled {what} with --data.init_args.{option}"
-                )
-            record[fields.label] = None if label < 0 else class_names[label]
-        examples.append(_example(record, source.at(row), row, fields, require_label))
-    if not examples:
-        raise DataFormatError(f"{source.name} holds no examples")
-    return _Split(source, examples, class_names)
-
-
-def _example(
-    record: Mapping[str, Any],
-    where: str,
-    line: int,
-    fields: _Fields,
-    require_label: bool,
-    numbers_as_text: bool = False,
-) -> Example:
-    """One checked example: string texts, and a label that is a non-empty string or an integer (kept as its digits).
-    ``numbers_as_text``: labels are text (CSV, TSV), where a decimal number such as ``1.0`` is an error."""
-    texts = []
-    for field in fields.inputs():
-        text = record[field]
-        if not isinstance(text, str):
-            raise DataFormatError(f"{where}: {field!r} must be a string, got {_show(text)}")
-        texts.append(text)
-    pair = texts[1] if len(texts) > 1 else None
-    label = record.get(fields.label)
-    if label is None and not require_label:
-        return Example(line, texts[0], None, pair)
-    if isinstance(label, int) and not isinstance(label, bool):
-        label = str(label)  # class ids as labels: their names are the numbers
-    if not isinstance(label, str) or not label:
-        raise DataFormatError(
-            f"{where}: {fields.label!r} must be a non-empty string or an integer, got {_show(label)}"
-        )
-    if numbers_as_text and _DECIMAL.fullmatch(label.strip()):
-        raise DataFormatError(
-            f"{where}: {fields.label!r} is {label!r}, a decimal number: labels are class names or integer ids"
-        )
-    return Example(line, texts[0], label, pair)
-
-
-def _is_empty(example: Example) -> bool:
-    return not example.text.strip() and not (example.text_pair or "").strip()
-
-
-def _show(value: Any) -> str:
-    return json.dumps(value, default=repr)[:40]
-
-
-def _names(names: Any) -> str:
-    return ", ".join(repr(name) for name in names) or "none"
-
-
-def _label_order(label: str) -> tuple[int, int, str]:
-    """Numbers first, in numeric order, then the other labels alphabetically."""
-    number = label.isdigit() or (label.startswith("-") and label[1:].isdigit())
-    return (0, int(label), "") if number else (1, 0, label)
-
-
-def _check_known_labels(source: _Source, examples: list[Example], classes: set[str]) -> None:
-    for example in examples:
-        if example.label not in classes:
-            raise DataFormatError(
-                f"{source.at(example.line)}: label {example.label!r} never occurs in the train split"
-            )
-
-
-def _decode(line: bytes, path: Path, lineno: int) -> str:
-    try:
-        return line.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise DataFormatError(
-            f"{path}:{lineno}: not valid UTF-8 (byte 0x{line[err.start]:02x} at byte {err.start + 1} of the line);"
-            " save the file as UTF-8, e.g. `iconv -f <its encoding> -t UTF-8`"
-        ) from None
-
-
-def _check_utf8(path: Path) -> None:
-    """Raise a `DataFormatError` naming the first line of `path` that is not UTF-8, if any."""
-    with path.open("rb") as lines:
-        for lineno, line in enumerate(lines, start=1):
-            _decode(line, path, lineno)
-
-
 def _count(items: list, noun: str) -> str:
     return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
-
-
-def _lines(numbers: list[int], noun: str = "line", shown: int = 10) -> str:
-    """'line 22', 'lines 3, 6', or the first `shown` and how many more."""
-    listed = ", ".join(map(str, numbers[:shown]))
-    more = f" and {len(numbers) - shown} more" if len(numbers) > shown else ""
-    return f"{noun}{'' if len(numbers) == 1 else 's'} {listed}{more}"
 
 
 def _write_atomic(path: Path, content: bytes) -> None:

@@ -1,0 +1,287 @@
+"""Reading and checking task files and Hub tables into ``Example``s.
+
+Every bad input fails with a ``DataFormatError`` naming where it is: the file and line of a JSON lines, CSV or TSV
+file, or the row of a Parquet file or a Hub dataset's split (``dataset[split] row N``), and the option to change;
+nothing reaches ``datasets`` or the tokenizer unchecked.
+"""
+import csv
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple, Optional
+
+import datasets
+from datasets import Dataset, load_dataset
+from datasets.exceptions import DatasetGenerationError
+
+
+class DataFormatError(ValueError):
+    """A task file exists but its content cannot be used; the message names the file (and line)."""
+
+
+class Example(NamedTuple):
+    """One example and where it was read from (the line of its file, or the 0-based row of a Parquet file or Hub
+    split); ``label`` is None only in inputs to predict, ``text_pair`` only outside sentence-pair tasks."""
+
+    line: int
+    text: str
+    label: Optional[str]
+    text_pair: Optional[str] = None
+
+
+class Fields(NamedTuple):
+    """The fields (JSON keys or columns) an example is read from."""
+
+    text: str = "text"
+    text_pair: Optional[str] = None
+    label: str = "label"
+
+    def inputs(self) -> list[str]:
+        return [self.text] if self.text_pair is None else [self.text, self.text_pair]
+
+    def required(self, require_label: bool) -> list[str]:
+        return [*self.inputs(), self.label] if require_label else self.inputs()
+
+    def option(self, field: str) -> str:
+        """The option that names `field`, for messages."""
+        return {self.text: "text_field", self.text_pair: "text_pair_field", self.label: "label_field"}[field]
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where examples come from and how a message points at one: ``path:line`` in a text file, ``path row N`` or
+    ``dataset[split] row N`` (0-based, as ``ds[split][N]`` shows it) in a table."""
+
+    name: str
+    rows: bool = False
+
+    def at(self, line: int) -> str:
+        return f"{self.name} row {line}" if self.rows else f"{self.name}:{line}"
+
+    def lines(self, numbers: list[int]) -> str:
+        return _lines(numbers, "row" if self.rows else "line")
+
+
+@dataclass(frozen=True)
+class Split:
+    """A split's checked examples, their source and, for a ``ClassLabel`` label column, its names in id order."""
+
+    source: Source
+    examples: list[Example]
+    class_names: Optional[list[str]] = None
+
+
+_DECIMAL = re.compile(r"[+-]?(\d+\.\d*|\.\d+)([eE][+-]?\d+)?|[+-]?\d+[eE][+-]?\d+")
+
+
+def check_file(path: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (run `prepare_data()` or check `data_dir`)")
+    if path.stat().st_size == 0:
+        raise DataFormatError(f"{path} is empty")
+
+
+def read_file(path: Path, fields: Fields, require_label: bool, option: str, cache_dir: Optional[str]) -> Split:
+    """A labeled (or, without ``require_label``, a predict) file in the format its suffix names."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        check_file(path)
+        try:
+            table = load_dataset("parquet", data_files=str(path), split="train", cache_dir=cache_dir)
+        except DatasetGenerationError as err:
+            raise DataFormatError(f"{path}: not a readable Parquet file ({err.__cause__ or err})") from None
+        return read_table(table, Source(str(path), rows=True), fields, require_label, option)
+    if suffix in (".csv", ".tsv"):
+        return Split(Source(str(path)), _read_delimited(path, suffix == ".tsv", fields, require_label))
+    return Split(Source(str(path)), _read_jsonl(path, require_label, fields))
+
+
+def _read_jsonl(path: Path, require_label: bool = True, fields: Fields = Fields()) -> list[Example]:
+    """Check every line in plain Python, so a bad file fails with its line number instead of inside `datasets`.
+
+    Blank lines are skipped (as the JSON loader does); texts may be empty (the caller decides). Without
+    ``require_label``, a line may lack the label (its Example's label is None).
+    """
+    check_file(path)
+    examples = []
+    with path.open("rb") as lines:
+        for lineno, raw in enumerate(lines, start=1):
+            line = decode(raw, path, lineno)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataFormatError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(record, dict):
+                raise DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            for key in fields.required(require_label):
+                if key not in record:
+                    raise DataFormatError(
+                        f"{path}:{lineno}: no {key!r} field (its fields: {names(record)}; see `{fields.option(key)}`)"
+                    )
+            examples.append(_example(record, f"{path}:{lineno}", lineno, fields, require_label))
+    if not examples:
+        raise DataFormatError(f"{path} holds no examples")
+    return examples
+
+
+def _read_delimited(path: Path, tsv: bool, fields: Fields, require_label: bool) -> list[Example]:
+    """A CSV (standard quoting) or TSV (IANA: tab-delimited, no quoting) file with a header row, checked row by row
+    with the ``csv`` module so every error names the line a record starts on."""
+    check_file(path)
+    kind, options = ("TSV", {"delimiter": "\t", "quoting": csv.QUOTE_NONE}) if tsv else ("CSV", {"strict": True})
+    examples = []
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as file:  # utf-8-sig: a spreadsheet's byte-order mark
+            reader = csv.reader(file, **options)
+            try:
+                header = next(reader, [])
+                if not any(name.strip() for name in header):
+                    raise DataFormatError(f"{path}:1: no header row; the first line names the columns, e.g. text,label")
+                duplicates = sorted({name for name in header if header.count(name) > 1})
+                if duplicates:
+                    raise DataFormatError(f"{path}:1: the header names {names(duplicates)} more than once")
+                for field in fields.required(require_label):
+                    if field not in header:
+                        raise DataFormatError(
+                            f"{path}:1: no {field!r} column (columns: {names(header)}; see `{fields.option(field)}`)"
+                        )
+                start = reader.line_num + 1
+                for row in reader:
+                    line, start = start, reader.line_num + 1
+                    if not row or (len(row) == 1 and not row[0].strip()):
+                        continue  # a blank line
+                    if len(row) != len(header):
+                        hint = "a tab inside a text?" if tsv else "quote a text holding a comma"
+                        raise DataFormatError(
+                            f"{path}:{line}: {len(row)} fields where the header has {len(header)} ({hint})"
+                        )
+                    record: dict[str, Optional[str]] = dict(zip(header, row))
+                    if not require_label and record.get(fields.label) == "":
+                        record[fields.label] = None  # an input to predict without a known label
+                    where = f"{path}:{line}"
+                    examples.append(_example(record, where, line, fields, require_label, numbers_as_text=True))
+            except csv.Error as err:
+                raise DataFormatError(f"{path}:{reader.line_num}: malformed {kind} ({err})") from None
+    except UnicodeDecodeError:
+        check_utf8(path)  # names the line
+        raise
+    if not examples:
+        raise DataFormatError(f"{path} holds no examples")
+    return examples
+
+
+def read_table(table: Dataset, source: Source, fields: Fields, require_label: bool, option: str) -> Split:
+    """The examples of a ``datasets`` table (a Parquet file, a Hub split), by 0-based row. A ``ClassLabel`` label
+    column gives its names as labels; its -1 (no label) is an error in a labeled split."""
+    for field in fields.required(require_label):
+        if field not in table.column_names:
+            raise DataFormatError(
+                f"{source.name}: no {field!r} column (columns: {names(table.column_names)}; see"
+                f" `{fields.option(field)}`)"
+            )
+    feature = table.features.get(fields.label)
+    class_names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+    present = [field for field in (*fields.inputs(), fields.label) if field in table.column_names]
+    data = table.select_columns(present).to_dict()
+    examples = []
+    for row in range(len(table)):
+        record = {field: data[field][row] for field in present}
+        label = record.get(fields.label)
+        if class_names is not None and isinstance(label, int):
+            if label < 0 and require_label:
+                what = "split" if option.endswith("_split") else "file"
+                raise DataFormatError(
+                    f"{source.at(row)}: label {label} marks an unlabeled example: the {what} has no labels; choose a"
+                    f" labeled {what} with --data.init_args.{option}"
+                )
+            record[fields.label] = None if label < 0 else class_names[label]
+        examples.append(_example(record, source.at(row), row, fields, require_label))
+    if not examples:
+        raise DataFormatError(f"{source.name} holds no examples")
+    return Split(source, examples, class_names)
+
+
+def _example(
+    record: Mapping[str, Any],
+    where: str,
+    line: int,
+    fields: Fields,
+    require_label: bool,
+    numbers_as_text: bool = False,
+) -> Example:
+    """One checked example: string texts, and a label that is a non-empty string or an integer (kept as its digits).
+    ``numbers_as_text``: labels are text (CSV, TSV), where a decimal number such as ``1.0`` is an error."""
+    texts = []
+    for field in fields.inputs():
+        text = record[field]
+        if not isinstance(text, str):
+            raise DataFormatError(f"{where}: {field!r} must be a string, got {_show(text)}")
+        texts.append(text)
+    pair = texts[1] if len(texts) > 1 else None
+    label = record.get(fields.label)
+    if label is None and not require_label:
+        return Example(line, texts[0], None, pair)
+    if isinstance(label, int) and not isinstance(label, bool):
+        label = str(label)  # class ids as labels: their names are the numbers
+    if not isinstance(label, str) or not label:
+        raise DataFormatError(
+            f"{where}: {fields.label!r} must be a non-empty string or an integer, got {_show(label)}"
+        )
+    if numbers_as_text and _DECIMAL.fullmatch(label.strip()):
+        raise DataFormatError(
+            f"{where}: {fields.label!r} is {label!r}, a decimal number: labels are class names or integer ids"
+        )
+    return Example(line, texts[0], label, pair)
+
+
+def is_empty(example: Example) -> bool:
+    return not example.text.strip() and not (example.text_pair or "").strip()
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value, default=repr)[:40]
+
+
+def names(names: Any) -> str:
+    return ", ".join(repr(name) for name in names) or "none"
+
+
+def label_order(label: str) -> tuple[int, int, str]:
+    """Numbers first, in numeric order, then the other labels alphabetically."""
+    number = label.isdigit() or (label.startswith("-") and label[1:].isdigit())
+    return (0, int(label), "") if number else (1, 0, label)
+
+
+def check_known_labels(source: Source, examples: list[Example], classes: set[str]) -> None:
+    for example in examples:
+        if example.label not in classes:
+            raise DataFormatError(
+                f"{source.at(example.line)}: label {example.label!r} never occurs in the train split"
+            )
+
+
+def decode(line: bytes, path: Path, lineno: int) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataFormatError(
+            f"{path}:{lineno}: not valid UTF-8 (byte 0x{line[err.start]:02x} at byte {err.start + 1} of the line);"
+            " save the file as UTF-8, e.g. `iconv -f <its encoding> -t UTF-8`"
+        ) from None
+
+
+def check_utf8(path: Path) -> None:
+    """Raise a `DataFormatError` naming the first line of `path` that is not UTF-8, if any."""
+    with path.open("rb") as lines:
+        for lineno, line in enumerate(lines, start=1):
+            decode(line, path, lineno)
+
+
+def _lines(numbers: list[int], noun: str = "line", shown: int = 10) -> str:
+    """'line 22', 'lines 3, 6', or the first `shown` and how many more."""
+    listed = ", ".join(map(str, numbers[:shown]))
+    more = f" and {len(numbers) - shown} more" if len(numbers) > shown else ""
+    return f"{noun}{'' if len(numbers) == 1 else 's'} {listed}{more}"
