@@ -70,10 +70,10 @@ from datamodules.reading import (
 from datamodules.sampling import DevSampleSampler, MicroBatches, PlainDict, SeededMasking, SourceSampler, WithMaskKeys
 from lightning_tartan.module import MONITOR_METRICS
 from lightning_tartan.packaged_encoders import local_copy
+from lightning_tartan.weighting import END_TASK, META_DEV, META_DEV_GRAD, RESERVED_SOURCES
 
 log = logging.getLogger(__name__)
 
-RESERVED_SOURCES = ("end_task", "meta_dev", "meta_dev_grad")
 #: labeled-split formats, by file suffix (``predict_file`` also reads ``.txt``: one text per line)
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 #: the keys of an ``aux_corpora`` entry read with ``datasets.load_dataset``
@@ -579,14 +579,14 @@ class EndTaskDataModule(LightningDataModule):
         world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         seed = self.run_seed
         masking = SeededMasking(DataCollatorForLanguageModeling(self.tokenizer, mlm_probability=self.mlm_probability))
-        sources = {"end_task": (self.splits["train"], self.batch_size)}
+        sources = {END_TASK: (self.splits["train"], self.batch_size)}
         sources.update({name: (docs, self.aux_batch_size) for name, docs in self.corpora.items()})
         num_batches = max(math.ceil(math.ceil(len(data) / world_size) / size) for data, size in sources.values())
         # each source gets its own seed: the TAPT corpus is the train texts in the same order, and equal
         # seeds over equal lengths would pair every end-task batch with the same texts to reconstruct
         loaders = {}
         for i, (name, (data, batch_size)) in enumerate(sources.items()):
-            corpus = name != "end_task"
+            corpus = name != END_TASK
             sampler = SourceSampler(data, batch_size, num_batches, world_size, rank, seed + i, mask_keys=corpus)
             if corpus:
                 loaders[name] = self._step_loader(WithMaskKeys(data), batch_size, masking, sampler, seed)
@@ -594,7 +594,7 @@ class EndTaskDataModule(LightningDataModule):
                 loaders[name] = self._step_loader(data, batch_size, self._padding_collator(), sampler, seed)
         if self.include_meta_dev:
             dev = self.splits["dev"]
-            samples = {"meta_dev": self.dev_batch_size, "meta_dev_grad": self.dev_grad_batch_size}
+            samples = {META_DEV: self.dev_batch_size, META_DEV_GRAD: self.dev_grad_batch_size}
             for offset, (name, size) in enumerate(samples.items(), start=len(sources)):
                 sampler = DevSampleSampler(dev, size, num_batches, seed=seed + offset)
                 loaders[name] = self._step_loader(dev, size, self._padding_collator(), sampler, seed)

@@ -13,10 +13,7 @@ from torch import Tensor, nn
 
 from lightning_tartan.dev_head import DevHead
 from lightning_tartan.task_gradients import TaskGradientCosines
-from lightning_tartan.weighting import EncoderAccess, Weighting
-
-#: the dev sample META-TARTAN's dev head is fitted on, and the fresh one its held-out dev gradient is taken on
-META_DEV, META_DEV_GRAD = "meta_dev", "meta_dev_grad"
+from lightning_tartan.weighting import META_DEV, META_DEV_GRAD, EncoderAccess, Weighting
 
 
 class MetaWeighting(Weighting):

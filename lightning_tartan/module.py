@@ -37,6 +37,7 @@ from lightning_tartan.model_card import end_task_model_card
 from lightning_tartan.packaged_encoders import local_copy
 from lightning_tartan.weighting import (
     END_TASK,
+    RESERVED_SOURCES,
     AuxOnlyWeighting,
     EncoderAccess,
     EqualWeighting,
@@ -547,5 +548,6 @@ def _check_options(options: dict[str, Any]) -> None:
         raise ValueError(f"monitor_metric={options['monitor_metric']!r} is not one of {MONITOR_METRICS}")
     if options["label_names"] is not None and len(options["label_names"]) != options["num_labels"]:
         raise ValueError(f"label_names has {len(options['label_names'])} names but num_labels={options['num_labels']}")
-    if len(set(options["aux_objectives"])) != len(options["aux_objectives"]) or END_TASK in options["aux_objectives"]:
-        raise ValueError(f"aux_objectives must be distinct names other than {END_TASK!r}: {options['aux_objectives']}")
+    aux = list(options["aux_objectives"])
+    if len(set(aux)) != len(aux) or set(aux) & set(RESERVED_SOURCES):
+        raise ValueError(f"aux_objectives must be distinct names other than {RESERVED_SOURCES}: {aux}")

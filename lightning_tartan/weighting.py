@@ -21,7 +21,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-END_TASK = "end_task"
+#: the reserved source names of a training batch, beside one per auxiliary corpus: the labeled end task, and the two
+#: dev samples META-TARTAN fits its dev head on and takes its held-out dev gradient on
+END_TASK, META_DEV, META_DEV_GRAD = "end_task", "meta_dev", "meta_dev_grad"
+RESERVED_SOURCES = (END_TASK, META_DEV, META_DEV_GRAD)
 
 
 @dataclass
