@@ -63,15 +63,21 @@ class DevHead:
         self.head = head.requires_grad_(False)
 
     def gradient(
-        self, features: Tensor, labels: Tensor, params: Sequence[nn.Parameter], loss_scale: float = 1.0
+        self,
+        features: Tensor,
+        labels: Tensor,
+        params: Sequence[nn.Parameter],
+        scale_loss: Optional[Callable[[Tensor], Tensor]] = None,
     ) -> list[Tensor]:
         """Gradient of the fitted head's loss on `features` (computed with a graph) w.r.t. each of `params`, fp32.
 
-        `loss_scale` multiplies the loss before differentiation so fp16 gradients do not underflow; only the
-        direction of the result is used.
+        `scale_loss` (fp16's loss scaling) multiplies the loss before differentiation so fp16 gradients do not
+        underflow; only the direction of the result is used.
         """
         if self.head is None:
             raise RuntimeError("DevHead.gradient() before fit()")
-        loss = F.cross_entropy(self.head(features).float(), labels) * loss_scale
+        loss = F.cross_entropy(self.head(features).float(), labels)
+        if scale_loss is not None:
+            loss = scale_loss(loss)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         return [(g if g is not None else torch.zeros_like(p)).float() for g, p in zip(grads, params)]

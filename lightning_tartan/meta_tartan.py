@@ -130,7 +130,7 @@ class MetaWeighting(Weighting):
                 features = model.cls_features(grad_sample)
             if new_step or self.dev_head.head is None:
                 self._fit_dev_head(fit_sample, model, features.detach() if self.in_sample else None)
-            return self.dev_head.gradient(features, grad_sample["labels"], self.cosines.params, model.loss_scale)
+            return self.dev_head.gradient(features, grad_sample["labels"], self.cosines.params, model.scale_loss)
         finally:
             model.encoder.train(was_training)
 

@@ -11,7 +11,7 @@ import math
 import os
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, ContextManager, Literal, Mapping, Optional, Sequence
+from typing import Any, Callable, ContextManager, Literal, Mapping, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -233,17 +233,18 @@ class TartanModule(pl.LightningModule):
         """What a weighting strategy may read from the model at this step."""
         # the run's seed and the step fix what the strategy draws: the same on every rank, new across seeds
         seed = self.run_seed * 1_000_003 + self.global_step
-        return EncoderAccess(self.encoder, self._cls_features, self._loss_scale(), seed)
+        return EncoderAccess(self.encoder, self._cls_features, self._loss_scaler(), seed)
 
     def _cls_features(self, sample: dict[str, Tensor]) -> Tensor:
         return self.encode(sample)[:, 0]
 
-    def _loss_scale(self) -> float:
+    def _loss_scaler(self) -> Callable[[Tensor], Tensor]:
+        """fp16's loss scaling (`GradScaler.scale`: a multiplication on the device, no host sync), else identity."""
         try:
             scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         except RuntimeError:  # not attached to a Trainer (a direct call from a notebook or test)
-            return 1.0
-        return float(scaler.get_scale()) if scaler is not None else 1.0
+            scaler = None
+        return scaler.scale if scaler is not None else _unscaled
 
     # ----- training -----------------------------------------------------------------------------------------
 
@@ -285,8 +286,9 @@ class TartanModule(pl.LightningModule):
         weights = self.weighting.weights()
         active = self.weighting.active
         losses: dict[str, list[Tensor]] = {name: [] for name in active}
+        access = self.encoder_access()
         for index, micro_batch in enumerate(steps):
-            self.weighting.start_micro_batch(micro_batch, self.encoder_access(), first=index == 0)
+            self.weighting.start_micro_batch(micro_batch, access, first=index == 0)
             for name in active:
                 loss = self.objective_loss(name, micro_batch)
                 with self.gradient_sync(last=index == len(steps) - 1 and name == active[-1]):
@@ -507,6 +509,10 @@ def _build_weighting(
         init_std=getattr(config, "initializer_range", 0.02),
         **{option: hparams[option] for option in meta_options},
     )
+
+
+def _unscaled(loss: Tensor) -> Tensor:
+    return loss
 
 
 def _as_list(value: Any) -> Any:

@@ -36,8 +36,9 @@ class EncoderAccess:
     encoder: nn.Module
     #: a labeled sample's first-token features through the encoder, with a graph when grad is enabled
     cls_features: Callable[[dict[str, Tensor]], Tensor]
-    #: the fp16 loss scale (1 otherwise), so gradients taken outside the objectives' backward do not underflow
-    loss_scale: float
+    #: multiplies a loss by fp16's loss scale (identity otherwise), so gradients taken outside the objectives'
+    #: backward do not underflow
+    scale_loss: Callable[[Tensor], Tensor]
     #: a seed for what the strategy draws at this step: the same on every rank and after a resume, new every step
     seed: int
 
