@@ -1,7 +1,7 @@
 """The `tartan` command: Lightning's CLI over `TartanModule` and the end-task data modules.
 
-    tartan fit --config configs/citation_intent/meta_tartan.yaml
-    tartan test --config configs/citation_intent/meta_tartan.yaml --ckpt_path path/to/best.ckpt
+    tartan fit --config configs/tasks/citation_intent.yaml --config configs/methods/meta_tartan.yaml
+    tartan test --config lightning_logs/version_0/config.yaml --ckpt_path path/to/best.ckpt
 
 What the data module knows (number of classes, label names, auxiliary corpora, the metric the task is scored
 by) is linked into the model and the default callbacks, so it is never typed twice.
@@ -28,6 +28,8 @@ from lightning_tartan.predictions import PredictionWriter
 CSV_LOGGER = "pytorch_lightning.loggers.CSVLogger"
 TQDM_BAR = "pytorch_lightning.callbacks.TQDMProgressBar"
 DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
+#: in a method config's paths, the task's name (`task_name`)
+TASK = "{task}"
 
 
 def dev_metric_key(monitor_metric: str) -> str:
@@ -114,6 +116,7 @@ class TartanCLI(LightningCLI):
             # its checkpoint folder, which must equal the stored one for the best dev score to be restored
             save_dir = str(Path(config.trainer.default_root_dir or ".").resolve())
             config.trainer.logger = Namespace(class_path=CSV_LOGGER, init_args=Namespace(save_dir=save_dir))
+        _fill_task(config)
         self._check_encoder(config.model.encoder_name_or_path)
         if self.subcommand == "fit" and config.ckpt_path == "last":
             self._resume_last(config)
@@ -125,7 +128,7 @@ class TartanCLI(LightningCLI):
         if not is_hub_model_id(encoder):
             self.parser.error(
                 f"--model.encoder_name_or_path {encoder}: no such folder (a TAPT/DAPT export exists once its "
-                "stage-1 config, e.g. configs/<task>/tapt.yaml, has been fit)"
+                "stage-1 config, e.g. configs/methods/tapt.yaml, has been fit)"
             )
         try:
             AutoConfig.from_pretrained(encoder)  # cached after the first run; the model loads the same file
@@ -192,6 +195,31 @@ def tartan_cli(args: ArgsType = None, run: bool = True) -> TartanCLI:
         args=args,
         run=run,
     )
+
+
+def task_name(data: Namespace) -> str:
+    """What `{task}` stands for in a method config's paths (`exports/{task}/tapt`): the name of the task's data
+    folder, or of its Hub dataset, so one method config serves every task."""
+    init_args = getattr(data, "init_args", None)
+    source = getattr(init_args, "data_dir", None) or getattr(init_args, "dataset", None) or "task"
+    return Path(str(source).rstrip("/")).name
+
+
+def _fill_task(config: Namespace) -> None:
+    """Put the task's name into the paths that hold `{task}`: the encoder (and its linked tokenizers) and the
+    folders callbacks write to."""
+    task = task_name(config.data)
+    model, data_args = config.model, getattr(config.data, "init_args", None)
+    paths = ((model, "encoder_name_or_path"), (model, "tokenizer_name_or_path"), (data_args, "tokenizer_name_or_path"))
+    for owner, key in paths:
+        value = getattr(owner, key, None)
+        if isinstance(value, str) and TASK in value:
+            setattr(owner, key, value.replace(TASK, task))
+    for callback in config.trainer.callbacks or []:
+        init_args = getattr(callback, "init_args", None)
+        dirpath = getattr(init_args, "dirpath", None)
+        if isinstance(dirpath, str) and TASK in dirpath:
+            init_args.dirpath = dirpath.replace(TASK, task)
 
 
 def _root_cause(error: BaseException) -> BaseException:

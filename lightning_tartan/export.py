@@ -91,7 +91,7 @@ class ExportEncoder(pl.Callback):
     """At the end of fit, write the encoder and its MLM head to `dirpath` with `TartanModule.save_mlm_model`.
 
     The folder loads with `AutoModelForMaskedLM`, so it is a valid `model.encoder_name_or_path` for the next
-    stage (e.g. `configs/<task>/tapt_finetune.yaml`). It holds the final weights: continued pre-training has
+    stage (e.g. `configs/methods/tapt_finetune.yaml`). It holds the final weights: continued pre-training has
     no dev metric to pick a "best" epoch by.
     """
 

@@ -155,7 +155,7 @@ def _warn_about_new_weights(name_or_path: str, mlm_model: PreTrainedModel, missi
         rank_zero_warn(
             f"encoder_name_or_path={name_or_path!r} has no pretrained masked-LM head: {len(missing_head)} of its "
             f"{total} tensors ({', '.join(missing_head)}) start random, so the MLM objectives' first gradients into "
-            "the encoder are noise. Fit the head first with the encoder frozen: configs/<task>/mlm_head_warmup.yaml "
+            "the encoder are noise. Fit the head first with the encoder frozen: configs/methods/mlm_head_warmup.yaml "
             "(or `freeze_encoder=True, weighting='aux_only'`), then train from its export."
         )
     missing_encoder = sorted(key for key in missing_keys if key.startswith(f"{prefix}."))

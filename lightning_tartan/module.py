@@ -90,13 +90,13 @@ class TartanModule(pl.LightningModule):
         lr_schedule: `linear` (warm-up, then linear decay to 0: the paper's multitask schedule) or `constant`
             (warm-up, then constant: the "Don't Stop Pretraining" classifier and the post-hoc stage).
         freeze_encoder: train only the heads. With `weighting="aux_only"` this fits a missing MLM head before
-            multitasking (`configs/<task>/mlm_head_warmup.yaml`); with `none`, it is a linear probe.
+            multitasking (`configs/methods/mlm_head_warmup.yaml`); with `none`, it is a linear probe.
         meta_lr, dev_head_lr, dev_head_weight_decay, dev_head_steps, dev_head_tolerance, dev_gradient,
             dev_head_on_cached_features, per_task_grad_copies: META-TARTAN's options, handed to the strategy that
             owns its whole procedure, `lightning_tartan.meta_tartan.MetaWeighting` (their meaning is documented
             there); the other weightings take none. `dev_gradient="held_out"` is the paper's estimator.
         init_checkpoint: a `TartanModule` checkpoint whose weights (encoder, MLM head, end-task head) this module
-            starts from, e.g. a multitask run's best checkpoint for post-hoc fine-tuning (`configs/<task>/posthoc.yaml`).
+            starts from, e.g. a multitask run's best checkpoint for post-hoc fine-tuning (`configs/methods/posthoc.yaml`).
             Read at construction and not stored in the hyper-parameters, so this module's own checkpoints load
             without it.
         sparse_mlm: the MLM head's vocabulary projection only at masked positions. With
@@ -334,7 +334,8 @@ class TartanModule(pl.LightningModule):
         else:
             scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
         # the name prefixes the learning rates `LearningRateMonitor` logs: train/lr/encoder, train/lr/head, ...
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
+        schedule = {"scheduler": scheduler, "interval": "step", "name": "train/lr"}
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """Learning rates go to the run's loggers once per optimizer step, wherever the module is trained."""
@@ -549,7 +550,7 @@ def _check_options(options: dict[str, Any]) -> None:
     if options["weighting"] not in WEIGHTINGS:
         raise ValueError(f"weighting={options['weighting']!r} is not one of {sorted(WEIGHTINGS)}")
     if options["weighting"] == "meta" and options["freeze_encoder"]:
-        raise ValueError("weighting='meta' weighs objectives by their encoder gradients; freeze_encoder=True leaves none")
+        raise ValueError("weighting='meta' weighs objectives by their encoder gradients: freeze_encoder=True has none")
     if options["monitor_metric"] not in MONITOR_METRICS:
         raise ValueError(f"monitor_metric={options['monitor_metric']!r} is not one of {MONITOR_METRICS}")
     if options["label_names"] is not None and len(options["label_names"]) != options["num_labels"]:

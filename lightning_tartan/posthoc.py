@@ -3,7 +3,7 @@
 The authors' code (ldery/TARTAN, `finetune_primary_task`) reloads the best multitask checkpoint, fine-tunes encoder
 and end-task head on the end task alone (AdamW at 5e-6, no schedule, up to 10 epochs, patience 3) and reports the
 test score of whichever model, before or after, is better on dev; the fine-tuned one must be strictly better.
-Here that stage is an ordinary fit (`configs/<task>/posthoc.yaml`, `TartanModule(init_checkpoint=...)`) plus this
+Here that stage is an ordinary fit (`configs/methods/posthoc.yaml`, `TartanModule(init_checkpoint=...)`) plus this
 callback, which scores the starting model and makes the choice.
 """
 import json

@@ -52,7 +52,7 @@ Table = dict[str, dict[str, dict[str, Any]]]
 
 @dataclass(frozen=True)
 class Fit:
-    """One `tartan fit --config configs/<task>/<config>.yaml` stage.
+    """One `tartan fit --config configs/tasks/<task>.yaml --config configs/methods/<config>.yaml` stage.
 
     `name` is its folder: methods that list an equal Fit share that one run. `config` is also the key of the
     profile's extra options for the stage.
@@ -313,7 +313,8 @@ def encoder_of(settings: Settings, chain: Chain, fit: Fit) -> str:
 
 
 def fit_command(settings: Settings, chain: Chain, fit: Fit, folder: Path) -> list[str]:
-    command = [settings.tartan, "fit", "--config", str(CONFIGS / chain.task / f"{fit.config}.yaml")]
+    command = [settings.tartan, "fit", "--config", str(CONFIGS / "tasks" / f"{chain.task}.yaml")]
+    command += ["--config", str(CONFIGS / "methods" / f"{fit.config}.yaml")]
     if fit.exports:
         command += ["--config", str(folder / "export_overlay.yaml")]
     command += settings.profile.options(fit.config)
@@ -347,7 +348,7 @@ def prepare_stage(settings: Settings, chain: Chain, step: Step, folder: Path) ->
     if step.test:
         return test_command(settings, chain, step.fit, folder)
     if step.fit.exports:
-        config = CONFIGS / chain.task / f"{step.fit.config}.yaml"
+        config = CONFIGS / "methods" / f"{step.fit.config}.yaml"
         write_export_overlay(config, folder / "export", folder / "export_overlay.yaml")
     return fit_command(settings, chain, step.fit, folder)
 

@@ -62,12 +62,13 @@ def plain_argv(monkeypatch):
 @pytest.fixture(scope="session")
 def hyperpartisan_dir(tmp_path_factory) -> Path:
     """A tiny HyperPartisan folder, including the DAPT corpus its configs ask the user to supply."""
-    folder = tmp_path_factory.mktemp("hyperpartisan")
+    folder = tmp_path_factory.mktemp("data") / "hyperpartisan"  # its name is the task's, as in exports/{task}/
+    folder.mkdir()
     article = "the senate passed the bill after a long debate about the budget . " * 10
     for split, n in (("train", 12), ("dev", 6), ("test", 6)):
         rows = [{"text": f"{article} {i}", "label": ["false", "true"][i % 2]} for i in range(n)]
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    (folder / "user_supplied_news_corpus.txt").write_text("a news article about the economy .\n" * 12)
+    (folder / "domain.1xTAPT.txt").write_text("a news article about the economy .\n" * 12)
     return folder
 
 
@@ -90,8 +91,10 @@ def multitask_checkpoint(tiny_encoder, data_dir_for, tmp_path):
     return make
 
 
-def config_path(task: str, method: str) -> Path:
-    return CONFIGS / task / f"{method}.yaml"
+def config_args(task: str, method: str) -> list[str]:
+    """`--config configs/tasks/<task>.yaml --config configs/methods/<method>.yaml`, as the README runs them."""
+    task_file, method_file = CONFIGS / "tasks" / f"{task}.yaml", CONFIGS / "methods" / f"{method}.yaml"
+    return ["--config", str(task_file), "--config", str(method_file)]
 
 
 def tartan_script() -> str:
@@ -109,15 +112,18 @@ def run_tartan(*args: str, env: dict | None = None) -> subprocess.CompletedProce
 # ---- shipped configs -------------------------------------------------------------------------------------
 
 
-def test_every_task_and_method_has_a_config():
-    shipped = {path.relative_to(CONFIGS).as_posix() for path in CONFIGS.glob("*/*.yaml")}
-    assert shipped == {f"{task}/{method}.yaml" for task, method in PAPER_CONFIGS}
+def test_every_task_and_method_is_one_file():
+    """A task is one file and a method is one file; every task x method is the two composed."""
+    assert {path.stem for path in (CONFIGS / "tasks").glob("*.yaml")} == set(TASKS)
+    assert {path.stem for path in (CONFIGS / "methods").glob("*.yaml")} == set(METHODS)
+    assert {path.parent.name for path in CONFIGS.glob("*/*.yaml")} == {"tasks", "methods"}
 
 
 @pytest.mark.parametrize(("task", "method"), PAPER_CONFIGS)
 def test_paper_config(task, method, tiny_encoder, data_dir_for, multitask_checkpoint, cache_dir, monkeypatch):
-    """Parsed and instantiated as `tartan fit --config configs/<task>/<method>.yaml`, from the repository root so
-    the shipped data paths resolve; only the encoder is swapped for the tiny one."""
+    """Parsed and instantiated as `tartan fit --config configs/tasks/<task>.yaml --config
+    configs/methods/<method>.yaml`, from the repository root so the shipped data paths resolve; only the encoder is
+    swapped for the tiny one."""
     monkeypatch.chdir(REPO)
     weighting, corpora = METHODS[method]
     overrides = ["--model.encoder_name_or_path", tiny_encoder, "--data.cache_dir", cache_dir]
@@ -125,10 +131,11 @@ def test_paper_config(task, method, tiny_encoder, data_dir_for, multitask_checkp
         overrides += ["--data.data_dir", str(data_dir_for(task))]
     if method == "posthoc":
         overrides += ["--model.init_checkpoint", multitask_checkpoint(task)]
-    cli = tartan_cli(["--config", str(config_path(task, method)), *overrides], run=False)
+    cli = tartan_cli([*config_args(task, method), *overrides], run=False)
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
 
-    stated_encoder = yaml.safe_load(config_path(task, method).read_text())["model"]["encoder_name_or_path"]
+    stated = yaml.safe_load((CONFIGS / "methods" / f"{method}.yaml").read_text())["model"]["encoder_name_or_path"]
+    stated_encoder = stated.replace("{task}", task)
     expected_encoder = {
         "tapt_finetune": f"exports/{task}/tapt",
         "dapt_finetune": f"exports/{task}/dapt",
@@ -187,11 +194,11 @@ def test_config_trains(task, method, tiny_encoder, data_dir_for, multitask_check
     """`tartan fit --config <config> --trainer.fast_dev_run true` with the tiny encoder: one batch of every
     objective the config trains, one dev batch, and its end-of-fit callbacks."""
     monkeypatch.chdir(tmp_path)  # exports, plots and checkpoints land here
-    config = CONFIGS / "quickstart.yaml" if method is None else config_path(task, method)
+    config = ["--config", str(CONFIGS / "quickstart.yaml")] if method is None else config_args(task, method)
     data_dir = data_dir_for("citation_intent" if method is None else task)
     start = ["--model.init_checkpoint", multitask_checkpoint(task)] if method == "posthoc" else []
     cli = tartan_cli(
-        ["fit", "--config", str(config), "--model.encoder_name_or_path", tiny_encoder, "--data.data_dir", str(data_dir)]
+        ["fit", *config, "--model.encoder_name_or_path", tiny_encoder, "--data.data_dir", str(data_dir)]
         + ["--data.cache_dir", cache_dir, "--trainer.fast_dev_run=true", *SMALL, *start]
     )
 
@@ -214,14 +221,14 @@ def test_tapt_export_is_the_encoder_of_tapt_finetune(tiny_encoder, data_root, ca
     monkeypatch.chdir(tmp_path)
     small = ["--data.data_dir", str(data_root / "citation_intent"), "--data.cache_dir", cache_dir, *SMALL]
     small.append("--trainer.fast_dev_run=true")
-    tapt_config = str(config_path("citation_intent", "tapt"))
-    tapt = tartan_cli(["fit", "--config", tapt_config, "--model.encoder_name_or_path", tiny_encoder, *small])
+    tapt_config = config_args("citation_intent", "tapt")
+    tapt = tartan_cli(["fit", *tapt_config, "--model.encoder_name_or_path", tiny_encoder, *small])
     exported = AutoModelForMaskedLM.from_pretrained(tmp_path / "exports" / "citation_intent" / "tapt")
     trained = tapt.model.encoder.state_dict()
     assert all(torch.equal(trained[k], v) for k, v in exported.base_model.state_dict().items() if k in trained)
 
     # the fine-tuning config names the folder itself: no encoder override here
-    finetune = tartan_cli(["--config", str(config_path("citation_intent", "tapt_finetune")), *small], run=False)
+    finetune = tartan_cli([*config_args("citation_intent", "tapt_finetune"), *small], run=False)
     assert finetune.model.hparams.encoder_name_or_path == "exports/citation_intent/tapt"
     assert finetune.datamodule.tokenizer_name_or_path == "exports/citation_intent/tapt"
     for name, value in finetune.model.encoder.state_dict().items():
@@ -236,7 +243,7 @@ def test_seed_everything_drives_data_order_and_dev_samples(tiny_encoder, data_ro
     orders = {}
     for seed in (1, 2):
         cli = tartan_cli(
-            ["--config", str(config_path("citation_intent", "meta_tartan")), "--seed_everything", str(seed)]
+            [*config_args("citation_intent", "meta_tartan"), "--seed_everything", str(seed)]
             + ["--model.encoder_name_or_path", tiny_encoder, "--data.cache_dir", cache_dir, *SMALL],
             run=False,
         )
@@ -253,12 +260,12 @@ def test_posthoc_stage_from_the_command_line(tiny_encoder, data_root, cache_dir,
     common = [f"--model.encoder_name_or_path={tiny_encoder}", f"--data.data_dir={data_root / 'citation_intent'}"]
     common += [f"--data.cache_dir={cache_dir}", "--trainer.limit_val_batches=2", *SMALL]
     meta = tartan_cli(
-        ["fit", "--config", str(config_path("citation_intent", "meta_tartan")), *common]
+        ["fit", *config_args("citation_intent", "meta_tartan"), *common]
         + ["--trainer.max_steps=4", "--trainer.val_check_interval=4"]
     )
     best = meta.trainer.checkpoint_callback.best_model_path
     posthoc = tartan_cli(
-        ["fit", "--config", str(config_path("citation_intent", "posthoc")), *common, "--model.init_checkpoint", best]
+        ["fit", *config_args("citation_intent", "posthoc"), *common, "--model.init_checkpoint", best]
         + ["--trainer.max_epochs=2", "--trainer.limit_train_batches=4"]
     )
     log_dir = Path(posthoc.trainer.log_dir)
@@ -282,7 +289,7 @@ def test_posthoc_stage_from_the_command_line(tiny_encoder, data_root, cache_dir,
 def acl_arc_baseline(tiny_encoder: str, data_root: Path, cache_dir: str) -> list[str]:
     """`tartan` options of a small ACL-ARC fine-tuning run with the tiny encoder."""
     return [
-        f"--config={config_path('citation_intent', 'baseline')}",
+        *config_args("citation_intent", "baseline"),
         f"--model.encoder_name_or_path={tiny_encoder}",
         f"--data.data_dir={data_root / 'citation_intent'}",
         f"--data.cache_dir={cache_dir}",
@@ -403,7 +410,7 @@ def test_ctrl_c_then_ckpt_path_last_finishes_like_an_uninterrupted_run(tiny_enco
     last`: the weights, task weights and best dev score at the end are those of a run never interrupted."""
     command = [
         "fit",
-        f"--config={config_path('citation_intent', 'meta_tartan')}",
+        *config_args("citation_intent", "meta_tartan"),
         f"--model.encoder_name_or_path={tiny_encoder}",
         f"--data.data_dir={data_root / 'citation_intent'}",
         f"--data.cache_dir={cache_dir}",
@@ -441,7 +448,7 @@ def test_runs_log_to_csv_unless_told_otherwise(tiny_encoder, data_root, cache_di
     """metrics.csv in every run folder, whether or not tensorboard is installed (Lightning would switch to it)."""
     monkeypatch.chdir(tmp_path)
     cli = tartan_cli(
-        ["--config", str(config_path("citation_intent", "baseline")), f"--model.encoder_name_or_path={tiny_encoder}"]
+        [*config_args("citation_intent", "baseline"), f"--model.encoder_name_or_path={tiny_encoder}"]
         + [f"--data.data_dir={data_root / 'citation_intent'}", f"--data.cache_dir={cache_dir}"],
         run=False,
     )
@@ -478,7 +485,7 @@ def test_last_checkpoint_is_the_final_state(tiny_encoder, data_root, cache_dir, 
     """Lightning's own `last.ckpt` stops at the last improvement; ours holds the last step of the run."""
     monkeypatch.chdir(tmp_path)
     cli = tartan_cli(
-        ["fit", "--config", str(config_path("citation_intent", "baseline")), f"--model.encoder_name_or_path={tiny_encoder}"]
+        ["fit", *config_args("citation_intent", "baseline"), f"--model.encoder_name_or_path={tiny_encoder}"]
         + [f"--data.data_dir={data_root / 'citation_intent'}", f"--data.cache_dir={cache_dir}", *SMALL]
         + ["--trainer.max_steps=5", "--trainer.val_check_interval=2", "--trainer.check_val_every_n_epoch=null"]
         + ["--trainer.limit_val_batches=2", "--model.encoder_lr=1e-9", "--model.head_lr=1e-9"]  # no improvement after the first
@@ -510,7 +517,7 @@ def test_bad_data_file_is_one_line_naming_file_and_line(tiny_encoder, data_root,
     lines[6] = '{"text": "broken", "label": '
     (folder / "dev.jsonl").write_text("\n".join(lines) + "\n")
     result = run_tartan(
-        "fit", f"--config={config_path('citation_intent', 'baseline')}", f"--model.encoder_name_or_path={tiny_encoder}",
+        "fit", *config_args("citation_intent", "baseline"), f"--model.encoder_name_or_path={tiny_encoder}",
         f"--data.data_dir={folder}", f"--trainer.default_root_dir={tmp_path}",
     )
     assert result.returncode == 2
@@ -552,21 +559,22 @@ def test_missing_data_dir_fails_naming_it(tiny_encoder, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("config", "options", "message"),
+    ("configs", "options", "message"),
     [
-        ("quickstart.yaml", ["--trainer.accumulate_grad_batches=2"], "set --model.accumulate_grad_batches instead"),
+        (["quickstart"], ["--trainer.accumulate_grad_batches=2"], "set --model.accumulate_grad_batches instead"),
         # fine-tuning before the TAPT run has written its export
-        ("sciie/tapt_finetune.yaml", [], "--model.encoder_name_or_path exports/sciie/tapt: no such folder"),
+        (["tasks/sciie", "methods/tapt_finetune"], [], "--model.encoder_name_or_path exports/sciie/tapt: no such"),
         # post-hoc fine-tuning without the checkpoint it starts from
-        ("chemprot/posthoc.yaml", [], "--model.init_checkpoint is required for post-hoc fine-tuning"),
-        ("sciie/posthoc.yaml", ["--model.init_checkpoint=gone.ckpt"], "--model.init_checkpoint gone.ckpt: no such"),
+        (["tasks/chemprot", "methods/posthoc"], [], "--model.init_checkpoint is required for post-hoc fine-tuning"),
+        (["tasks/sciie", "methods/posthoc"], ["--model.init_checkpoint=gone.ckpt"], "--model.init_checkpoint gone.ckpt"),
         # a typo in a choice: refused at parse time, listing the choices, before the encoder loads
-        ("quickstart.yaml", ["--model.weighting=metaa"], "Got value: metaa"),
+        (["quickstart"], ["--model.weighting=metaa"], "Got value: metaa"),
     ],
 )
-def test_mistakes_fail_before_anything_loads(config, options, message, tmp_path, monkeypatch, capsys):
+def test_mistakes_fail_before_anything_loads(configs, options, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    config_files = [arg for config in configs for arg in ("--config", str(CONFIGS / f"{config}.yaml"))]
     with pytest.raises(SystemExit) as exit_info:
-        tartan_cli(["fit", "--config", str(CONFIGS / config), *options])
+        tartan_cli(["fit", *config_files, *options])
     assert exit_info.value.code != 0
     assert message in capsys.readouterr().err.splitlines()[-1]

@@ -67,8 +67,10 @@ def test_named_configs_exist():
     assert "configs/quickstart.yaml" in named
     assert not {path for path in named if not (REPO / path).is_file()}
     table = "\n".join(line for line in README.splitlines() if line.startswith("|"))
-    for name in re.findall(r"`(\w+\.yaml)`", table):  # the methods table names files of every configs/<task>/
-        assert all((REPO / "configs" / task / name).is_file() for task in TASKS), name
+    for name in re.findall(r"`(\w+\.yaml)`", table):  # the methods table names files of configs/methods/
+        assert (REPO / "configs" / "methods" / name).is_file(), name
+    for task in TASKS:
+        assert (REPO / "configs" / "tasks" / f"{task}.yaml").is_file(), task
 
 
 def test_results_section_is_the_committed_table_and_the_records_recompute_it():
