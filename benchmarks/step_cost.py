@@ -224,8 +224,8 @@ def resolve_encoder(name: Optional[str], workdir: Path) -> str:
     return str(path)
 
 
-def real_batches(args: argparse.Namespace, encoder: str, count: int) -> tuple[list[Batch], int]:
-    """`count` training batches from the ACL-ARC datamodule, collated up front, and the number of labels."""
+def real_batches(args: argparse.Namespace, encoder: str, count: int) -> tuple[list[Batch], CitationIntentDataModule]:
+    """`count` training batches from the ACL-ARC datamodule, collated up front, and the data module."""
     datamodule = CitationIntentDataModule(
         data_dir=str(args.data_dir),
         tokenizer_name_or_path=encoder,
@@ -244,7 +244,14 @@ def real_batches(args: argparse.Namespace, encoder: str, count: int) -> tuple[li
         if args.fixed_length is not None:
             batch = fixed_length(batch, args.fixed_length)
         batches.append({source: {k: v.to(args.device) for k, v in part.items()} for source, part in batch.items()})
-    return batches, datamodule.num_labels
+    return batches, datamodule
+
+
+def trained_task(datamodule: CitationIntentDataModule, corpora: tuple[str, ...]) -> CitationIntentDataModule:
+    """The task as a variant trains it, for `TartanModule.from_datamodule`: the same data module with only the
+    corpora the variant trains (the shared batches carry every corpus; a variant reads the ones it trains)."""
+    options = {**datamodule.hparams, "aux_corpora": {name: datamodule.aux_corpora[name] for name in corpora}}
+    return type(datamodule)(**options)
 
 
 def fixed_length(batch: Batch, length: int) -> Batch:
@@ -415,11 +422,13 @@ class Result:
 
 
 def fit_variant(
-    name: str, encoder: str, num_labels: int, batches: list[Batch], args: argparse.Namespace
+    name: str, encoder: str, datamodule: CitationIntentDataModule, batches: list[Batch], args: argparse.Namespace
 ) -> tuple[StepMeter, TartanModule]:
     """A fresh module fitted on `batches`; the same seed for every variant gives the same weights and dropout masks."""
     torch.manual_seed(0)
-    module = TartanModule(encoder_name_or_path=encoder, num_labels=num_labels, **VARIANTS[name])
+    options = dict(VARIANTS[name])
+    task = trained_task(datamodule, options.pop("aux_objectives"))
+    module = TartanModule.from_datamodule(task, encoder_name_or_path=encoder, **options)
     meter = StepMeter(args.warmup, args.device)
     trainer = pl.Trainer(
         accelerator="gpu" if args.device == "cuda" else "cpu",
@@ -442,7 +451,7 @@ def fit_variant(
 
 def run(args: argparse.Namespace, encoder: str) -> tuple[dict[str, Result], list[Batch], int]:
     """Round-robin: round r fits every variant on the warm-up batches then timed batches r, r + R, r + 2R, ..."""
-    batches, num_labels = real_batches(args, encoder, args.warmup + args.steps)
+    batches, datamodule = real_batches(args, encoder, args.warmup + args.steps)
     warmup, timed = batches[: args.warmup], batches[args.warmup :]
     results = {name: Result() for name in args.variants}
     encoder_params = 0
@@ -450,7 +459,7 @@ def run(args: argparse.Namespace, encoder: str) -> tuple[dict[str, Result], list
         shift = round_index % len(args.variants)  # rotate the order so no variant always runs first
         for name in args.variants[shift:] + args.variants[:shift]:
             round_batches = timed[round_index :: args.rounds]
-            meter, module = fit_variant(name, encoder, num_labels, warmup + round_batches, args)
+            meter, module = fit_variant(name, encoder, datamodule, warmup + round_batches, args)
             result = results[name]
             for clock, seconds in meter.seconds.items():
                 result.seconds[clock] += seconds
