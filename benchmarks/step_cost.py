@@ -266,12 +266,6 @@ def fixed_length(batch: Batch, length: int) -> Batch:
     return fixed
 
 
-def non_embedding_params(encoder: nn.Module) -> int:
-    """N of the FLOP formula: every parameter but the embedding tables, which are looked up, not multiplied."""
-    tables = sum(m.weight.numel() for m in encoder.modules() if isinstance(m, nn.Embedding))
-    return sum(p.numel() for p in encoder.parameters()) - tables
-
-
 def matmul_weights(head: nn.Module) -> int:
     """W of the FLOP formula: the weights of a head's linear layers (the MLM decoder is the tied embedding table)."""
     return sum(m.weight.numel() for m in head.modules() if isinstance(m, nn.Linear))
@@ -287,7 +281,9 @@ class FlopMeter:
 
     def __init__(self, module: TartanModule) -> None:
         config = module.encoder.config
-        self.shape = (non_embedding_params(module.encoder), config.num_hidden_layers, config.hidden_size)
+        # N of the FLOP formula: every parameter but the embedding tables, which are looked up, not multiplied
+        params = module.encoder.num_parameters(exclude_embeddings=True)
+        self.shape = (params, config.num_hidden_layers, config.hidden_size)
         self.head_weights = {head: matmul_weights(head) for head in (module.mlm_head, module.end_task_head)}
         self.dev_head_steps = module.hparams.dev_head_steps if module.weighting.needs_dev_samples else 0
         self.flops = 0
