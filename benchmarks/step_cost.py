@@ -243,7 +243,11 @@ def real_batches(args: argparse.Namespace, encoder: str, count: int) -> tuple[li
         batch, _, _ = next(loader)
         if args.fixed_length is not None:
             batch = fixed_length(batch, args.fixed_length)
-        batches.append({source: {k: v.to(args.device) for k, v in part.items()} for source, part in batch.items()})
+        # on the host, as a loader gives them: Lightning moves each to the device before its step, after the module's
+        # `on_before_batch_transfer` (pinned, so the copy does not hold up the host)
+        if args.device == "cuda":
+            batch = {name: {key: value.pin_memory() for key, value in part.items()} for name, part in batch.items()}
+        batches.append(batch)
     return batches, datamodule
 
 
@@ -351,7 +355,8 @@ class ProfilerMemory:
 
 class StepMeter(pl.Callback):
     """Times and counts the model FLOPs of every optimizer step (one batch each) after the warm-up, and measures
-    memory over the warm-up."""
+    memory over the warm-up. On CUDA it also counts the step's host-device synchronisations: the operations
+    `torch.cuda.set_sync_debug_mode` reports, each one a wait of the host for the device's queued work."""
 
     def __init__(self, warmup: int, device: str) -> None:
         self.warmup = warmup
@@ -359,6 +364,7 @@ class StepMeter(pl.Callback):
         self.memory: MemoryMeter = CudaMemory() if self.cuda else ProfilerMemory()
         self.seconds: dict[str, list[float]] = {"wall": [], "cpu": []}
         self.flops: list[int] = []
+        self.syncs: list[int] = []
         self.peak_bytes = 0
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -377,14 +383,26 @@ class StepMeter(pl.Callback):
     ) -> None:
         self.flop_meter.flops = 0
         self.started = self._now()
+        if self.cuda:
+            self.sync_warnings = warnings.catch_warnings(record=True)
+            self.sync_log = self.sync_warnings.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        syncs = None
+        if self.cuda:
+            torch.cuda.set_sync_debug_mode("default")
+            self.sync_warnings.__exit__(None, None, None)
+            syncs = sum("synchronizing" in str(warning.message) for warning in self.sync_log)
         now = self._now()
         if batch_idx >= self.warmup:
             for clock, seconds in self.seconds.items():
                 seconds.append(now[clock] - self.started[clock])
+            if syncs is not None:
+                self.syncs.append(syncs)
             self.flop_meter.add_dev_head(batch, pl_module.end_task_head)
             self.flops.append(self.flop_meter.flops)
         elif batch_idx == self.warmup - 1:
@@ -398,6 +416,7 @@ class Result:
     seconds: dict[str, list[float]] = field(default_factory=lambda: {"wall": [], "cpu": []})
     tokens: int = 0  # padded positions of the batches the variant trains on, over the timed steps
     flops: int = 0  # model FLOPs over the timed steps
+    syncs: list[int] = field(default_factory=list)  # host-device synchronisations of each timed step (CUDA only)
     peak_bytes: int = 0
 
     def median_s(self, clock: str) -> float:
@@ -415,6 +434,9 @@ class Result:
 
     def mfu(self, clock: str, peak_tflops: Optional[float]) -> Optional[float]:
         return None if peak_tflops is None else self.tflops_per_s(clock) / peak_tflops
+
+    def syncs_per_step(self) -> Optional[float]:
+        return statistics.median(self.syncs) if self.syncs else None
 
 
 def fit_variant(
@@ -461,6 +483,7 @@ def run(args: argparse.Namespace, encoder: str) -> tuple[dict[str, Result], list
                 result.seconds[clock] += seconds
             result.peak_bytes = max(result.peak_bytes, meter.peak_bytes)
             result.flops += sum(meter.flops)
+            result.syncs += meter.syncs
             result.tokens += sum(b[s]["input_ids"].numel() for b in round_batches for s in module.weighting.active)
             encoder_params = sum(p.numel() for p in module.encoder.parameters())
             del meter, module
@@ -502,6 +525,7 @@ def summarize(results: dict[str, Result], args: argparse.Namespace, encoder_para
         summary[f"{name}_tflops_per_s"] = result.tflops_per_s(clock)
         summary[f"{name}_mfu"] = result.mfu(clock, peak)
         summary[f"{name}_peak_mem_mb"] = result.peak_bytes / MB
+        summary[f"{name}_syncs_per_step"] = result.syncs_per_step()
     return summary
 
 
@@ -521,14 +545,16 @@ def report(results: dict[str, Result], summary: dict[str, Any], batches: list[Ba
           f"{summary['clock']} clock;\ntokens/s counts the padded positions of the objectives a variant trains "
           "(not meta_dev);\npeak MB is what torch allocates during the warm-up steps beyond weights and batches "
           "(CPU: torch.profiler allocation events, CUDA: max_memory_allocated);\nTFLOP/s and MFU count model FLOPs "
-          "(module docstring)\n")
+          "(module docstring); syncs: median host-device synchronisations per step (CUDA only)\n")
     clock = summary["clock"]
-    print(f"{'variant':12s} {'wall s':>8s} {'cpu s':>8s} {'tokens/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak MB':>8s}")
+    print(f"{'variant':12s} {'wall s':>8s} {'cpu s':>8s} {'tokens/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak MB':>8s} "
+          f"{'syncs':>5s}")
     for name, result in results.items():
-        mfu = summary[f"{name}_mfu"]
+        mfu, syncs = summary[f"{name}_mfu"], summary[f"{name}_syncs_per_step"]
         print(f"{name:12s} {result.median_s('wall'):8.3f} {result.median_s('cpu'):8.3f} "
               f"{result.tokens_per_s(clock):9.0f} {result.tflops_per_s(clock):8.3f} "
-              f"{'n/a' if mfu is None else f'{mfu:.1%}':>6s} {result.peak_bytes / MB:8.0f}")
+              f"{'n/a' if mfu is None else f'{mfu:.1%}':>6s} {result.peak_bytes / MB:8.0f} "
+              f"{'n/a' if syncs is None else f'{syncs:.0f}':>5s}")
     print()
     for key, (_, _, cpu_target, cuda_target) in RATIOS.items():
         target, issue = (cuda_target, 12) if summary["device"] == "cuda" else (cpu_target, 5)

@@ -6,7 +6,7 @@ every fitting step (the paper's code re-ran the encoder at each one; the module'
 respect to the encoder's parameters is taken with `torch.autograd.grad`, so `.grad` and DDP's reducer are left
 untouched, and it stays one tensor per parameter: no flat copy.
 """
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ class DevHead:
         max_steps: int = 10,
         tolerance: float = 1e-3,
         init_std: float = 0.02,
+        stop_on_device: Optional[bool] = None,
     ) -> None:
         if max_steps < 1:
             raise ValueError(f"dev_head_steps must be >= 1, got {max_steps}")
@@ -37,29 +38,46 @@ class DevHead:
         self.max_steps = max_steps
         self.tolerance = tolerance
         self.init_std = init_std
+        #: decide the early stop on the device (see `fit`); None: wherever the features are not on the CPU
+        self.stop_on_device = stop_on_device
         #: the head fitted by the last `fit`; a plain attribute, so it never enters a module's state_dict
         self.head: Optional[ClassificationHead] = None
 
-    def fit(self, features: Callable[[], Tensor], labels: Tensor, seed: int) -> None:
-        """Fit a fresh head on `features()`: AdamW, stopping early once the loss moves less than `tolerance`.
+    def fit(self, features: Union[Tensor, Callable[[], Tensor]], labels: Tensor, seed: int) -> None:
+        """Fit a fresh head on `features`: AdamW, stopped early once the loss moves less than `tolerance`.
 
+        On an accelerator, cached features (a tensor) are fitted without reading anything back to the host: every
+        one of `max_steps` steps runs, and once the loss has settled each further step is undone on the device, so
+        the head is the one an early stop leaves, without the host waiting for the device at every step. On the CPU
+        a read waits for nothing, and a callable (re-encoding at every step, the paper's code) would re-run the
+        encoder at every extra step: both stop on the host.
         `seed` fixes the head's initialisation, so every DDP rank (and a resumed run) fits the same head.
         """
         head = ClassificationHead(self.hidden_size, self.num_labels, dropout=0.0)
         head.reset_parameters(self.init_std, torch.Generator().manual_seed(seed))
         head.to(labels.device)
         optimizer = torch.optim.AdamW(head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        previous = None
+        cached = isinstance(features, Tensor)
+        on_device = self.stop_on_device if self.stop_on_device is not None else labels.device.type != "cpu"
+        on_device = on_device and cached
+        params = list(head.parameters())
+        settled = torch.zeros((), dtype=torch.bool, device=labels.device)
+        previous: Optional[Tensor] = None
         with torch.enable_grad():
             for _ in range(self.max_steps):
-                loss = F.cross_entropy(head(features()).float(), labels)
-                value = loss.item()  # the early stop reads the loss on the host: one sync per fitting step
-                if previous is not None and abs(previous - value) < self.tolerance:
-                    break
+                loss = F.cross_entropy(head(features if cached else features()).float(), labels)
+                if previous is not None:
+                    settled = settled | ((previous - loss.detach()).abs() < self.tolerance)
+                    if not on_device and settled.item():
+                        break
+                before = [param.detach().clone() for param in params] if on_device else []
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                previous = value
+                with torch.no_grad():
+                    for param, kept in zip(params, before):
+                        param.copy_(torch.where(settled, kept, param))
+                previous = loss.detach()
         self.head = head.requires_grad_(False)
 
     def gradient(

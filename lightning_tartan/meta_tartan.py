@@ -96,15 +96,14 @@ class MetaWeighting(Weighting):
         self.cosines.end_micro_batch()
 
     def end_step(self) -> dict[str, Tensor]:
-        """The meta step; skipped when a gradient overflowed (fp16), so inf/NaN never reach the weights."""
-        cosines = self.cosines.finish_step()
-        finite = bool(torch.stack(list(cosines.values())).isfinite().all())  # the step's one host sync
-        logs = {"meta_skipped": torch.tensor(float(not finite))}
-        if finite:
-            logs.update({f"cos_{name}": cosine for name, cosine in cosines.items()})
-            grad = -torch.stack([cosines[name] for name in self.objectives]).to(self.logits)
-            self.logits.sub_(self.meta_lr * grad)
-        return logs
+        """The meta step; skipped when a gradient overflowed (fp16), so inf/NaN never reach the weights. The skip is
+        decided on the device: reading the check on the host would make it wait for the step to finish."""
+        step_cosines = self.cosines.finish_step()
+        cosines = torch.stack([step_cosines[name] for name in self.objectives]).to(self.logits)
+        finite = cosines.isfinite().all()
+        self.logits.sub_(self.meta_lr * torch.where(finite, -cosines, 0.0))
+        logs = {f"cos_{name}": torch.where(finite, cosine, torch.nan) for name, cosine in zip(self.objectives, cosines)}
+        return {"meta_skipped": (~finite).float(), **logs}
 
     # ----- the dev gradient -------------------------------------------------------------------------------------
 
@@ -141,7 +140,7 @@ class MetaWeighting(Weighting):
 
         if self.dev_head_on_cached_features:
             cached = encoded() if features is None else features
-            self.dev_head.fit(lambda: cached, sample["labels"], seed=model.seed)
+            self.dev_head.fit(cached, sample["labels"], seed=model.seed)
         else:
             self.dev_head.fit(encoded, sample["labels"], seed=model.seed)
 

@@ -46,6 +46,8 @@ from lightning_tartan.weighting import (
 )
 
 MONITOR_METRICS = ("f1_macro", "accuracy")
+#: the key `on_before_batch_transfer` adds to an MLM micro-batch: the flat indices of its masked positions
+MASKED_POSITIONS = "masked_positions"
 #: what a task's data module knows (its attribute) -> the `TartanModule` option it sets; `tartan` links the same
 DATAMODULE_OPTIONS = {
     "num_labels": "num_labels",
@@ -211,11 +213,23 @@ class TartanModule(pl.LightningModule):
         if not self.hparams.sparse_mlm:
             logits = self.mlm_head(hidden)
             return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-        masked = labels != -100
-        logits = self.mlm_head(hidden[masked])
+        if MASKED_POSITIONS in batch:  # found on the host before the batch moved: no wait for the device here
+            positions = batch[MASKED_POSITIONS]
+        else:  # a batch that bypassed `on_before_batch_transfer` (a direct call): boolean indexing waits for the device
+            positions = labels.flatten().ne(-100).nonzero().squeeze(1)
+        logits = self.mlm_head(hidden.flatten(0, 1).index_select(0, positions))
         if logits.shape[0] == 0:
             return logits.sum() * 0.0
-        return F.cross_entropy(logits.float(), labels[masked])
+        return F.cross_entropy(logits.float(), labels.flatten().index_select(0, positions))
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With `sparse_mlm`, each MLM micro-batch gets the flat indices of its masked positions, found while the batch
+        is still on the host: selecting them on the device has a data-dependent size, which makes the host wait for
+        the device mid-step."""
+        if not self.hparams.sparse_mlm or not isinstance(batch, dict):
+            return batch
+        mlm = set(self.objectives[1:])
+        return {name: _with_masked_positions(source) if name in mlm else source for name, source in batch.items()}
 
     def objective_loss(self, name: str, batch: dict[str, Any]) -> Tensor:
         why = f"weighting={self.hparams.weighting!r} trains it; check the datamodule's corpora against aux_objectives"
@@ -481,6 +495,15 @@ def micro_batches(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
         shapes = {name: counts.get(name, "a single micro-batch") for name in batch}
         raise ValueError(f"every source of a training batch needs the same number of micro-batches, got {shapes}")
     return [{name: source[index] for name, source in batch.items()} for index in range(next(iter(counts.values())))]
+
+
+def _with_masked_positions(source: Any) -> Any:
+    if isinstance(source, (list, tuple)):
+        return [_with_masked_positions(part) for part in source]
+    labels = source.get("labels") if isinstance(source, dict) else None
+    if labels is None or labels.device.type != "cpu":
+        return source
+    return {**source, MASKED_POSITIONS: labels.flatten().ne(-100).nonzero().squeeze(1)}
 
 
 def _build_weighting(

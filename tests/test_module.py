@@ -1,6 +1,8 @@
 """Core behaviour of TartanModule: gradients, weights, updates, precision, DDP, resume, export."""
 import copy
+import inspect
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from synthetic import group, loader, make_batches
+from torch.overrides import TorchFunctionMode
 from transformers import AutoModelForSequenceClassification
 
 from lightning_tartan import TartanModule
@@ -204,10 +207,85 @@ def test_dev_head_fit_stops_early_when_loss_settles():
         return features
 
     DevHead(8, 2, lr=1e-9, max_steps=10, tolerance=1e-3).fit(count, labels, seed=0)
-    assert len(calls) == 2  # the second loss equals the first: stop
+    assert len(calls) == 2  # re-encoding at every step (the paper's code): the second loss equals the first, stop
     calls.clear()
     DevHead(8, 2, lr=1e-1, max_steps=10, tolerance=0.0).fit(count, labels, seed=0)
     assert len(calls) == 10
+
+
+@pytest.mark.parametrize("tolerance, fitting_steps", [(0.0, 10), (0.05, 7), (1.0, 2)])
+def test_dev_head_on_cached_features_stops_on_the_device_at_the_same_head(tolerance, fitting_steps):
+    """On an accelerator, cached features run every fitting step and undo those after the loss settles, reading
+    nothing on the host; the head is the one the host-side early stop leaves, whether the loss settles at once,
+    mid-way or never."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(32, 8, generator=generator)
+    labels = torch.randint(0, 3, (32,), generator=generator)
+    steps = []
+
+    def count() -> torch.Tensor:
+        steps.append(1)
+        return features
+
+    on_host = DevHead(8, 3, lr=0.5, max_steps=10, tolerance=tolerance)
+    on_host.fit(count, labels, seed=1)
+    on_device = DevHead(8, 3, lr=0.5, max_steps=10, tolerance=tolerance, stop_on_device=True)  # as on a GPU
+    with HostReads() as reads:
+        on_device.fit(features, labels, seed=1)
+    assert reads.calls == []
+    assert len(steps) == fitting_steps
+    for a, b in zip(on_host.head.parameters(), on_device.head.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+class HostReads(TorchFunctionMode):
+    """Records every read of a tensor's value on the host (`.item()`, `bool()`, `.tolist()`, boolean indexing...):
+    on a GPU each one makes the host wait for the device to finish its queued work. Two callers are exempt:
+    `torch.optim` reads the optimizers' step counters, which live on the host also on a GPU (`capturable=False`);
+    transformers' attention-mask preparation checks once per encoder forward whether a padding mask can be dropped
+    (`masking_utils`), which is the encoder's own cost."""
+
+    READS = {"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy", "nonzero", "masked_select"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        boolean_index = name == "__getitem__" and any(
+            isinstance(index, torch.Tensor) and index.dtype == torch.bool
+            for index in (args[1] if isinstance(args[1], tuple) else (args[1],))
+        )
+        caller = Path(inspect.currentframe().f_back.f_code.co_filename)
+        exempt = caller.parent.name == "optim" or caller.name == "masking_utils.py"
+        if (name in self.READS or boolean_index) and not exempt:
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("weighting", ["none", "equal", "meta"])
+def test_training_step_reads_nothing_back_from_the_device(tiny_encoder, weighting):
+    """No host-device synchronisation inside our step: the sparse MLM positions are found before the batch moves,
+    META's dev head stops and its overflow check skips on the device. (Lightning's logging reads the logged values
+    once per step, after it.)"""
+    module = make_module(tiny_encoder, weighting=weighting, accumulate_grad_batches=2)
+    if weighting == "meta":
+        module.weighting.dev_head.stop_on_device = True  # as on a GPU (on the CPU, reads wait for nothing)
+    step = module.training_step
+    reads: list[list[str]] = []
+
+    def counted(batch, batch_idx):
+        with HostReads() as mode:
+            step(batch, batch_idx)
+        reads.append(mode.calls)
+
+    module.training_step = counted
+    fit(module, make_batches(6))
+    assert reads == [[], [], []]
+    with HostReads() as mode:  # a batch that skipped `on_before_batch_transfer` finds its masked positions itself
+        module.mlm_loss(make_batches(1)[0]["tapt"])
+    assert mode.calls == ["nonzero"]
 
 
 def test_per_task_gradient_copies_give_same_cosines(tiny_encoder):
@@ -256,6 +334,7 @@ def test_overflowing_gradient_skips_meta_update(tiny_encoder):
             self.logits_after = getattr(self, "logits_after", [])
             self.logits_after.append(module.weighting.logits.clone())
             self.skipped = getattr(self, "skipped", []) + [float(trainer.callback_metrics["train/meta_skipped"])]
+            self.cosines = getattr(self, "cosines", []) + [float(trainer.callback_metrics["train/cos_tapt"])]
 
     module = make_module(tiny_encoder, weighting="meta", meta_lr=0.5)
     overflow = Overflow()
@@ -264,6 +343,7 @@ def test_overflowing_gradient_skips_meta_update(tiny_encoder):
     assert not torch.equal(first, torch.zeros(3))
     torch.testing.assert_close(second, first)
     assert overflow.skipped == [0.0, 1.0]
+    assert math.isfinite(overflow.cosines[0]) and math.isnan(overflow.cosines[1])  # a gap in the cosine plot
 
 
 def test_resume_from_mid_run_checkpoint_reproduces_uninterrupted_run(tiny_encoder, tmp_path):
