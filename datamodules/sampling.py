@@ -100,6 +100,7 @@ class LengthGrouping:
         ordered: list[int] = []
         for start in range(0, len(indices), span):
             chunk = np.asarray(indices[start : start + span])
+            # stable: rows of equal length keep the epoch's random order
             ordered += chunk[np.argsort(-self.lengths[chunk], kind="stable")].tolist()
         full = len(ordered) // self.batch_rows
         batches = [ordered[b * self.batch_rows : (b + 1) * self.batch_rows] for b in range(full)]
