@@ -37,7 +37,8 @@ arithmetic: Python, hooks, host syncs, optimizer bookkeeping. That per-step over
 (fused AdamW, fewer syncs) should shrink. Its vocabulary projection (32 x 30522) is the one large matrix left, so
 the dense-MLM variants stay arithmetic-bound; the FLOP column says how much of each step is arithmetic.
 
-Run from the repository root: `python benchmarks/step_cost.py` (add `--quick` for a smoke run). On a GPU:
+Run from the repository root: `python benchmarks/step_cost.py` (add `--quick` for a smoke run, `--group-by-length`
+for batches of rows of similar length, as `--data.init_args.group_by_length true` trains). On a GPU:
 `python benchmarks/step_cost.py --device cuda --precision bf16-mixed --encoder roberta-base-random --paper-batch`
 (add `--fixed-length 512` for full-length rows). The last line printed is one JSON object with the headline
 ratios and every variant's figures.
@@ -134,6 +135,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help=f"the paper's batch: {PAPER_BATCH[0]} rows per source, max length {PAPER_BATCH[1]}")
     parser.add_argument("--fixed-length", type=int, default=None, help="make every row exactly this many tokens "
                         "(its own tokens repeated, no padding) instead of the data's lengths; sets --max-length")
+    parser.add_argument("--group-by-length", action="store_true", help="the data module's group_by_length: rows "
+                        "of similar length share a batch, so batches carry less padding")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default: "
                         + ", ".join(f"{device} {steps}" for device, (steps, _) in DEFAULT_STEPS.items()) + ")")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per fit (>= 2), memory is measured "
@@ -235,6 +238,7 @@ def real_batches(args: argparse.Namespace, encoder: str, count: int) -> tuple[li
         dev_batch_size=args.batch_size,
         dev_grad_batch_size=args.dev_grad_batch_size,
         cache_dir=args.cache_dir,
+        group_by_length=args.group_by_length,
     )
     datamodule.setup("fit")
     loader = iter(datamodule.train_dataloader())
@@ -516,6 +520,7 @@ def summarize(results: dict[str, Result], args: argparse.Namespace, encoder_para
     summary["encoder_fp32_buffer_mb"] = encoder_params * 4 / MB
     summary.update({"batch_size": args.batch_size, "dev_grad_batch_size": args.dev_grad_batch_size})
     summary.update({"max_length": args.max_length, "fixed_length": args.fixed_length})
+    summary["group_by_length"] = args.group_by_length
     summary.update({"timed_steps": args.steps, "warmup_steps": args.warmup, "rounds": args.rounds})
     for name, result in results.items():
         summary[f"{name}_median_s"] = result.median_s(clock)

@@ -67,7 +67,16 @@ from datamodules.reading import (
     read_file,
     read_table,
 )
-from datamodules.sampling import DevSampleSampler, MicroBatches, PlainDict, SeededMasking, SourceSampler, WithMaskKeys
+from datamodules.sampling import (
+    DevSampleSampler,
+    LengthGrouping,
+    MicroBatches,
+    PlainDict,
+    SeededMasking,
+    SourceSampler,
+    WithMaskKeys,
+    token_lengths,
+)
 from lightning_tartan.module import MONITOR_METRICS
 from lightning_tartan.packaged_encoders import local_copy
 from lightning_tartan.weighting import END_TASK, META_DEV, META_DEV_GRAD, RESERVED_SOURCES
@@ -128,6 +137,7 @@ class EndTaskDataModule(LightningDataModule):
         dev_grad_batch_size: int = 64,
         eval_batch_size: int = 64,
         accumulate_grad_batches: int = 1,
+        group_by_length: bool = False,
         mlm_probability: float = 0.15,
         include_meta_dev: bool = True,
         num_workers: int = 0,
@@ -178,6 +188,12 @@ class EndTaskDataModule(LightningDataModule):
                 then one optimizer step of a `TartanModule` with the same ``accumulate_grad_batches`` (``tartan``
                 links this option to ``--model.accumulate_grad_batches``), so Lightning counts optimizer steps
                 wherever it counts batches. Every source then maps to a list of micro-batches.
+            group_by_length: order each epoch of the end task and of every auxiliary corpus so that rows of similar
+                length share a training batch (each run of 50 batches is sorted by length, cut into batches, and the
+                batches are shuffled; the dev samples and evaluation loaders are left alone). A batch is padded to its
+                longest row, so this cuts padding and makes steps faster at real lengths. The batches hold other
+                combinations of rows, so results differ from an ungrouped run by sampling noise only; every epoch
+                still holds the same rows, and resuming stays exact. Off by default, so the published results stand.
             mlm_probability: share of a document's tokens the MLM objective masks (of those, eight in ten become the
                 mask token, one a random token, one stays).
             include_meta_dev: build the two dev samples (META-TARTAN needs them; other methods ignore them).
@@ -281,6 +297,7 @@ class EndTaskDataModule(LightningDataModule):
         self.dev_grad_batch_size = dev_grad_batch_size
         self.eval_batch_size = eval_batch_size
         self.accumulate_grad_batches = accumulate_grad_batches
+        self.group_by_length = group_by_length
         self.mlm_probability = mlm_probability
         self.include_meta_dev = include_meta_dev
         self.num_workers = num_workers
@@ -587,7 +604,8 @@ class EndTaskDataModule(LightningDataModule):
         loaders = {}
         for i, (name, (data, batch_size)) in enumerate(sources.items()):
             corpus = name != END_TASK
-            sampler = SourceSampler(data, batch_size, num_batches, world_size, rank, seed + i, mask_keys=corpus)
+            grouping = self._length_grouping(data, batch_size)
+            sampler = SourceSampler(data, batch_size, num_batches, world_size, rank, seed + i, corpus, grouping)
             if corpus:
                 loaders[name] = self._step_loader(WithMaskKeys(data), batch_size, masking, sampler, seed)
             else:
@@ -599,6 +617,13 @@ class EndTaskDataModule(LightningDataModule):
                 sampler = DevSampleSampler(dev, size, num_batches, seed=seed + offset)
                 loaders[name] = self._step_loader(dev, size, self._padding_collator(), sampler, seed)
         return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def _length_grouping(self, data: Dataset, batch_size: int) -> Optional[LengthGrouping]:
+        """With ``group_by_length``, the grouping of a source whose loader batch is one optimizer step's
+        micro-batches, so each micro-batch is cut from rows of similar length."""
+        if not self.group_by_length:
+            return None
+        return LengthGrouping(token_lengths(data), batch_size * self.accumulate_grad_batches)
 
     def _step_loader(
         self, data: Sized, batch_size: int, collate: Callable, sampler: Sampler, seed: int

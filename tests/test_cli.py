@@ -254,6 +254,20 @@ def test_seed_everything_drives_data_order_and_dev_samples(tiny_encoder, data_ro
     assert all(orders[1][name] != orders[2][name] for name in orders[1])
 
 
+def test_group_by_length_from_the_command_line(tiny_encoder, cache_dir, monkeypatch):
+    """`--data.init_args.group_by_length true` reaches the data module, whose training sources then group by length."""
+    monkeypatch.chdir(REPO)
+    cli = tartan_cli(
+        [*config_args("citation_intent", "mt_tartan"), "--data.init_args.group_by_length", "true"]
+        + ["--model.encoder_name_or_path", tiny_encoder, "--data.cache_dir", cache_dir, *SMALL],
+        run=False,
+    )
+    assert cli.datamodule.group_by_length is True
+    cli.datamodule.setup("fit")
+    loaders = cli.datamodule.train_dataloader().iterables
+    assert all(loaders[name].sampler.grouping is not None for name in ("end_task", "tapt"))
+
+
 def test_posthoc_stage_from_the_command_line(tiny_encoder, data_root, cache_dir, tmp_path, monkeypatch):
     """META-TARTAN, then post-hoc fine-tuning of its best checkpoint, then `tartan test` of the model chosen."""
     monkeypatch.chdir(tmp_path)
