@@ -189,8 +189,9 @@ class EndTaskDataModule(LightningDataModule):
                 links this option to ``--model.accumulate_grad_batches``), so Lightning counts optimizer steps
                 wherever it counts batches. Every source then maps to a list of micro-batches.
             group_by_length: order each epoch of the end task and of every auxiliary corpus so that rows of similar
-                length share a training batch (each run of 50 batches is sorted by length, cut into batches, and the
-                batches are shuffled; the dev samples and evaluation loaders are left alone). A batch is padded to its
+                length share a training batch (each run of 50 batches, or a quarter of a shorter epoch, is sorted by
+                length, cut into batches, and the batches are shuffled; the dev samples and evaluation loaders are
+                left alone). A batch is padded to its
                 longest row, so this cuts padding and makes steps faster at real lengths. The batches hold other
                 combinations of rows, so results differ from an ungrouped run by sampling noise only; every epoch
                 still holds the same rows, and resuming stays exact. Off by default, so the published results stand.

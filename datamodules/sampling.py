@@ -85,18 +85,20 @@ class LengthGrouping:
     """Reorders an epoch's indices so that rows of similar length share a loader batch, which is padded to its
     longest row: less padding, so faster steps.
 
-    Each run of ``mega_batch`` loader batches of consecutive indices (a mega-batch, as in HF's LengthGroupedSampler)
-    is sorted by length, longest first, and cut into loader batches of ``batch_rows``; then the epoch's full batches
-    are shuffled, so lengths do not fall from long to short within each mega-batch. A trailing partial batch stays
-    last, where the loader cuts it. The epoch keeps exactly its indices, only their order changes.
+    Each run of consecutive indices filling ``mega_batch`` loader batches (a mega-batch, as in HF's
+    LengthGroupedSampler) is sorted by length, longest first, and cut into loader batches of ``batch_rows``; then the
+    epoch's full batches are shuffled, so lengths do not fall from long to short within each mega-batch. A trailing
+    partial batch stays last, where the loader cuts it. The epoch keeps exactly its indices, only their order
+    changes. An epoch of fewer than ``4 * mega_batch`` batches is cut into four mega-batches (at least one batch
+    each), as HF does: sorting a small epoch whole would give nearly the same batches every epoch.
     """
 
     lengths: np.ndarray  # tokens in each row of the source
     batch_rows: int  # rows of a loader batch: all micro-batches of an optimizer step
-    mega_batch: int = 50
+    mega_batch: int = 50  # loader batches per mega-batch, at most
 
     def __call__(self, indices: list[int], rng: np.random.Generator) -> list[int]:
-        span = self.batch_rows * self.mega_batch
+        span = self.batch_rows * max(1, min(self.mega_batch, len(indices) // self.batch_rows // 4))
         ordered: list[int] = []
         for start in range(0, len(indices), span):
             chunk = np.asarray(indices[start : start + span])
