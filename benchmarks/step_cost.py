@@ -137,6 +137,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "(its own tokens repeated, no padding) instead of the data's lengths; sets --max-length")
     parser.add_argument("--group-by-length", action="store_true", help="the data module's group_by_length: rows "
                         "of similar length share a batch, so batches carry less padding")
+    parser.add_argument("--compile", action="store_true", help="TartanModule's compile_encoder: the encoder through "
+                        "torch.compile (the warm-up steps take the compilation; give --warmup 3 or more)")
+    parser.add_argument("--attn-implementation", default=None, help="TartanModule's attn_implementation (transformers' "
+                        "attention kernel: sdpa, eager, flash_attention_2 with flash-attn installed); default: "
+                        "transformers' choice")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default: "
                         + ", ".join(f"{device} {steps}" for device, (steps, _) in DEFAULT_STEPS.items()) + ")")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per fit (>= 2), memory is measured "
@@ -450,6 +455,7 @@ def fit_variant(
     torch.manual_seed(0)
     options = dict(VARIANTS[name])
     task = trained_task(datamodule, options.pop("aux_objectives"))
+    options.update(compile_encoder=args.compile, attn_implementation=args.attn_implementation)
     module = TartanModule.from_datamodule(task, encoder_name_or_path=encoder, **options)
     meter = StepMeter(args.warmup, args.device)
     trainer = pl.Trainer(
@@ -521,6 +527,7 @@ def summarize(results: dict[str, Result], args: argparse.Namespace, encoder_para
     summary.update({"batch_size": args.batch_size, "dev_grad_batch_size": args.dev_grad_batch_size})
     summary.update({"max_length": args.max_length, "fixed_length": args.fixed_length})
     summary["group_by_length"] = args.group_by_length
+    summary.update({"compile": args.compile, "attn_implementation": args.attn_implementation})
     summary.update({"timed_steps": args.steps, "warmup_steps": args.warmup, "rounds": args.rounds})
     for name, result in results.items():
         summary[f"{name}_median_s"] = result.median_s(clock)

@@ -121,12 +121,12 @@ def _reproduces_logits(mlm_model: PreTrainedModel, head: nn.Module) -> bool:
 
 
 def load_encoder_and_mlm_head(
-    name_or_path: str, dropout: Optional[float] = None
+    name_or_path: str, dropout: Optional[float] = None, attn_implementation: Optional[str] = None
 ) -> tuple[PreTrainedModel, nn.Module, PretrainedConfig]:
     """Split a masked-LM checkpoint into its encoder and its LM head (pretrained when the checkpoint has one).
 
     Keeping the checkpoint's own head module preserves its weight tying with the input embeddings and lets
-    the MLM loss run the head on masked positions only.
+    the MLM loss run the head on masked positions only. `attn_implementation` is transformers' (None: its default).
     """
     files = local_copy(name_or_path)
     config = AutoConfig.from_pretrained(files)
@@ -134,8 +134,16 @@ def load_encoder_and_mlm_head(
         for attr in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if hasattr(config, attr):
                 setattr(config, attr, dropout)
-    with _quiet_transformers():
-        mlm_model, loading = AutoModelForMaskedLM.from_pretrained(files, config=config, output_loading_info=True)
+    attention = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    try:
+        with _quiet_transformers():
+            mlm_model, loading = AutoModelForMaskedLM.from_pretrained(
+                files, config=config, output_loading_info=True, **attention
+            )
+    except (ValueError, ImportError) as err:
+        if attn_implementation is None:
+            raise
+        raise ValueError(f"attn_implementation={attn_implementation!r} for {name_or_path!r}: {err}") from None
     mlm_model.train()  # from_pretrained returns eval mode, which would silently disable dropout
     try:
         head = masked_lm_head(mlm_model)

@@ -610,3 +610,33 @@ def test_from_datamodule_takes_what_the_task_knows(tiny_encoder):
     assert (hp.monitor_metric, hp.accumulate_grad_batches, hp.weighting) == ("accuracy", 2, "meta")
     with pytest.raises(ValueError, match="num_labels=4 disagrees with the data module's 3"):
         TartanModule.from_datamodule(Task(), encoder_name_or_path=tiny_encoder, num_labels=4)
+
+
+def test_attention_implementations_give_the_same_losses(tiny_encoder):
+    """`attn_implementation` picks transformers' attention kernel; the model computes the same function with each."""
+    batch = make_batches(1)[0]
+    batch["end_task"]["attention_mask"][:, -3:] = 0  # padded rows: the kernels must all honour the mask
+    sdpa = make_module(tiny_encoder, attn_implementation="sdpa")
+    eager = make_module(tiny_encoder, attn_implementation="eager")
+    eager.load_state_dict(sdpa.state_dict())
+    for name in ("end_task", "tapt"):
+        torch.testing.assert_close(sdpa.objective_loss(name, batch), eager.objective_loss(name, batch))
+    with pytest.raises(ValueError, match="attn_implementation='flash_attention_2'.*not.*installed"):
+        make_module(tiny_encoder, attn_implementation="flash_attention_2")
+
+
+def test_compiled_encoder_trains_like_the_eager_one(tiny_encoder):
+    """`compile_encoder` runs the encoder through torch.compile (its hooks run while it is traced) and a META step,
+    with its dev gradient through the compiled encoder, ends at the eager run's weights."""
+    batches = make_batches(2)
+    eager = make_module(tiny_encoder, weighting="meta", meta_lr=0.5)
+    compiled = make_module(tiny_encoder, weighting="meta", meta_lr=0.5, compile_encoder=True)
+    compiled.load_state_dict(eager.state_dict())
+    traced = []
+    compiled.encoder.embeddings.register_forward_pre_hook(lambda *_: traced.append(torch.compiler.is_compiling()))
+    fit(eager, batches)
+    fit(compiled, batches)
+    assert any(traced)
+    torch.testing.assert_close(compiled.weighting.logits, eager.weighting.logits, rtol=1e-4, atol=1e-6)
+    for name, value in eager.state_dict().items():
+        torch.testing.assert_close(compiled.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
