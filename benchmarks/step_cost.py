@@ -40,8 +40,8 @@ the dense-MLM variants stay arithmetic-bound; the FLOP column says how much of e
 Run from the repository root: `python benchmarks/step_cost.py` (add `--quick` for a smoke run, `--group-by-length`
 for batches of rows of similar length, as `--data.init_args.group_by_length true` trains). On a GPU:
 `python benchmarks/step_cost.py --device cuda --precision bf16-mixed --encoder roberta-base-random --paper-batch`
-(add `--fixed-length 512` for full-length rows). The last line printed is one JSON object with the headline
-ratios and every variant's figures.
+(add `--fixed-length 512` for full-length rows); `benchmarks/gpu_step_cost.sh` runs every GPU setting in one go.
+The last line printed is one JSON object with the headline ratios and every variant's figures.
 """
 import argparse
 import gc

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The GPU step-cost measurements in one run: roberta-base size (random weights), the paper's batch (64 rows per
+# source), ACL-ARC. Each line of benchmarks/step_cost.py's output table and its JSON go to one file per setting under
+# $OUT (default: benchmarks/gpu_results). Planned to fit 10 minutes on one H100 or H200 with the steps below.
+#
+#   bf16_real      bf16, real lengths: every variant the targets compare (MFU, META/MT, META/paper META)
+#   bf16_512       bf16, every row 512 tokens: fine-tuning and MT-TARTAN MFU at full length
+#   fp16_real      fp16, real lengths: META/MT, to compare with bf16's
+#   bf16_grouped   bf16, real lengths, --group-by-length: what less padding buys
+#   bf16_compiled  bf16, real lengths, --compile: what torch.compile buys
+#
+# On a machine without a GPU, SMOKE=1 runs the same settings on the CPU with the tiny encoder and one timed step,
+# to check the script before spending GPU time:  SMOKE=1 OUT=/tmp/gpu_smoke bash benchmarks/gpu_step_cost.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-benchmarks/gpu_results}
+mkdir -p "$out"
+data=()
+if [[ -n "${DSP:-}" ]]; then  # the offline GPU machine's staged data (.devstage/preamble.sh)
+    data=(--data-dir "$DSP/citation_intent")
+fi
+if [[ -n "${SMOKE:-}" ]]; then
+    common=(--device cpu --encoder tiny --quick "${data[@]}")
+else
+    common=(--device cuda --encoder roberta-base-random --paper-batch --steps 12 --rounds 1 "${data[@]}")
+fi
+
+run() {
+    local name=$1
+    shift
+    echo "== $name: $*" >&2
+    python benchmarks/step_cost.py "${common[@]}" "$@" > "$out/$name.txt" 2> "$out/$name.log" || {
+        echo "$name failed: see $out/$name.log" >&2
+        tail -5 "$out/$name.log" >&2
+    }
+}
+
+precision() {  # bf16 and fp16 on a GPU; the CPU smoke run has fp32 only
+    if [[ -n "${SMOKE:-}" ]]; then echo 32-true; else echo "$1"; fi
+}
+
+run bf16_real --precision "$(precision bf16-mixed)" --variants finetune mt1 mt2 meta1 meta2 paper_meta1
+run bf16_512 --precision "$(precision bf16-mixed)" --fixed-length 512 --variants finetune mt1
+run fp16_real --precision "$(precision 16-mixed)" --variants mt1 mt2 meta1 meta2
+run bf16_grouped --precision "$(precision bf16-mixed)" --group-by-length --variants finetune mt2 meta2
+run bf16_compiled --precision "$(precision bf16-mixed)" --compile --warmup 4 --variants finetune mt2 meta2
+echo "results in $out" >&2
