@@ -191,10 +191,10 @@ class EndTaskDataModule(LightningDataModule):
             group_by_length: order each epoch of the end task and of every auxiliary corpus so that rows of similar
                 length share a training batch (each run of 50 batches, or a quarter of a shorter epoch, is sorted by
                 length, cut into batches, and the batches are shuffled; the dev samples and evaluation loaders are
-                left alone). A batch is padded to its
-                longest row, so this cuts padding and makes steps faster at real lengths. The batches hold other
-                combinations of rows, so results differ from an ungrouped run by sampling noise only; every epoch
-                still holds the same rows, and resuming stays exact. Off by default, so the published results stand.
+                left alone). A batch is padded to its longest row, so this cuts padding and makes steps faster at
+                real lengths. The batches hold other combinations of rows, so results differ from an ungrouped run
+                by sampling noise only; every epoch still holds the same rows, and resuming stays exact. Off by
+                default, so the published results stand.
             mlm_probability: share of a document's tokens the MLM objective masks (of those, eight in ten become the
                 mask token, one a random token, one stays).
             include_meta_dev: build the two dev samples (META-TARTAN needs them; other methods ignore them).
