@@ -223,9 +223,12 @@ def _fill_task(config: Namespace) -> None:
 
 
 def _root_cause(error: BaseException) -> BaseException:
-    while (error.__cause__ or error.__context__) is not None:
-        error = error.__cause__ or error.__context__
-    return error
+    """The innermost error, stopping at one raised `from None`: that one's message is meant to be read."""
+    while True:
+        inner = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+        if inner is None:
+            return error
+        error = inner
 
 
 def _log_root(trainer: Namespace) -> Path:

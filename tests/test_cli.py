@@ -541,7 +541,11 @@ def test_bad_data_file_is_one_line_naming_file_and_line(tiny_encoder, data_root,
 
 @pytest.mark.parametrize(
     ("option", "message"),
-    [("--data.batch_size=0", "`batch_size` must be >= 1, got 0"), ("--model.encoder_lr=0", "encoder_lr must be > 0")],
+    [
+        ("--data.batch_size=0", "`batch_size` must be >= 1, got 0"),
+        ("--model.encoder_lr=0", "encoder_lr must be > 0"),
+        ("--model.attn_implementation=flash_attention_2", "attn_implementation='flash_attention_2' for "),
+    ],
 )
 def test_bad_option_value_is_one_line_naming_it(tiny_encoder, data_root, tmp_path, option, message):
     result = run_tartan(
