@@ -55,7 +55,7 @@ class DevHead:
         """
         head = ClassificationHead(self.hidden_size, self.num_labels, dropout=0.0)
         head.reset_parameters(self.init_std, torch.Generator().manual_seed(seed))
-        head.to(labels.device)
+        head.to(labels.device, non_blocking=True)  # a blocking copy from the host would wait for the device
         optimizer = torch.optim.AdamW(head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         cached = isinstance(features, Tensor)
         on_device = self.stop_on_device if self.stop_on_device is not None else labels.device.type != "cpu"

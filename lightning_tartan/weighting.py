@@ -55,6 +55,11 @@ class Weighting(nn.Module):
     def __init__(self, objectives: Sequence[str]) -> None:
         super().__init__()
         self.objectives = list(objectives)
+        if not self.active:
+            raise ValueError(f"{type(self).__name__} trains none of the objectives {self.objectives}")
+        # a buffer moves with the model, so weighting a loss on a GPU copies nothing from the host (a copy from the
+        # host makes it wait for the device); not persistent: it follows from `active`
+        self.register_buffer("equal_share", torch.tensor(1.0 / len(self.active)), persistent=False)
 
     @property
     def active(self) -> list[str]:
@@ -63,8 +68,7 @@ class Weighting(nn.Module):
 
     def weights(self) -> dict[str, Tensor]:
         """The weight each active objective's loss is multiplied by in this optimizer step."""
-        share = torch.tensor(1.0 / len(self.active))
-        return {name: share for name in self.active}
+        return {name: self.equal_share for name in self.active}
 
     def start_micro_batch(self, micro_batch: dict[str, Any], model: EncoderAccess, first: bool) -> None:
         """Before the objectives' backward passes of a micro-batch (`first`: the step's first)."""

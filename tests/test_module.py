@@ -644,3 +644,12 @@ def test_compiled_encoder_trains_like_the_eager_one(tiny_encoder):
     torch.testing.assert_close(compiled.weighting.logits, eager.weighting.logits, rtol=1e-4, atol=1e-6)
     for name, value in eager.state_dict().items():
         torch.testing.assert_close(compiled.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("weighting", ["none", "equal", "aux_only", "meta"])
+def test_task_weights_live_on_the_models_device(tiny_encoder, weighting):
+    """Weighting a loss copies nothing from the host, which on a GPU would make the host wait for the device."""
+    module = make_module(tiny_encoder, weighting=weighting)
+    weights = module.weighting.to("meta").weights()
+    assert {weight.device.type for weight in weights.values()} == {"meta"}
+    assert len(weights) == {"none": 1, "aux_only": 2}.get(weighting, 3)
