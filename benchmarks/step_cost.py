@@ -128,8 +128,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", default=None, help="`datasets` cache for the tokenised data")
     parser.add_argument("--batch-size", type=int, default=32, help="rows per source (end task, each corpus, the "
                         "dev head's sample)")
-    parser.add_argument("--dev-grad-batch-size", type=int, default=64,
-                        help="rows of META's held-out dev-gradient sample (the paper's 64)")
+    parser.add_argument("--dev-grad-batch-size", type=int, default=None,
+                        help="rows of META's held-out dev-gradient sample; default: --batch-size, like every other "
+                        "source (the paper's batch has 64 rows in each)")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--paper-batch", action="store_true",
                         help=f"the paper's batch: {PAPER_BATCH[0]} rows per source, max length {PAPER_BATCH[1]}")
@@ -165,6 +166,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.batch_size, args.max_length = PAPER_BATCH
     if args.quick:
         args.batch_size, args.max_length, args.steps, args.rounds = 8, 64, 1, 1
+    if args.dev_grad_batch_size is None:
+        args.dev_grad_batch_size = args.batch_size
     if args.fixed_length is not None:
         if args.fixed_length < 1:
             parser.error("--fixed-length must be >= 1")
