@@ -90,15 +90,18 @@ class LengthGrouping:
     epoch's full batches are shuffled, so lengths do not fall from long to short within each mega-batch. A trailing
     partial batch stays last, where the loader cuts it. The epoch keeps exactly its indices, only their order
     changes. An epoch of fewer than ``4 * mega_batch`` batches is cut into four mega-batches (at least one batch
-    each), as HF does: sorting a small epoch whole would give nearly the same batches every epoch.
+    each), as HF does: sorting a small epoch whole would give nearly the same batches every epoch. A mega-batch never
+    spans more than one pass over the source (``pass_rows``): a short corpus repeats its rows within an epoch, and
+    sorting across passes would put a row's copies side by side, in one batch.
     """
 
     lengths: np.ndarray  # tokens in each row of the source
     batch_rows: int  # rows of a loader batch: all micro-batches of an optimizer step
     mega_batch: int = 50  # loader batches per mega-batch, at most
 
-    def __call__(self, indices: list[int], rng: np.random.Generator) -> list[int]:
+    def __call__(self, indices: list[int], rng: np.random.Generator, pass_rows: int) -> list[int]:
         span = self.batch_rows * max(1, min(self.mega_batch, len(indices) // self.batch_rows // 4))
+        span = min(span, pass_rows)
         ordered: list[int] = []
         for start in range(0, len(indices), span):
             chunk = np.asarray(indices[start : start + span])
@@ -145,7 +148,8 @@ class SourceSampler(EpochSampler):
             indices += padded[self.rank : self.total_size : self.num_replicas]
         if self.grouping is None:
             return indices[: self.length]
-        return self.grouping(indices[: self.length], np.random.default_rng((self.seed, epoch, self.rank)))
+        rng = np.random.default_rng((self.seed, epoch, self.rank))
+        return self.grouping(indices[: self.length], rng, pass_rows=self.num_samples)
 
     def item(self, index: int, epoch: int, position: int) -> Any:
         return (index, (self.seed, epoch, self.rank, position)) if self.mask_keys else index

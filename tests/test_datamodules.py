@@ -224,6 +224,19 @@ def test_group_by_length_pairs_other_rows_every_epoch(make, data_root):
     assert sum(shared) / len(shared) < 0.3
 
 
+def test_group_by_length_never_puts_a_short_corpus_rows_copies_in_one_batch(make, data_root, tmp_path):
+    """A 40-line corpus makes many passes in an epoch of the end task; sorted across passes, a row's copies would sit
+    side by side (up to 11 in a batch of 16 when measured). Sorted pass by pass, no batch holds a row twice."""
+    short = tmp_path / "short.txt"
+    short.write_text("".join("word " * (i + 1) + f"document {i}\n" for i in range(40)))  # distinct lengths
+    dm = make(CitationIntentDataModule, data_root / "citation_intent", batch_size=16, aux_corpora={"short": str(short)},
+              include_meta_dev=False, group_by_length=True)  # fmt: skip
+    dm.setup("fit")
+    indices = [index for index, _ in dm.train_dataloader().iterables["short"].sampler]
+    batches = [indices[start : start + 16] for start in range(0, len(indices), 16)]
+    assert len(batches) == 106 and all(len(set(batch)) == len(batch) for batch in batches)
+
+
 def test_group_by_length_with_accumulation_cuts_each_step_into_valid_micro_batches(make, data_root):
     """A loader batch is the step's rows (16 of the end task, 32 of TAPT), sorted longest first and cut into two
     micro-batches of the source's batch size, each padded to its own longest row; the epoch's last step holds one."""
