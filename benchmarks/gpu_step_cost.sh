@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU step-cost measurements in one run: roberta-base size (random weights), the paper's batch (64 rows per
-# source), ACL-ARC. Each line of benchmarks/step_cost.py's output table and its JSON go to one file per setting under
-# $OUT (default: benchmarks/gpu_results). Planned to fit 10 minutes on one H100 or H200 with the steps below.
+# source), ACL-ARC. For each setting, benchmarks/step_cost.py's table and JSON line go to one file under $OUT (default:
+# benchmarks/gpu_results), its log beside it. Planned to fit 10 minutes on one H100 or H200 with the steps below.
 #
 #   bf16_real      bf16, real lengths: every variant the targets compare (MFU, META/MT, META/paper META)
 #   bf16_512       bf16, every row 512 tokens: fine-tuning and MT-TARTAN MFU at full length
