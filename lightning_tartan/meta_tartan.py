@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from lightning_tartan.dev_head import DevHead
 from lightning_tartan.task_gradients import TaskGradientCosines
-from lightning_tartan.weighting import META_DEV, META_DEV_GRAD, EncoderAccess, Weighting
+from lightning_tartan.weighting import META_DEV, META_DEV_GRAD, EncoderAccess, Weighting, batch_source
 
 
 class MetaWeighting(Weighting):
@@ -117,8 +117,8 @@ class MetaWeighting(Weighting):
         """
         if self.in_sample and not new_step:
             return None
-        fit_sample = _sample(batch, META_DEV, "META-TARTAN fits its dev head on this dev sample")
-        grad_sample = fit_sample if self.in_sample else _sample(
+        fit_sample = batch_source(batch, META_DEV, "META-TARTAN fits its dev head on this dev sample")
+        grad_sample = fit_sample if self.in_sample else batch_source(
             batch, META_DEV_GRAD, "dev_gradient='held_out' takes the dev gradient on this second, independent dev "
             "sample (or set dev_gradient='in_sample')"
         )
@@ -143,9 +143,3 @@ class MetaWeighting(Weighting):
             self.dev_head.fit(cached, sample["labels"], seed=model.seed)
         else:
             self.dev_head.fit(encoded, sample["labels"], seed=model.seed)
-
-
-def _sample(batch: dict[str, Any], name: str, why: str) -> dict[str, Tensor]:
-    if name not in batch:
-        raise KeyError(f"training batch has no {name!r} entry (batch keys: {sorted(batch)}): {why}")
-    return batch[name]

@@ -43,6 +43,7 @@ from lightning_tartan.weighting import (
     EqualWeighting,
     NoWeighting,
     Weighting,
+    batch_source,
 )
 
 MONITOR_METRICS = ("f1_macro", "accuracy")
@@ -227,8 +228,8 @@ class TartanModule(pl.LightningModule):
             return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         if MASKED_POSITIONS in batch:  # found on the host before the batch moved: no wait for the device here
             positions = batch[MASKED_POSITIONS]
-        else:  # a batch that bypassed `on_before_batch_transfer` (a direct call): boolean indexing waits for the device
-            positions = labels.flatten().ne(-100).nonzero().squeeze(1)
+        else:  # a batch that bypassed `on_before_batch_transfer` (a direct call): this waits for the device
+            positions = masked_positions(labels)
         logits = self.mlm_head(hidden.flatten(0, 1).index_select(0, positions))
         if logits.shape[0] == 0:
             return logits.sum() * 0.0
@@ -240,12 +241,12 @@ class TartanModule(pl.LightningModule):
         the device mid-step."""
         if not self.hparams.sparse_mlm or not isinstance(batch, dict):
             return batch
-        mlm = set(self.objectives[1:])
+        mlm = set(self.weighting.active) - {END_TASK}  # the MLM objectives this step trains
         return {name: _with_masked_positions(source) if name in mlm else source for name, source in batch.items()}
 
     def objective_loss(self, name: str, batch: dict[str, Any]) -> Tensor:
         why = f"weighting={self.hparams.weighting!r} trains it; check the datamodule's corpora against aux_objectives"
-        source = _source(batch, name, why)
+        source = batch_source(batch, name, why)
         return self.end_task_loss(source) if name == END_TASK else self.mlm_loss(source)
 
     def dev_gradient(self, batch: dict[str, Any], new_step: bool = True) -> Optional[list[Tensor]]:
@@ -510,13 +511,19 @@ def micro_batches(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [{name: source[index] for name, source in batch.items()} for index in range(next(iter(counts.values())))]
 
 
+def masked_positions(labels: Tensor) -> Tensor:
+    """The flat indices of an MLM batch's masked positions (labels other than -100); the count depends on the data,
+    so on a GPU the host waits for the result."""
+    return labels.flatten().ne(-100).nonzero().squeeze(1)
+
+
 def _with_masked_positions(source: Any) -> Any:
     if isinstance(source, (list, tuple)):
         return [_with_masked_positions(part) for part in source]
     labels = source.get("labels") if isinstance(source, dict) else None
     if labels is None or labels.device.type != "cpu":
         return source
-    return {**source, MASKED_POSITIONS: labels.flatten().ne(-100).nonzero().squeeze(1)}
+    return {**source, MASKED_POSITIONS: masked_positions(labels)}
 
 
 def _build_weighting(
@@ -554,12 +561,6 @@ def _unscaled(loss: Tensor) -> Tensor:
 
 def _as_list(value: Any) -> Any:
     return list(value) if isinstance(value, (list, tuple)) else value
-
-
-def _source(batch: dict[str, Any], name: str, why: str) -> dict[str, Tensor]:
-    if name not in batch:
-        raise KeyError(f"training batch has no {name!r} entry (batch keys: {sorted(batch)}): {why}")
-    return batch[name]
 
 
 def _run_seed() -> int:

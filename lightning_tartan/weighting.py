@@ -27,6 +27,13 @@ END_TASK, META_DEV, META_DEV_GRAD = "end_task", "meta_dev", "meta_dev_grad"
 RESERVED_SOURCES = (END_TASK, META_DEV, META_DEV_GRAD)
 
 
+def batch_source(batch: dict[str, Any], name: str, why: str) -> dict[str, Tensor]:
+    """`batch[name]`, or an error naming the batch's sources and `why` the step needs this one."""
+    if name not in batch:
+        raise KeyError(f"training batch has no {name!r} entry (batch keys: {sorted(batch)}): {why}")
+    return batch[name]
+
+
 @dataclass
 class EncoderAccess:
     """What a strategy may read from the model at a micro-batch (META-TARTAN's dev gradient), handed over
