@@ -34,7 +34,7 @@ hardware computes them; tokens/s counts the padded positions of the objectives a
 `--encoder tiny` (hidden 32, 2 layers, random weights, MiniLM's tokenizer) on small batches (the README's 2 x 32)
 makes the arithmetic a small share of the step, so its step time is mostly what a step costs besides the model's
 arithmetic: Python, hooks, host syncs, optimizer bookkeeping. That per-step overhead is what faster step code
-(fused AdamW, fewer syncs) should shrink. Its vocabulary projection (32 x 30522) is the one large matrix left, so
+(fewer host syncs and kernel launches) should shrink. Its vocabulary projection (32 x 30522) is the one large matrix left, so
 the dense-MLM variants stay arithmetic-bound; the FLOP column says how much of each step is arithmetic.
 
 Run from the repository root: `python benchmarks/step_cost.py` (add `--quick` for a smoke run, `--group-by-length`
