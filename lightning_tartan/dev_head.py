@@ -58,8 +58,8 @@ class DevHead:
         head.to(labels.device, non_blocking=True)  # a blocking copy from the host would wait for the device
         optimizer = torch.optim.AdamW(head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         cached = isinstance(features, Tensor)
-        on_device = self.stop_on_device if self.stop_on_device is not None else labels.device.type != "cpu"
-        on_device = on_device and cached
+        stop_on_device = self.stop_on_device if self.stop_on_device is not None else labels.device.type != "cpu"
+        on_device = cached and stop_on_device
         params = list(head.parameters())
         settled = torch.zeros((), dtype=torch.bool, device=labels.device)
         previous: Optional[Tensor] = None
@@ -74,9 +74,10 @@ class DevHead:
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                with torch.no_grad():
-                    for param, kept in zip(params, before):
-                        param.copy_(torch.where(settled, kept, param))
+                if on_device:  # undo the step once the loss has settled
+                    with torch.no_grad():
+                        for param, kept in zip(params, before):
+                            param.copy_(torch.where(settled, kept, param))
                 previous = loss.detach()
         self.head = head.requires_grad_(False)
 
