@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The GPU step-cost measurements in one run: roberta-base size (random weights), the paper's batch (64 rows per
 # source), ACL-ARC. For each setting, benchmarks/step_cost.py's table and JSON line go to one file under $OUT (default:
-# benchmarks/gpu_results), its log beside it. Planned to fit 10 minutes on one H100 or H200 with the steps below.
+# benchmarks/gpu_results), every setting's log to logs.txt and the machine's GPU and package versions to env.txt there
+# (seven files: what a lent GPU machine sends back is at most eight). The tables are printed again at the end.
+# Planned to fit 10 minutes on one H100 or H200 with the steps below; BUDGET_S (default 540) caps the whole run:
+# each setting runs under `timeout` for what is left of it, in the order below (most wanted first), and a setting
+# that cannot start or finish in time is reported as failed while the results of the others stand.
 #
 #   bf16_real      bf16, real lengths: every variant the targets compare (MFU, META/MT, META/paper META)
 #   bf16_512       bf16, every row 512 tokens: fine-tuning and MT-TARTAN MFU at full length
@@ -15,6 +19,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/gpu_results}
 mkdir -p "$out"
+deadline=$((SECONDS + ${BUDGET_S:-540}))
+: > "$out/logs.txt"
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || echo "no nvidia-smi"
+    python3 -c 'import torch, transformers, pytorch_lightning as pl; print("torch", torch.__version__,
+        "transformers", transformers.__version__, "pytorch_lightning", pl.__version__)'
+} > "$out/env.txt"
 data=()
 if [[ -n "${DSP:-}" ]]; then  # the offline GPU machine's staged data (.devstage/preamble.sh)
     data=(--data-dir "$DSP/citation_intent")
@@ -27,12 +38,17 @@ fi
 
 failed=()
 run() {  # a failed setting does not stop the others; the script's exit status says whether any failed
-    local name=$1
+    local name=$1 left=$((deadline - SECONDS))
     shift
-    echo "== $name: $*" >&2
-    python benchmarks/step_cost.py "${common[@]}" "$@" > "$out/$name.txt" 2> "$out/$name.log" || {
-        echo "$name failed: see $out/$name.log" >&2
-        tail -5 "$out/$name.log" >&2
+    echo "== $name ($left s left): $*" | tee -a "$out/logs.txt" >&2
+    if (( left < 30 )); then
+        echo "$name not run: the budget is spent" | tee -a "$out/logs.txt" >&2
+        failed+=("$name")
+        return
+    fi
+    timeout "$left" python3 benchmarks/step_cost.py "${common[@]}" "$@" > "$out/$name.txt" 2>> "$out/logs.txt" || {
+        echo "$name failed (exit $?): see $out/logs.txt" >&2
+        tail -5 "$out/logs.txt" >&2
         failed+=("$name")
     }
 }
@@ -46,6 +62,9 @@ run bf16_512 --precision "$(precision bf16-mixed)" --fixed-length 512 --variants
 run fp16_real --precision "$(precision 16-mixed)" --variants mt1 mt2 meta1 meta2
 run bf16_grouped --precision "$(precision bf16-mixed)" --group-by-length --variants finetune mt2 meta2
 run bf16_compiled --precision "$(precision bf16-mixed)" --compile --warmup 4 --variants finetune mt2 meta2
+for name in bf16_real bf16_512 fp16_real bf16_grouped bf16_compiled; do
+    [[ -s "$out/$name.txt" ]] && { echo "== $name"; grep -v '^{' "$out/$name.txt"; }
+done
 echo "results in $out" >&2
 if (( ${#failed[@]} )); then
     echo "failed: ${failed[*]}" >&2
