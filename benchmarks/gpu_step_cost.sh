@@ -12,6 +12,9 @@
 #   fp16_real      fp16, real lengths: META/MT, to compare with bf16's
 #   bf16_grouped   bf16, real lengths, --group-by-length: what less padding buys
 #   bf16_compiled  bf16, real lengths, --compile: what torch.compile buys
+#   bf16_512_compiled  (only when named) bf16, 512 tokens, --compile: fine-tuning and MT-TARTAN MFU compiled
+#
+# Name settings to run only those, in that order: bash benchmarks/gpu_step_cost.sh bf16_real fp16_real
 #
 # On a machine without a GPU, SMOKE=1 runs the same settings on the CPU with the tiny encoder and one timed step,
 # to check the script before spending GPU time:  SMOKE=1 OUT=/tmp/gpu_smoke bash benchmarks/gpu_step_cost.sh
@@ -57,12 +60,26 @@ precision() {  # bf16 and fp16 on a GPU; the CPU smoke run has fp32 only
     if [[ -n "${SMOKE:-}" ]]; then echo 32-true; else echo "$1"; fi
 }
 
-run bf16_real --precision "$(precision bf16-mixed)" --variants finetune mt1 mt2 meta1 meta2 paper_meta1
-run bf16_512 --precision "$(precision bf16-mixed)" --fixed-length 512 --variants finetune mt1
-run fp16_real --precision "$(precision 16-mixed)" --variants mt1 mt2 meta1 meta2
-run bf16_grouped --precision "$(precision bf16-mixed)" --group-by-length --variants finetune mt2 meta2
-run bf16_compiled --precision "$(precision bf16-mixed)" --compile --warmup 4 --variants finetune mt2 meta2
-for name in bf16_real bf16_512 fp16_real bf16_grouped bf16_compiled; do
+declare -A settings=(  # name -> options
+    [bf16_real]="--precision $(precision bf16-mixed) --variants finetune mt1 mt2 meta1 meta2 paper_meta1"
+    [bf16_512]="--precision $(precision bf16-mixed) --fixed-length 512 --variants finetune mt1"
+    [fp16_real]="--precision $(precision 16-mixed) --variants mt1 mt2 meta1 meta2"
+    [bf16_grouped]="--precision $(precision bf16-mixed) --group-by-length --variants finetune mt2 meta2"
+    [bf16_compiled]="--precision $(precision bf16-mixed) --compile --warmup 4 --variants finetune mt2 meta2"
+    [bf16_512_compiled]="--precision $(precision bf16-mixed) --fixed-length 512 --compile --warmup 4 --variants finetune mt1"
+)
+chosen=("$@")
+if (( ! ${#chosen[@]} )); then
+    chosen=(bf16_real bf16_512 fp16_real bf16_grouped bf16_compiled)
+fi
+for name in "${chosen[@]}"; do
+    [[ -v "settings[$name]" ]] || { echo "unknown setting $name; known: ${!settings[*]}" >&2; exit 2; }
+done
+for name in "${chosen[@]}"; do
+    read -ra options <<< "${settings[$name]}"
+    run "$name" "${options[@]}"
+done
+for name in "${chosen[@]}"; do
     [[ -s "$out/$name.txt" ]] && { echo "== $name"; grep -v '^{' "$out/$name.txt"; }
 done
 echo "results in $out" >&2

@@ -157,6 +157,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--peak-tflops", type=float, default=None, help="the chip's peak FLOP/s (in TFLOP/s) at this "
                         "precision, for MFU; default: known GPUs in bf16/fp16 (H100 SXM, H200: 989), else no MFU")
+    parser.add_argument("--prime", action=argparse.BooleanOptionalAction, default=None, help="before timing, fit the "
+                        "variant that reads the most sources over every batch once, untimed, so that no timed step is "
+                        "the process's first at its shapes (on CUDA such a step pays for loading kernels and growing "
+                        "the allocator's pool, which a long run pays once); default: on for CUDA, off for CPU")
     parser.add_argument("--quick", action="store_true", help="smoke run: batch 8 x 64, 1 timed step, 1 round")
     args = parser.parse_args(argv)
     default_steps, default_warmup = DEFAULT_STEPS[args.device]
@@ -177,6 +181,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if args.steps < 1 or args.rounds < 1:
         parser.error("--steps and --rounds must be >= 1")
     args.rounds = min(args.rounds, args.steps)
+    if args.prime is None:
+        args.prime = args.device == "cuda"
     if args.clock is None:
         args.clock = "cpu" if args.device == "cpu" and args.threads == 1 else "wall"
     if args.clock == "cpu" and args.device == "cuda":
@@ -480,10 +486,20 @@ def fit_variant(
     return meter, module
 
 
+def sources_read(variant: dict[str, Any]) -> int:
+    """Training batches a variant's step reads: the end task, each corpus and, for META, the dev samples."""
+    return 1 + len(variant["aux_objectives"]) + (variant["weighting"] == "meta")
+
+
 def run(args: argparse.Namespace, encoder: str) -> tuple[dict[str, Result], list[Batch], int]:
     """Round-robin: round r fits every variant on the warm-up batches then timed batches r, r + R, r + 2R, ..."""
     batches, datamodule = real_batches(args, encoder, args.warmup + args.steps)
     warmup, timed = batches[: args.warmup], batches[args.warmup :]
+    if args.prime:
+        widest = max(args.variants, key=lambda name: sources_read(VARIANTS[name]))
+        fit_variant(widest, encoder, datamodule, batches, args)
+        gc.collect()
+        print(f"primed with {widest} over all {len(batches)} batches", file=sys.stderr)
     results = {name: Result() for name in args.variants}
     encoder_params = 0
     for round_index in range(args.rounds):
@@ -532,6 +548,7 @@ def summarize(results: dict[str, Result], args: argparse.Namespace, encoder_para
     summary["group_by_length"] = args.group_by_length
     summary.update({"compile": args.compile, "attn_implementation": args.attn_implementation})
     summary.update({"timed_steps": args.steps, "warmup_steps": args.warmup, "rounds": args.rounds})
+    summary["primed"] = args.prime
     for name, result in results.items():
         summary[f"{name}_median_s"] = result.median_s(clock)
         summary[f"{name}_wall_median_s"] = result.median_s("wall")
@@ -541,6 +558,7 @@ def summarize(results: dict[str, Result], args: argparse.Namespace, encoder_para
         summary[f"{name}_mfu"] = result.mfu(clock, peak)
         summary[f"{name}_peak_mem_mb"] = result.peak_bytes / MB
         summary[f"{name}_syncs_per_step"] = result.syncs_per_step()
+        summary[f"{name}_step_s"] = [round(seconds, 4) for seconds in result.seconds[clock]]
     return summary
 
 

