@@ -47,37 +47,34 @@ class DevHead:
         """Fit a fresh head on `features`: AdamW, stopped early once the loss moves less than `tolerance`.
 
         On an accelerator, cached features (a tensor) are fitted without reading anything back to the host: every
-        one of `max_steps` steps runs, and once the loss has settled each further step is undone on the device, so
-        the head is the one an early stop leaves, without the host waiting for the device at every step. On the CPU
-        a read waits for nothing, and a callable (re-encoding at every step, the paper's code) would re-run the
-        encoder at every extra step: both stop on the host.
+        one of `max_steps` steps runs, and once the loss has settled the learning rate, a tensor on the device, is
+        zero, so the head is the one an early stop leaves, without the host waiting for the device at every step.
+        On the CPU a read waits for nothing, and a callable (re-encoding at every step, the paper's code) would
+        re-run the encoder at every extra step: both stop on the host. The optimizer is the fused AdamW, one kernel
+        per step instead of one per parameter and operation: at the head's size, launches are the step's cost.
         `seed` fixes the head's initialisation, so every DDP rank (and a resumed run) fits the same head.
         """
+        device = labels.device
         head = ClassificationHead(self.hidden_size, self.num_labels, dropout=0.0)
         head.reset_parameters(self.init_std, torch.Generator().manual_seed(seed))
-        head.to(labels.device, non_blocking=True)  # a blocking copy from the host would wait for the device
-        optimizer = torch.optim.AdamW(head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        head.to(device, non_blocking=True)  # a blocking copy from the host would wait for the device
+        lr = torch.tensor(self.lr, device=device)
+        optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=self.weight_decay, fused=True)
         cached = isinstance(features, Tensor)
-        stop_on_device = self.stop_on_device if self.stop_on_device is not None else labels.device.type != "cpu"
+        stop_on_device = self.stop_on_device if self.stop_on_device is not None else device.type != "cpu"
         on_device = cached and stop_on_device
-        params = list(head.parameters())
-        settled = torch.zeros((), dtype=torch.bool, device=labels.device)
         previous: Optional[Tensor] = None
         with torch.enable_grad():
             for _ in range(self.max_steps):
                 loss = F.cross_entropy(head(features if cached else features()).float(), labels)
                 if previous is not None:
-                    settled = settled | ((previous - loss.detach()).abs() < self.tolerance)
+                    settled = (previous - loss.detach()).abs() < self.tolerance
                     if not on_device and settled.item():
                         break
-                before = [param.detach().clone() for param in params] if on_device else []
+                    lr.masked_fill_(settled, 0.0)  # settled stays settled: no later step moves the head
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                if on_device:  # undo the step once the loss has settled
-                    with torch.no_grad():
-                        for param, kept in zip(params, before):
-                            param.copy_(torch.where(settled, kept, param))
                 previous = loss.detach()
         self.head = head.requires_grad_(False)
 
