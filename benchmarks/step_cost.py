@@ -31,6 +31,14 @@ MFU = model FLOPs per second / the chip's peak (`--peak-tflops`; defaults: H100 
 bf16/fp16, none on CPU or in fp32, where MFU is reported as null). Padded positions count like real ones, as the
 hardware computes them; tokens/s counts the padded positions of the objectives a variant trains.
 
+Each step's host-device synchronisations (CUDA) and ATen operations (`OpCounter`, one untimed warm-up step) are
+counted too: on a GPU nearly every operation is a kernel launch with its host-side cost, and when the host, not the
+device, sets the pace (small kernels), the operation count is what a faster step must cut. `--stop-on-device` makes
+META's dev head stop the way it does on a GPU also on the CPU, so the CPU counts the GPU's operations. On CUDA each
+run first fits the widest variant over every batch, untimed (`--prime`): a process's first step at a new shape
+costs several times a later one (kernel selection and loading, the allocator's pool growing), which a long run pays
+once and a short timing would count at every step.
+
 `--encoder tiny` (hidden 32, 2 layers, random weights, MiniLM's tokenizer) on small batches (the README's 2 x 32)
 makes the arithmetic a small share of the step, so its step time is mostly what a step costs besides the model's
 arithmetic: Python, hooks, host syncs, optimizer bookkeeping. That per-step overhead is what faster step code
@@ -62,13 +70,14 @@ import torch
 import transformers
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout: the repository's packages before any installed copy
 from datamodules import CitationIntentDataModule  # noqa: E402
-from lightning_tartan import TartanModule  # noqa: E402
+from lightning_tartan import MetaWeighting, TartanModule  # noqa: E402
 
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data" / "dsp" / "citation_intent"
 MB = 1e6
@@ -161,6 +170,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "variant that reads the most sources over every batch once, untimed, so that no timed step is "
                         "the process's first at its shapes (on CUDA such a step pays for loading kernels and growing "
                         "the allocator's pool, which a long run pays once); default: on for CUDA, off for CPU")
+    parser.add_argument("--stop-on-device", action="store_true", help="META's dev head decides its early stop on the "
+                        "device, as it does on a GPU, also on the CPU (where it stops on the host by default): the CPU "
+                        "then runs, and counts the operations of, the GPU's code path")
     parser.add_argument("--quick", action="store_true", help="smoke run: batch 8 x 64, 1 timed step, 1 round")
     args = parser.parse_args(argv)
     default_steps, default_warmup = DEFAULT_STEPS[args.device]
@@ -371,14 +383,39 @@ class ProfilerMemory:
         return peak
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operations dispatched while active, backward included, views and other metadata-only
+    operations excluded: on a GPU nearly each one is a kernel launch, so counted on the CPU they say how many
+    launches, each with its host-side cost, the same step makes on a GPU."""
+
+    METADATA_ONLY = {
+        "view", "_unsafe_view", "_reshape_alias", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze",
+        "slice", "select", "split", "split_with_sizes", "as_strided", "alias", "detach", "lift_fresh", "empty",
+        "empty_like", "empty_strided", "_local_scalar_dense",
+    }
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func.overloadpacket.__name__ not in self.METADATA_ONLY:
+            self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
 class StepMeter(pl.Callback):
     """Times and counts the model FLOPs of every optimizer step (one batch each) after the warm-up, and measures
     memory over the warm-up. On CUDA it also counts the step's host-device synchronisations: the operations
-    `torch.cuda.set_sync_debug_mode` reports, each one a wait of the host for the device's queued work."""
+    `torch.cuda.set_sync_debug_mode` reports, each one a wait of the host for the device's queued work. Unless the
+    encoder is compiled, it counts the operations of the second warm-up step (`OpCounter`; the first also creates
+    the optimizer's state), untimed: counting costs Python at every operation."""
 
-    def __init__(self, warmup: int, device: str) -> None:
+    def __init__(self, warmup: int, device: str, count_ops: bool = True) -> None:
         self.warmup = warmup
         self.cuda = device == "cuda"
+        self.count_ops = count_ops
+        self.ops: Optional[int] = None
         self.memory: MemoryMeter = CudaMemory() if self.cuda else ProfilerMemory()
         self.seconds: dict[str, list[float]] = {"wall": [], "cpu": []}
         self.flops: list[int] = []
@@ -400,6 +437,8 @@ class StepMeter(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self.flop_meter.flops = 0
+        if self.count_ops and batch_idx == 1:
+            self.op_counter = OpCounter().__enter__()
         self.started = self._now()
         if self.cuda:
             self.sync_warnings = warnings.catch_warnings(record=True)
@@ -411,6 +450,9 @@ class StepMeter(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         syncs = None
+        if self.count_ops and batch_idx == 1:
+            self.op_counter.__exit__(None, None, None)
+            self.ops = self.op_counter.ops
         if self.cuda:
             torch.cuda.set_sync_debug_mode("default")
             self.sync_warnings.__exit__(None, None, None)
@@ -435,6 +477,7 @@ class Result:
     tokens: int = 0  # padded positions of the batches the variant trains on, over the timed steps
     flops: int = 0  # model FLOPs over the timed steps
     syncs: list[int] = field(default_factory=list)  # host-device synchronisations of each timed step (CUDA only)
+    ops: Optional[int] = None  # ATen operations of one step (`OpCounter`), None when the encoder is compiled
     peak_bytes: int = 0
 
     def median_s(self, clock: str) -> float:
@@ -466,7 +509,9 @@ def fit_variant(
     task = trained_task(datamodule, options.pop("aux_objectives"))
     options.update(compile_encoder=args.compile, attn_implementation=args.attn_implementation)
     module = TartanModule.from_datamodule(task, encoder_name_or_path=encoder, **options)
-    meter = StepMeter(args.warmup, args.device)
+    if args.stop_on_device and isinstance(module.weighting, MetaWeighting):
+        module.weighting.dev_head.stop_on_device = True
+    meter = StepMeter(args.warmup, args.device, count_ops=not args.compile)
     trainer = pl.Trainer(
         accelerator="gpu" if args.device == "cuda" else "cpu",
         devices=1,
@@ -513,6 +558,7 @@ def run(args: argparse.Namespace, encoder: str) -> tuple[dict[str, Result], list
             result.peak_bytes = max(result.peak_bytes, meter.peak_bytes)
             result.flops += sum(meter.flops)
             result.syncs += meter.syncs
+            result.ops = meter.ops
             result.tokens += sum(b[s]["input_ids"].numel() for b in round_batches for s in module.weighting.active)
             encoder_params = sum(p.numel() for p in module.encoder.parameters())
             del meter, module
@@ -548,7 +594,7 @@ def summarize(results: dict[str, Result], args: argparse.Namespace, encoder_para
     summary["group_by_length"] = args.group_by_length
     summary.update({"compile": args.compile, "attn_implementation": args.attn_implementation})
     summary.update({"timed_steps": args.steps, "warmup_steps": args.warmup, "rounds": args.rounds})
-    summary["primed"] = args.prime
+    summary.update({"primed": args.prime, "stop_on_device": args.stop_on_device})
     for name, result in results.items():
         summary[f"{name}_median_s"] = result.median_s(clock)
         summary[f"{name}_wall_median_s"] = result.median_s("wall")
@@ -558,6 +604,7 @@ def summarize(results: dict[str, Result], args: argparse.Namespace, encoder_para
         summary[f"{name}_mfu"] = result.mfu(clock, peak)
         summary[f"{name}_peak_mem_mb"] = result.peak_bytes / MB
         summary[f"{name}_syncs_per_step"] = result.syncs_per_step()
+        summary[f"{name}_ops_per_step"] = result.ops
         summary[f"{name}_step_s"] = [round(seconds, 4) for seconds in result.seconds[clock]]
     return summary
 
@@ -578,16 +625,17 @@ def report(results: dict[str, Result], summary: dict[str, Any], batches: list[Ba
           f"{summary['clock']} clock;\ntokens/s counts the padded positions of the objectives a variant trains "
           "(not meta_dev);\npeak MB is what torch allocates during the warm-up steps beyond weights and batches "
           "(CPU: torch.profiler allocation events, CUDA: max_memory_allocated);\nTFLOP/s and MFU count model FLOPs "
-          "(module docstring); syncs: median host-device synchronisations per step (CUDA only)\n")
+          "(module docstring); syncs: median host-device synchronisations per step (CUDA only);\nops: ATen operations "
+          "of one step, views excluded (on a GPU, about its kernel launches; n/a when compiled)\n")
     clock = summary["clock"]
-    print(f"{'variant':12s} {'wall s':>8s} {'cpu s':>8s} {'tokens/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak MB':>8s} "
-          f"{'syncs':>5s}")
+    print(f"{'variant':12s} {'wall ms':>9s} {'cpu ms':>9s} {'tokens/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} "
+          f"{'peak MB':>8s} {'syncs':>5s} {'ops':>6s}")
     for name, result in results.items():
-        mfu, syncs = summary[f"{name}_mfu"], summary[f"{name}_syncs_per_step"]
-        print(f"{name:12s} {result.median_s('wall'):8.3f} {result.median_s('cpu'):8.3f} "
+        mfu, syncs, ops = (summary[f"{name}_{key}"] for key in ("mfu", "syncs_per_step", "ops_per_step"))
+        print(f"{name:12s} {result.median_s('wall') * 1e3:9.1f} {result.median_s('cpu') * 1e3:9.1f} "
               f"{result.tokens_per_s(clock):9.0f} {result.tflops_per_s(clock):8.3f} "
               f"{'n/a' if mfu is None else f'{mfu:.1%}':>6s} {result.peak_bytes / MB:8.0f} "
-              f"{'n/a' if syncs is None else f'{syncs:.0f}':>5s}")
+              f"{'n/a' if syncs is None else f'{syncs:.0f}':>5s} {'n/a' if ops is None else ops:>6}")
     print()
     for key, (_, _, cpu_target, cuda_target) in RATIOS.items():
         target, issue = (cuda_target, 12) if summary["device"] == "cuda" else (cpu_target, 5)

