@@ -14,6 +14,9 @@ from torch import Tensor, nn
 
 from lightning_tartan.heads import ClassificationHead
 
+#: devices with torch's fused AdamW kernel
+FUSED_ADAMW_DEVICES = ("cpu", "cuda", "mps")
+
 
 class DevHead:
     """Fits a dev head (`fit`), then differentiates its loss on any dev features (`gradient`)."""
@@ -51,15 +54,19 @@ class DevHead:
         zero, so the head is the one an early stop leaves, without the host waiting for the device at every step.
         On the CPU a read waits for nothing, and a callable (re-encoding at every step, the paper's code) would
         re-run the encoder at every extra step: both stop on the host. The optimizer is the fused AdamW, one kernel
-        per step instead of one per parameter and operation: at the head's size, launches are the step's cost.
+        per step instead of one per parameter and operation (at the head's size, launches are the step's cost), on
+        the devices torch has it for.
         `seed` fixes the head's initialisation, so every DDP rank (and a resumed run) fits the same head.
         """
         device = labels.device
         head = ClassificationHead(self.hidden_size, self.num_labels, dropout=0.0)
         head.reset_parameters(self.init_std, torch.Generator().manual_seed(seed))
         head.to(device, non_blocking=True)  # a blocking copy from the host would wait for the device
-        lr = torch.tensor(self.lr, device=device)
-        optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=self.weight_decay, fused=True)
+        lr = torch.full((), self.lr, device=device)  # filled on the device: a copy from the host would wait for it
+        # the fused AdamW where torch has one for the device, else the single-tensor one (the multi-tensor one takes no
+        # tensor lr)
+        kernel = {"fused": True} if device.type in FUSED_ADAMW_DEVICES else {"foreach": False}
+        optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=self.weight_decay, **kernel)
         cached = isinstance(features, Tensor)
         stop_on_device = self.stop_on_device if self.stop_on_device is not None else device.type != "cpu"
         on_device = cached and stop_on_device

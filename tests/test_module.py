@@ -17,7 +17,7 @@ from synthetic import group, loader, make_batches
 from torch.overrides import TorchFunctionMode
 from transformers import AutoModelForSequenceClassification
 
-from lightning_tartan import TartanModule
+from lightning_tartan import TartanModule, dev_head
 from lightning_tartan.dev_head import DevHead
 from lightning_tartan.module import micro_batches
 
@@ -214,11 +214,14 @@ def test_dev_head_fit_stops_early_when_loss_settles():
     assert len(calls) == 10
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-adamw", "single-tensor-adamw"])
 @pytest.mark.parametrize("tolerance, fitting_steps", [(0.0, 10), (0.05, 7), (1.0, 2)])
-def test_dev_head_on_cached_features_stops_on_the_device_at_the_same_head(tolerance, fitting_steps):
-    """On an accelerator, cached features run every fitting step and undo those after the loss settles, reading
-    nothing on the host; the head is the one the host-side early stop leaves, whether the loss settles at once,
-    mid-way or never."""
+def test_dev_head_on_cached_features_stops_on_the_device_at_the_same_head(tolerance, fitting_steps, fused, monkeypatch):
+    """On an accelerator, cached features run every fitting step, at a zero learning rate once the loss settles,
+    reading nothing on the host; the head is the one the host-side early stop leaves, whether the loss settles at
+    once, mid-way or never. Also with the single-tensor AdamW of devices without a fused one."""
+    if not fused:
+        monkeypatch.setattr(dev_head, "FUSED_ADAMW_DEVICES", ())
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(32, 8, generator=generator)
     labels = torch.randint(0, 3, (32,), generator=generator)
