@@ -23,12 +23,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
-from transformers import (
-    AutoTokenizer,
-    PreTrainedModel,
-    get_constant_schedule_with_warmup,
-    get_linear_schedule_with_warmup,
-)
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import AutoTokenizer, PreTrainedModel
 
 from lightning_tartan.export import check_exportable, classification_model, masked_lm_model
 from lightning_tartan.heads import ClassificationHead, classification_head_options, load_encoder_and_mlm_head
@@ -355,12 +351,7 @@ class TartanModule(pl.LightningModule):
         ]
         # multi-tensor kernels: torch's default on GPUs, and faster on the CPU too
         optimizer = torch.optim.AdamW(groups, betas=tuple(hp.adam_betas), eps=hp.adam_eps, foreach=True)
-        total = self.num_optimizer_steps()
-        warmup = math.ceil(hp.warmup_ratio * total)
-        if hp.lr_schedule == "constant":
-            scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
-        else:
-            scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
+        scheduler = LambdaLR(optimizer, lr_factors(hp.lr_schedule, hp.warmup_ratio, self.num_optimizer_steps))
         # the name prefixes the learning rates `LearningRateMonitor` logs: train/lr/encoder, train/lr/head, ...
         schedule = {"scheduler": scheduler, "interval": "step", "name": "train/lr"}
         return {"optimizer": optimizer, "lr_scheduler": schedule}
@@ -494,6 +485,34 @@ def _decay_groups(name: str, params: list, lr: float, weight_decay: float) -> li
         {"name": f"{name}_no_decay", "params": [p for p in trained if p.dim() < 2], "lr": lr, "weight_decay": 0.0},
     ]
     return [group for group in groups if group["params"]]
+
+
+def lr_factors(schedule: str, warmup_ratio: float, run_length: Callable[[], int]) -> Callable[[int], float]:
+    """The learning rate's factor at each optimizer step, as transformers' `get_linear_schedule_with_warmup` and
+    `get_constant_schedule_with_warmup` give it: linear warm-up over `warmup_ratio` of the run, then linear decay
+    to 0 or constant.
+
+    The run's length (`run_length`) is read at step 1, not before: asked before training starts, Lightning's
+    `Trainer.estimated_stepping_batches` sets up the training data, and then Lightning skips restoring a resumed
+    run's data-loader position (pytorch-lightning issue 20550), so a run counted in epochs would start its
+    interrupted epoch over. Step 0's factor needs no length: 0 with a warm-up, else 1.
+    """
+    length: list[int] = []  # (total, warm-up) steps, once read
+
+    def factor(step: int) -> float:
+        if step == 0:
+            return 0.0 if warmup_ratio > 0 else 1.0
+        if not length:
+            total = run_length()
+            length.extend((total, math.ceil(warmup_ratio * total)))
+        total, warmup = length
+        if step < warmup:
+            return step / warmup
+        if schedule == "constant":
+            return 1.0
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
 
 
 def micro_batches(batch: Mapping[str, Any]) -> list[dict[str, Any]]:

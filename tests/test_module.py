@@ -19,7 +19,7 @@ from transformers import AutoModelForSequenceClassification
 
 from lightning_tartan import TartanModule, dev_head
 from lightning_tartan.dev_head import DevHead
-from lightning_tartan.module import micro_batches
+from lightning_tartan.module import lr_factors, micro_batches
 
 AUX = ["tapt", "dapt"]
 
@@ -512,6 +512,24 @@ def test_lr_schedule(tiny_encoder, schedule, constant):
     lrs = [group["lr"] for group in trainer.optimizers[0].param_groups if group["params"][0] in encoder]
     assert trainer.global_step == 6
     assert lrs == [1e-4, 1e-4] if constant else lrs == [0.0, 0.0]  # linear decays to 0 at the last step
+
+
+@pytest.mark.parametrize("schedule", ["linear", "constant"])
+@pytest.mark.parametrize("warmup_ratio", [0.0, 0.1, 0.5])
+def test_lr_factors_follow_transformers_schedules_and_read_the_run_length_only_once_training(schedule, warmup_ratio):
+    """Our schedule is transformers' (warm-up, then linear decay or constant), but reads the run's length at step 1:
+    asking Lightning for it before training starts drops a resumed run's data-loader position."""
+    total = 20
+    reads = []
+    factors = lr_factors(schedule, warmup_ratio, lambda: reads.append(1) or total)
+    assert factors(0) == (0.0 if warmup_ratio else 1.0) and reads == []
+    make = transformers.get_linear_schedule_with_warmup if schedule == "linear" else (
+        lambda optimizer, warmup, _: transformers.get_constant_schedule_with_warmup(optimizer, warmup)
+    )
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    reference = make(optimizer, math.ceil(warmup_ratio * total), total).lr_lambdas[0]
+    assert [factors(step) for step in range(total + 3)] == [reference(step) for step in range(total + 3)]
+    assert reads == [1]
 
 
 def test_freeze_encoder_fits_only_the_heads(tiny_encoder):
