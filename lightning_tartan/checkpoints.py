@@ -17,14 +17,18 @@ class ResumableCheckpoint(ModelCheckpoint):
     """`ModelCheckpoint` (best dev checkpoints as configured) whose `last.ckpt` is the run's latest state.
 
     `last.ckpt` is rewritten after every dev evaluation and at the end of fit. The first Ctrl-C during fit asks
-    training to stop at the end of the current optimizer step, so the `last.ckpt` written then resumes exactly;
-    a second Ctrl-C aborts at once. `save_last=False` turns `last.ckpt` (and the Ctrl-C handling) off.
+    training to stop at the end of the current optimizer step, and `last.ckpt` is written right then, inside the
+    epoch, as a step-based checkpoint is: it resumes exactly, whether the run counts steps or epochs. (Once told to
+    stop, Lightning counts the epoch as complete and may evaluate on dev once more; a checkpoint written after that
+    would resume in the next epoch, and with the extra evaluation's best score.) A second Ctrl-C aborts at once.
+    `save_last=False` turns `last.ckpt` (and the Ctrl-C handling) off.
     """
 
     def __init__(self, *args: Any, save_last: Optional[bool] = True, **kwargs: Any) -> None:
         super().__init__(*args, save_last=False, **kwargs)  # last.ckpt is written here, at the moments above
         self.keep_last = bool(save_last)
         self._stop_requested = False
+        self._stopped_at: Optional[int] = None  # the optimizer step a Ctrl-C stopped the run after
         self._steps_before_batch = 0
         self._sigint_handler_replaced = False
         self._previous_sigint_handler: Any = None
@@ -39,19 +43,21 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)  # first the best checkpoint, so last.ckpt records it
-        if self.keep_last and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+        if self.keep_last and fitting and self._stopped_at is None:
             self.save_latest(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
-        if self.keep_last:
+        if self.keep_last and self._stopped_at is None:
             self.save_latest(trainer)
-            if self._stop_requested:
-                rank_zero_info(f"Stopped after optimizer step {trainer.global_step}: resume with --ckpt_path last")
+        elif self._stopped_at is not None:
+            rank_zero_info(f"Stopped after optimizer step {self._stopped_at}: resume with --ckpt_path last")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         self._stop_requested = False
+        self._stopped_at = None
         if self.keep_last:
             self._replace_sigint_handler()
 
@@ -74,6 +80,8 @@ class ResumableCheckpoint(ModelCheckpoint):
         # every rank at the same step (Ctrl-C reaches the ranks at slightly different moments)
         if trainer.global_step > self._steps_before_batch and self.keep_last:
             if trainer.strategy.reduce_boolean_decision(self._stop_requested, all=False):
+                self.save_latest(trainer)
+                self._stopped_at = trainer.global_step
                 trainer.should_stop = True
 
     def _request_stop(self, signum: int, frame: Any) -> None:

@@ -419,9 +419,17 @@ def test_predict_labels_a_users_own_file(tiny_encoder, data_root, cache_dir, tmp
     assert last.startswith(f"tartan: error: {tmp_path / 'bad.jsonl'}:2: no 'text' field")  # then the fields it has
 
 
-def test_ctrl_c_then_ckpt_path_last_finishes_like_an_uninterrupted_run(tiny_encoder, data_root, cache_dir, tmp_path):
-    """Ctrl-C at optimizer step 5 of 8 (mid-epoch, mid dev-interval), then the same command with `--ckpt_path
-    last`: the weights, task weights and best dev score at the end are those of a run never interrupted."""
+@pytest.mark.parametrize(
+    "length, stop_at",
+    [(["--trainer.max_steps=8"], 5), (["--trainer.max_epochs=2", "--trainer.limit_train_batches=4"], 2)],
+    ids=["max_steps", "max_epochs"],
+)
+def test_ctrl_c_then_ckpt_path_last_finishes_like_an_uninterrupted_run(
+    tiny_encoder, data_root, cache_dir, tmp_path, length, stop_at
+):
+    """Ctrl-C mid-epoch and mid dev-interval (optimizer step 5 of 8, or step 2 of an epoch of 4 where the run is
+    two epochs long, as the shipped trainer configs count it), then the same command with `--ckpt_path last`: the
+    steps, epoch, weights, task weights and best dev score at the end are those of a run never interrupted."""
     command = [
         "fit",
         *config_args("citation_intent", "meta_tartan"),
@@ -429,7 +437,7 @@ def test_ctrl_c_then_ckpt_path_last_finishes_like_an_uninterrupted_run(tiny_enco
         f"--data.data_dir={data_root / 'citation_intent'}",
         f"--data.cache_dir={cache_dir}",
         "--model.dropout=0.1",
-        "--trainer.max_steps=8",
+        *length,
         "--trainer.val_check_interval=3",  # dev evaluations after optimizer steps 3 and 6
         "--trainer.limit_val_batches=2",
         "--seed_everything=3",
@@ -443,15 +451,18 @@ def test_ctrl_c_then_ckpt_path_last_finishes_like_an_uninterrupted_run(tiny_enco
         return result
 
     run(tmp_path / "uninterrupted")
-    interrupted = run(tmp_path / "resumed", "--trainer.callbacks+=interrupt.InterruptAtStep", "--trainer.callbacks.step=5")
+    interrupted = run(
+        tmp_path / "resumed", "--trainer.callbacks+=interrupt.InterruptAtStep", f"--trainer.callbacks.step={stop_at}"
+    )
     assert "Ctrl-C: stopping at the end of this optimizer step" in interrupted.stderr + interrupted.stdout
     last = tmp_path / "resumed" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=True)["global_step"] == 5
+    assert torch.load(last, weights_only=True)["global_step"] == stop_at
     run(tmp_path / "resumed", "--ckpt_path=last")
 
     expected = torch.load(next((tmp_path / "uninterrupted").rglob("last.ckpt")), weights_only=True)
     actual = torch.load(last, weights_only=True)  # the resumed run kept writing to the interrupted run's folder
     assert actual["global_step"] == expected["global_step"] == 8
+    assert actual["epoch"] == expected["epoch"]
     for name, value in expected["state_dict"].items():
         torch.testing.assert_close(actual["state_dict"][name], value, rtol=0, atol=0, msg=name)
     best = [state["best_model_score"] for key, state in expected["callbacks"].items() if "Checkpoint" in key]
