@@ -70,7 +70,6 @@ import torch
 import transformers
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
@@ -383,36 +382,55 @@ class ProfilerMemory:
         return peak
 
 
-class OpCounter(TorchDispatchMode):
-    """Counts the ATen operations dispatched while active, backward included, views and other metadata-only
-    operations excluded: on a GPU nearly each one is a kernel launch, so counted on the CPU they say how many
-    launches, each with its host-side cost, the same step makes on a GPU."""
+class OpCounter:
+    """Counts the ATen operations dispatched while active, backward included, from the profiler's events: operations
+    that another one called (a composite's parts) and metadata-only ones (views) are left out. On a GPU nearly each
+    counted operation is a kernel launch, so counted on the CPU they say how many launches, each with its host-side
+    cost, the same step makes on a GPU."""
 
     METADATA_ONLY = {
-        "view", "_unsafe_view", "_reshape_alias", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze",
-        "slice", "select", "split", "split_with_sizes", "as_strided", "alias", "detach", "lift_fresh", "empty",
-        "empty_like", "empty_strided", "_local_scalar_dense",
+        "view", "_unsafe_view", "_reshape_alias", "reshape", "t", "transpose", "permute", "expand", "unsqueeze",
+        "squeeze", "slice", "select", "split", "split_with_sizes", "as_strided", "alias", "detach", "lift_fresh",
+        "empty", "empty_like", "empty_strided", "_local_scalar_dense", "item", "is_nonzero", "to", "result_type",
     }
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops = 0
+    def __enter__(self) -> "OpCounter":
+        self.profiler = profile(activities=[ProfilerActivity.CPU])
+        self.profiler.__enter__()
+        return self
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func.overloadpacket.__name__ not in self.METADATA_ONLY:
-            self.ops += 1
-        return func(*args, **(kwargs or {}))
+    def __exit__(self, *exception: Any) -> None:
+        self.profiler.__exit__(*exception)
+        self.ops = sum(self._counted(event) for event in self.profiler.events())
+
+    @classmethod
+    def _computes(cls, event: Any) -> bool:
+        name = event.name
+        return name.startswith("aten::") and name.removeprefix("aten::") not in cls.METADATA_ONLY
+
+    @classmethod
+    def _counted(cls, event: Any) -> bool:
+        """An operation that computes, called by none that does (`to` is metadata-only, the copy it calls is not)."""
+        if not cls._computes(event):
+            return False
+        parent = event.cpu_parent
+        while parent is not None:
+            if cls._computes(parent):
+                return False
+            parent = parent.cpu_parent
+        return True
 
 
 class StepMeter(pl.Callback):
     """Times and counts the model FLOPs of every optimizer step (one batch each) after the warm-up, and measures
     memory over the warm-up. On CUDA it also counts the step's host-device synchronisations: the operations
     `torch.cuda.set_sync_debug_mode` reports, each one a wait of the host for the device's queued work. Unless the
-    encoder is compiled, it counts the operations of the second warm-up step (`OpCounter`; the first also creates
-    the optimizer's state), untimed: counting costs Python at every operation."""
+    encoder is compiled, one more step after the timed ones counts its operations (`OpCounter`), untimed: the
+    profiler that counts them slows every operation."""
 
-    def __init__(self, warmup: int, device: str, count_ops: bool = True) -> None:
+    def __init__(self, warmup: int, timed: int, device: str, count_ops: bool = True) -> None:
         self.warmup = warmup
+        self.timed = timed
         self.cuda = device == "cuda"
         self.count_ops = count_ops
         self.ops: Optional[int] = None
@@ -437,8 +455,9 @@ class StepMeter(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self.flop_meter.flops = 0
-        if self.count_ops and batch_idx == 1:
+        if batch_idx == self.warmup + self.timed:
             self.op_counter = OpCounter().__enter__()
+            return
         self.started = self._now()
         if self.cuda:
             self.sync_warnings = warnings.catch_warnings(record=True)
@@ -449,16 +468,17 @@ class StepMeter(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        syncs = None
-        if self.count_ops and batch_idx == 1:
+        if batch_idx == self.warmup + self.timed:
             self.op_counter.__exit__(None, None, None)
             self.ops = self.op_counter.ops
+            return
+        syncs = None
         if self.cuda:
             torch.cuda.set_sync_debug_mode("default")
             self.sync_warnings.__exit__(None, None, None)
             syncs = sum("synchronizing" in str(warning.message) for warning in self.sync_log)
         now = self._now()
-        if batch_idx >= self.warmup:
+        if batch_idx >= self.warmup:  # a timed step
             for clock, seconds in self.seconds.items():
                 seconds.append(now[clock] - self.started[clock])
             if syncs is not None:
@@ -511,7 +531,10 @@ def fit_variant(
     module = TartanModule.from_datamodule(task, encoder_name_or_path=encoder, **options)
     if args.stop_on_device and isinstance(module.weighting, MetaWeighting):
         module.weighting.dev_head.stop_on_device = True
-    meter = StepMeter(args.warmup, args.device, count_ops=not args.compile)
+    timed = len(batches) - args.warmup
+    meter = StepMeter(args.warmup, timed, args.device, count_ops=not args.compile)
+    if meter.count_ops:
+        batches = [*batches, batches[1]]  # a steady-state step (the first creates the optimizer's state), counted
     trainer = pl.Trainer(
         accelerator="gpu" if args.device == "cuda" else "cpu",
         devices=1,
@@ -526,8 +549,8 @@ def fit_variant(
         num_sanity_val_steps=0,
     )
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
-    if len(meter.seconds["wall"]) != len(batches) - args.warmup:
-        raise RuntimeError(f"{name}: timed {len(meter.seconds['wall'])} steps, expected {len(batches) - args.warmup}")
+    if len(meter.seconds["wall"]) != timed:
+        raise RuntimeError(f"{name}: timed {len(meter.seconds['wall'])} steps, expected {timed}")
     return meter, module
 
 
