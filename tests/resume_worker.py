@@ -45,8 +45,10 @@ def train(
     out_dir: str,
     kill_after: Optional[int] = None,
     ckpt_path: Optional[str] = None,
+    max_epochs: Optional[int] = None,
 ) -> dict[str, torch.Tensor]:
-    """The module's final state; a resumed run is seeded differently, so all it continues comes from the checkpoint."""
+    """The module's final state; a resumed run is seeded differently, so all it continues comes from the checkpoint.
+    The run lasts `MAX_STEPS` optimizer steps, or `max_epochs` epochs when given (as the shipped configs count)."""
     pl.seed_everything(123 if ckpt_path else 0)
     data = CitationIntentDataModule(
         data_dir=data_dir,
@@ -70,7 +72,8 @@ def train(
         callbacks = [every, KillAfterCheckpoint(Path(out_dir) / "mid.ckpt")]
     trainer = pl.Trainer(
         accelerator="cpu",
-        max_steps=MAX_STEPS,
+        max_steps=MAX_STEPS if max_epochs is None else -1,
+        max_epochs=max_epochs,
         limit_train_batches=EPOCH_BATCHES,
         limit_val_batches=0,
         logger=False,

@@ -23,11 +23,15 @@ def run_worker(spec: dict, out_dir: Path) -> tuple[int, str]:
     return returncode, log.read_text()[-3000:]
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-@pytest.mark.parametrize("weighting", ["equal", "meta"])
+@pytest.mark.parametrize(
+    "weighting, num_workers, max_epochs",
+    [("equal", 0, None), ("equal", 2, None), ("meta", 0, None), ("meta", 2, None), ("meta", 0, 3)],
+    ids=["equal-0", "equal-2", "meta-0", "meta-2", "meta-0-max_epochs"],
+)
 def test_run_killed_after_mid_epoch_checkpoint_resumes_bit_for_bit(
-    tiny_encoder, data_root, cache_dir, tmp_path, weighting, num_workers
+    tiny_encoder, data_root, cache_dir, tmp_path, weighting, num_workers, max_epochs
 ):
+    """Also for a run counted in epochs, whose learning-rate schedule reads the run's length from Lightning."""
     short = tmp_path / "short.txt"
     short.write_text("".join(f"a short document, number {i}, about citing earlier work\n" for i in range(10)))
     spec = {
@@ -37,6 +41,7 @@ def test_run_killed_after_mid_epoch_checkpoint_resumes_bit_for_bit(
         "short_corpus": str(short),
         "weighting": weighting,
         "num_workers": num_workers,
+        "max_epochs": max_epochs,
     }
 
     returncode, log = run_worker({**spec, "kill_after": KILL_AFTER}, tmp_path / "killed")
