@@ -16,6 +16,8 @@
 #
 # Name settings to run only those, in that order: bash benchmarks/gpu_step_cost.sh bf16_real fp16_real
 #
+# PYTHON names the interpreter (default python3, the one with torch on the GPU machines' image).
+#
 # On a machine without a GPU, SMOKE=1 runs the same settings on the CPU with the tiny encoder and one timed step,
 # to check the script before spending GPU time:  SMOKE=1 OUT=/tmp/gpu_smoke bash benchmarks/gpu_step_cost.sh
 set -euo pipefail
@@ -23,10 +25,11 @@ cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/gpu_results}
 mkdir -p "$out"
 deadline=$((SECONDS + ${BUDGET_S:-540}))
+python=${PYTHON:-python3}
 : > "$out/logs.txt"
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || echo "no nvidia-smi"
-    python3 -c 'import torch, transformers, pytorch_lightning as pl; print("torch", torch.__version__,
+    "$python" -c 'import torch, transformers, pytorch_lightning as pl; print("torch", torch.__version__,
         "transformers", transformers.__version__, "pytorch_lightning", pl.__version__)'
 } > "$out/env.txt"
 data=()
@@ -49,7 +52,7 @@ run() {  # a failed setting does not stop the others; the script's exit status s
         failed+=("$name")
         return
     fi
-    timeout "$left" python3 benchmarks/step_cost.py "${common[@]}" "$@" > "$out/$name.txt" 2>> "$out/logs.txt" || {
+    timeout "$left" "$python" benchmarks/step_cost.py "${common[@]}" "$@" > "$out/$name.txt" 2>> "$out/logs.txt" || {
         echo "$name failed (exit $?): see $out/logs.txt" >&2
         tail -5 "$out/logs.txt" >&2
         failed+=("$name")

@@ -106,6 +106,7 @@ def test_prepared_gpu_run_works_in_its_cpu_smoke_mode(data_root: Path, tmp_path:
         pytest.skip(f"ACL-ARC data not found at {data_root}")
     out = tmp_path / "results"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SMOKE": "1", "OUT": str(out), "DSP": str(data_root)}
+    env["PYTHON"] = sys.executable  # the interpreter running the tests, whatever python3 is on the PATH
     result = subprocess.run(
         ["bash", "benchmarks/gpu_step_cost.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
     )
