@@ -56,6 +56,9 @@ class DevHead:
         re-run the encoder at every extra step: both stop on the host. The optimizer is the fused AdamW, one kernel
         per step instead of one per parameter and operation (at the head's size, launches are the step's cost), on
         the devices torch has it for.
+        The head is fitted in fp32 with autocast off, also inside a mixed-precision training step: autocast reuses
+        the low-precision copy it made of a weight until its context exits, so every fitting step would see the
+        head's initial weights. (The head is small: fp32 costs nothing measurable.)
         `seed` fixes the head's initialisation, so every DDP rank (and a resumed run) fits the same head.
         """
         device = labels.device
@@ -68,21 +71,25 @@ class DevHead:
         kernel = {"fused": True} if device.type in FUSED_ADAMW_DEVICES else {"foreach": False}
         optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=self.weight_decay, **kernel)
         cached = isinstance(features, Tensor)
+        if cached:
+            features = features.float()
         stop_on_device = self.stop_on_device if self.stop_on_device is not None else device.type != "cpu"
         on_device = cached and stop_on_device
         previous: Optional[Tensor] = None
         with torch.enable_grad():
             for _ in range(self.max_steps):
-                loss = F.cross_entropy(head(features if cached else features()).float(), labels)
-                if previous is not None:
-                    settled = (previous - loss.detach()).abs() < self.tolerance
-                    if not on_device and settled.item():
-                        break
-                    lr.masked_fill_(settled, 0.0)  # settled stays settled: no later step moves the head
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                previous = loss.detach()
+                inputs = features if cached else features().float()  # re-encoding runs in the step's precision
+                with torch.autocast(device.type, enabled=False):  # forward, backward and update in fp32
+                    loss = F.cross_entropy(head(inputs), labels)
+                    if previous is not None:
+                        settled = (previous - loss.detach()).abs() < self.tolerance
+                        if not on_device and settled.item():
+                            break
+                        lr.masked_fill_(settled, 0.0)  # settled stays settled: no later step moves the head
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    previous = loss.detach()
         self.head = head.requires_grad_(False)
 
     def gradient(

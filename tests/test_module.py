@@ -328,6 +328,45 @@ def test_bf16_mixed_trains_and_weights_stay_finite(tiny_encoder):
     assert any(not torch.equal(before[name], after[name]) for name in before)
 
 
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_fits_the_dev_head_as_fp32_does(tiny_encoder, precision):
+    """Inside a mixed-precision step the dev head is fitted in fp32 on the step's features: the same head an fp32 fit
+    on those features gives. (Under autocast, every fitting step reused the head's first low-precision weights: it
+    stopped after one AdamW step.) fp16 autocast runs on the CPU too."""
+    module = make_module(tiny_encoder, weighting="meta", dev_head_lr=0.05, dev_head_steps=10, dev_head_tolerance=0.0)
+    dev_head_ = module.weighting.dev_head
+    fit_in_step = dev_head_.fit
+    compared = []
+
+    def fit_and_compare(features, labels, seed):
+        fit_in_step(features, labels, seed)
+        reference = DevHead(32, 3, lr=0.05, max_steps=10, tolerance=0.0)
+        with torch.autocast("cpu", enabled=False):
+            reference.fit(features.float(), labels, seed)
+        for ours, expected in zip(dev_head_.head.parameters(), reference.head.parameters()):
+            torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+        compared.append(seed)
+
+    dev_head_.fit = fit_and_compare
+    fit(module, make_batches(2), precision=precision)
+    assert len(compared) == 2  # one dev head per step
+
+
+def test_dev_head_fit_inside_autocast_is_the_fp32_fit():
+    """Cached features and re-encoding alike: autocast around the fit changes nothing."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(32, 8, generator=generator).bfloat16()
+    labels = torch.randint(0, 3, (32,), generator=generator)
+    expected = DevHead(8, 3, lr=0.05, max_steps=10, tolerance=0.0)
+    expected.fit(features.float(), labels, seed=0)
+    for given in (features, lambda: features):
+        head = DevHead(8, 3, lr=0.05, max_steps=10, tolerance=0.0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            head.fit(given, labels, seed=0)
+        for ours, reference in zip(head.head.parameters(), expected.head.parameters()):
+            torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+
 def test_overflowing_gradient_skips_meta_update(tiny_encoder):
     class Overflow(pl.Callback):
         """Plants an inf in an encoder gradient during the second optimizer step, as an fp16 overflow would."""
