@@ -7,9 +7,11 @@ back into the snapshot. Under DDP each backward all-reduces, so the differences 
 every rank computes the same cosines.
 
 For the parameters' gradients to be read with a few whole-buffer operations rather than several per parameter
-(hundreds of small kernels per backward on a GPU), each step's `.grad` of the trained parameters are views into one
-flat buffer; autograd and DDP accumulate into them in place. The snapshot and the dev gradient are flat buffers of
-the same size: the two encoder-sized buffers META-TARTAN costs.
+(hundreds of small kernels per backward on a GPU), the step's first backward leaves autograd's own gradient tensors,
+which one `cat` gathers into a flat buffer; from then on the trained parameters' `.grad` are views into that buffer,
+and autograd and DDP accumulate into them in place. (Views set before the first backward would cost one addition
+per parameter: autograd adds into a `.grad` that exists, and takes its result as `.grad` when there is none.) The
+snapshot and the dev gradient are flat buffers of the same size: the two encoder-sized buffers META-TARTAN costs.
 """
 from typing import Optional, Sequence
 
@@ -24,7 +26,10 @@ class TaskGradientCosines:
         self.params = list(params)
         self.keep_copies = keep_copies
         self.eps = eps
+        self._trained: list[nn.Parameter] = []
         self._grads: Optional[Tensor] = None  # the trained parameters' `.grad`, as one flat buffer
+        self._grad_views: list[Tensor] = []  # `_grads` cut into each trained parameter's shape
+        self._gathered = False  # whether this step's `.grad` are the views yet
         self._snapshot: Optional[Tensor] = None
         self._dev_grad: Optional[Tensor] = None
         self._dev_norm: Optional[Tensor] = None
@@ -32,25 +37,22 @@ class TaskGradientCosines:
         self._sums: dict[str, Tensor] = {}
         self._counts: dict[str, int] = {}
 
-    @property
-    def trained(self) -> list[nn.Parameter]:
-        return [param for param in self.params if param.requires_grad]
-
     def start_step(self) -> None:
-        """Begin an optimizer step (`.grad` is empty after the last step's `zero_grad`): the trained parameters'
-        gradients become views into one zeroed buffer."""
-        trained = self.trained
-        size = sum(param.numel() for param in trained)
+        """Begin an optimizer step: the trained parameters' `.grad` are cleared, for the first backward to fill."""
+        trained = [param for param in self.params if param.requires_grad]
         first = trained[0]
-        if self._grads is None or self._grads.numel() != size or self._grads.device != first.device:
+        changed = [id(param) for param in trained] != [id(param) for param in self._trained]
+        if changed or self._grads.device != first.device:
+            self._trained = trained
+            size = sum(param.numel() for param in trained)
             self._grads = torch.zeros(size, device=first.device, dtype=first.dtype)
             self._snapshot = torch.zeros(size, device=first.device, dtype=torch.float32)
             self._dev_grad = torch.zeros(size, device=first.device, dtype=torch.float32)
-        else:
-            self._grads.zero_()
-            self._snapshot.zero_()
-        for param, grad in zip(trained, self._grads.split([param.numel() for param in trained])):
-            param.grad = grad.view_as(param)
+            pieces = self._grads.split([param.numel() for param in trained])
+            self._grad_views = [piece.view_as(param) for piece, param in zip(pieces, trained)]
+        for param in trained:
+            param.grad = None
+        self._gathered = False
         self._sums.clear()
         self._counts.clear()
 
@@ -67,12 +69,25 @@ class TaskGradientCosines:
         """Call right after objective `name`'s backward."""
         if self._dev_norm is None:
             raise RuntimeError("record() before set_dev_gradient()")
-        torch.sub(self._grads, self._snapshot, out=self._snapshot)  # this objective's gradient
+        if self._gathered:
+            gradient = torch.sub(self._grads, self._snapshot, out=self._snapshot)  # this objective's
+        else:  # the step's first backward: its gradient is all there is
+            self._gather()
+            gradient = self._grads
         if self.keep_copies:
-            self._copies[name] = self._snapshot.clone()
+            self._copies[name] = gradient.clone()
         else:
-            self._accumulate(name, self._snapshot @ self._dev_grad, self._snapshot @ self._snapshot)
+            self._accumulate(name, gradient @ self._dev_grad, gradient @ gradient)
         self._snapshot.copy_(self._grads)
+
+    def _gather(self) -> None:
+        """The first backward's gradients into the flat buffer, and `.grad` its views from now on (a parameter this
+        backward did not reach has a zero gradient, as it would have accumulating into a zeroed buffer)."""
+        grads = [param.grad if param.grad is not None else torch.zeros_like(param) for param in self._trained]
+        torch.cat([grad.reshape(-1) for grad in grads], out=self._grads)
+        for param, view in zip(self._trained, self._grad_views):
+            param.grad = view
+        self._gathered = True
 
     def end_micro_batch(self) -> None:
         """Cosines from stored per-objective copies (the paper's memory layout, kept for the ablation)."""
