@@ -56,15 +56,16 @@ class DevHead:
         re-run the encoder at every extra step: both stop on the host. The optimizer is the fused AdamW, one kernel
         per step instead of one per parameter and operation (at the head's size, launches are the step's cost), on
         the devices torch has it for.
-        The head is fitted in fp32 with autocast off, also inside a mixed-precision training step: autocast reuses
-        the low-precision copy it made of a weight until its context exits, so every fitting step would see the
-        head's initial weights. (The head is small: fp32 costs nothing measurable.)
+        The head is fitted in fp32 with autocast off, whatever the training step's precision: inside a
+        mixed-precision step, autocast reuses the low-precision copy it made of a weight until its context exits, so
+        every fitting step would see the head's initial weights. (The head is small: fp32 costs nothing measurable.)
         `seed` fixes the head's initialisation, so every DDP rank (and a resumed run) fits the same head.
         """
         device = labels.device
         head = ClassificationHead(self.hidden_size, self.num_labels, dropout=0.0)
         head.reset_parameters(self.init_std, torch.Generator().manual_seed(seed))
-        head.to(device, non_blocking=True)  # a blocking copy from the host would wait for the device
+        # fp32 also where the step's default dtype is lower (`bf16-true`); a blocking copy would wait for the device
+        head.to(device, torch.float32, non_blocking=True)
         lr = torch.full((), self.lr, device=device)  # filled on the device: a copy from the host would wait for it
         # the fused AdamW where torch has one for the device, else the single-tensor one (the multi-tensor one takes no
         # tensor lr)
@@ -106,7 +107,7 @@ class DevHead:
         """
         if self.head is None:
             raise RuntimeError("DevHead.gradient() before fit()")
-        loss = F.cross_entropy(self.head(features).float(), labels)
+        loss = F.cross_entropy(self.head(features.float()).float(), labels)  # the encoder's dtype to the head's
         if scale_loss is not None:
             loss = scale_loss(loss)
         grads = torch.autograd.grad(loss, params, allow_unused=True)

@@ -69,16 +69,18 @@ class TaskGradientCosines:
         """Call right after objective `name`'s backward."""
         if self._dev_norm is None:
             raise RuntimeError("record() before set_dev_gradient()")
-        if self._gathered:
-            gradient = torch.sub(self._grads, self._snapshot, out=self._snapshot)  # this objective's
-        else:  # the step's first backward: its gradient is all there is
+        first = not self._gathered
+        if first:  # the step's first backward: its gradient is all there is
             self._gather()
-            gradient = self._grads
+            gradient = self._snapshot.copy_(self._grads)
+        else:
+            gradient = torch.sub(self._grads, self._snapshot, out=self._snapshot)  # this objective's
         if self.keep_copies:
             self._copies[name] = gradient.clone()
         else:
             self._accumulate(name, gradient @ self._dev_grad, gradient @ gradient)
-        self._snapshot.copy_(self._grads)
+        if not first:
+            self._snapshot.copy_(self._grads)
 
     def _gather(self) -> None:
         """The first backward's gradients into the flat buffer, and `.grad` its views from now on (a parameter this

@@ -316,10 +316,12 @@ def test_meta_weights_are_softmax_of_logits_and_logged(tiny_encoder):
         assert f"train/weight_{name}" in trainer.callback_metrics
 
 
-def test_bf16_mixed_trains_and_weights_stay_finite(tiny_encoder):
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_bf16_trains_and_weights_stay_finite(tiny_encoder, precision):
+    """Mixed, and pure bf16 (Lightning's `bf16-true`: bf16 weights, the dev head still fitted in fp32)."""
     module = make_module(tiny_encoder, weighting="meta", dropout=0.1)
     before = params_of(module)
-    trainer = fit(module, make_batches(3), precision="bf16-mixed")
+    trainer = fit(module, make_batches(3), precision=precision)
     assert trainer.global_step == 3
     assert torch.isfinite(module.weighting.logits).all()
     assert not torch.equal(module.weighting.logits, torch.zeros(3))
