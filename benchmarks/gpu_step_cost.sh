@@ -7,9 +7,10 @@
 # each setting runs under `timeout` for what is left of it, in the order below (most wanted first), and a setting
 # that cannot start or finish in time is reported as failed while the results of the others stand.
 #
-#   bf16_real      bf16, real lengths: every variant the targets compare (MFU, META/MT, META/paper META)
+#   bf16_real      bf16, real lengths: every variant the targets compare (MFU, META/MT, META/paper META), with
+#                  each variant's costliest kernels (--profile)
 #   bf16_512       bf16, every row 512 tokens: fine-tuning and MT-TARTAN MFU at full length
-#   fp16_real      fp16, real lengths: META/MT, to compare with bf16's
+#   fp16_real      fp16, real lengths: META/MT, to compare with bf16's, kernels too (why fp16's META is slower)
 #   bf16_grouped   bf16, real lengths, --group-by-length: what less padding buys
 #   bf16_compiled  bf16, real lengths, --compile: what torch.compile buys
 #   bf16_512_compiled  (only when named) bf16, 512 tokens, --compile: fine-tuning and MT-TARTAN MFU compiled
@@ -64,9 +65,9 @@ precision() {  # bf16 and fp16 on a GPU; the CPU smoke run has fp32 only
 }
 
 declare -A settings=(  # name -> options
-    [bf16_real]="--precision $(precision bf16-mixed) --variants finetune mt1 mt2 meta1 meta2 paper_meta1"
+    [bf16_real]="--precision $(precision bf16-mixed) --profile 12 --variants finetune mt1 mt2 meta1 meta2 paper_meta1"
     [bf16_512]="--precision $(precision bf16-mixed) --fixed-length 512 --variants finetune mt1"
-    [fp16_real]="--precision $(precision 16-mixed) --variants mt1 mt2 meta1 meta2"
+    [fp16_real]="--precision $(precision 16-mixed) --profile 12 --variants mt1 mt2 meta1 meta2"
     [bf16_grouped]="--precision $(precision bf16-mixed) --group-by-length --variants finetune mt2 meta2"
     [bf16_compiled]="--precision $(precision bf16-mixed) --compile --warmup 4 --variants finetune mt2 meta2"
     [bf16_512_compiled]="--precision $(precision bf16-mixed) --fixed-length 512 --compile --warmup 4 --variants finetune mt1"
@@ -82,8 +83,12 @@ for name in "${chosen[@]}"; do
     read -ra options <<< "${settings[$name]}"
     run "$name" "${options[@]}"
 done
-for name in "${chosen[@]}"; do
-    [[ -s "$out/$name.txt" ]] && { echo "== $name"; grep -v '^{' "$out/$name.txt"; }
+for name in "${chosen[@]}"; do  # each table without its JSON line and its --profile tables (both in the file)
+    [[ -s "$out/$name.txt" ]] && {
+        echo "== $name"
+        awk '/: the costliest operations of one step$/ { skip = 1 } /^variant / { skip = 0 } !skip && !/^[{]/' \
+            "$out/$name.txt"
+    }
 done
 echo "results in $out" >&2
 if (( ${#failed[@]} )); then

@@ -31,13 +31,15 @@ MFU = model FLOPs per second / the chip's peak (`--peak-tflops`; defaults: H100 
 bf16/fp16, none on CPU or in fp32, where MFU is reported as null). Padded positions count like real ones, as the
 hardware computes them; tokens/s counts the padded positions of the objectives a variant trains.
 
-Each step's host-device synchronisations (CUDA) and ATen operations (`OpCounter`, one untimed warm-up step) are
+Each step's host-device synchronisations (CUDA) and ATen operations (`OpCounter`, one untimed extra step) are
 counted too: on a GPU nearly every operation is a kernel launch with its host-side cost, and when the host, not the
 device, sets the pace (small kernels), the operation count is what a faster step must cut. `--stop-on-device` makes
 META's dev head stop the way it does on a GPU also on the CPU, so the CPU counts the GPU's operations. On CUDA each
 run first fits the widest variant over every batch, untimed (`--prime`): a process's first step at a new shape
 costs several times a later one (kernel selection and loading, the allocator's pool growing), which a long run pays
-once and a short timing would count at every step.
+once and a short timing would count at every step. On CUDA the same untimed step's kernel time, over the median
+step's wall time, is `busy`: the share of a step the GPU computes (the rest it waits for the host). `--profile N`
+prints each variant's N costliest operations in that step (self device time on CUDA, self CPU time otherwise).
 
 `--encoder tiny` (hidden 32, 2 layers, random weights, MiniLM's tokenizer) on small batches (the README's 2 x 32)
 makes the arithmetic a small share of the step, so its step time is mostly what a step costs besides the model's
@@ -69,6 +71,7 @@ import pytorch_lightning as pl
 import torch
 import transformers
 from torch import nn
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
@@ -172,6 +175,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--stop-on-device", action="store_true", help="META's dev head decides its early stop on the "
                         "device, as it does on a GPU, also on the CPU (where it stops on the host by default): the CPU "
                         "then runs, and counts the operations of, the GPU's code path")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="print each variant's N costliest "
+                        "operations in its counted step: self device time on CUDA (where the GPU's time goes), self "
+                        "CPU time otherwise")
     parser.add_argument("--quick", action="store_true", help="smoke run: batch 8 x 64, 1 timed step, 1 round")
     args = parser.parse_args(argv)
     default_steps, default_warmup = DEFAULT_STEPS[args.device]
@@ -200,6 +206,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         parser.error("--clock cpu misses the GPU's work; use wall on CUDA")
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         parser.error("--peak-tflops must be > 0")
+    if args.profile < 0:
+        parser.error("--profile must be >= 0")
     return args
 
 
@@ -386,7 +394,8 @@ class OpCounter:
     """Counts the ATen operations dispatched while active, backward included, from the profiler's events: operations
     that another one called (a composite's parts) and metadata-only ones (views) are left out. On a GPU nearly each
     counted operation is a kernel launch, so counted on the CPU they say how many launches, each with its host-side
-    cost, the same step makes on a GPU."""
+    cost, the same step makes on a GPU. On CUDA it also sums the time of the device's kernels and copies
+    (`device_us`)."""
 
     METADATA_ONLY = {
         "view", "_unsafe_view", "_reshape_alias", "reshape", "t", "transpose", "permute", "expand", "unsqueeze",
@@ -394,14 +403,29 @@ class OpCounter:
         "empty", "empty_like", "empty_strided", "_local_scalar_dense", "item", "is_nonzero", "to", "result_type",
     }
 
+    def __init__(self, cuda: bool = False) -> None:
+        self.cuda = cuda
+        self.ops = 0
+        self.device_us: Optional[float] = None
+
     def __enter__(self) -> "OpCounter":
-        self.profiler = profile(activities=[ProfilerActivity.CPU])
+        activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if self.cuda else [ProfilerActivity.CPU]
+        self.profiler = profile(activities=activities)
         self.profiler.__enter__()
         return self
 
     def __exit__(self, *exception: Any) -> None:
         self.profiler.__exit__(*exception)
-        self.ops = sum(self._counted(event) for event in self.profiler.events())
+        events = self.profiler.events()
+        self.ops = sum(self._counted(event) for event in events)
+        if self.cuda:  # the events the device ran (kernels, copies), each once, as the profiler's own total sums them
+            device = [e for e in events if e.device_type != DeviceType.CPU and not e.is_user_annotation]
+            self.device_us = sum(event.self_device_time_total for event in device)
+
+    def top(self, rows: int) -> str:
+        """The `rows` costliest operations: by self device time on CUDA, by self CPU time otherwise."""
+        key = "self_device_time_total" if self.cuda else "self_cpu_time_total"
+        return self.profiler.key_averages().table(sort_by=key, row_limit=rows)
 
     @classmethod
     def _computes(cls, event: Any) -> bool:
@@ -424,16 +448,22 @@ class OpCounter:
 class StepMeter(pl.Callback):
     """Times and counts the model FLOPs of every optimizer step (one batch each) after the warm-up, and measures
     memory over the warm-up. On CUDA it also counts the step's host-device synchronisations: the operations
-    `torch.cuda.set_sync_debug_mode` reports, each one a wait of the host for the device's queued work. Unless the
-    encoder is compiled, one more step after the timed ones counts its operations (`OpCounter`), untimed: the
-    profiler that counts them slows every operation."""
+    `torch.cuda.set_sync_debug_mode` reports, each one a wait of the host for the device's queued work. One more step
+    after the timed ones is profiled, untimed (the profiler slows every operation on the host): its operations
+    (`OpCounter`; not reported when the encoder is compiled, whose fused kernels are not ATen operations), on CUDA
+    its kernel time, and with `profile_rows` its costliest operations."""
 
-    def __init__(self, warmup: int, timed: int, device: str, count_ops: bool = True) -> None:
+    def __init__(
+        self, warmup: int, timed: int, device: str, count_ops: bool = True, profile_rows: int = 0
+    ) -> None:
         self.warmup = warmup
         self.timed = timed
         self.cuda = device == "cuda"
         self.count_ops = count_ops
+        self.profile_rows = profile_rows
         self.ops: Optional[int] = None
+        self.device_us: Optional[float] = None
+        self.top_ops: Optional[str] = None
         self.memory: MemoryMeter = CudaMemory() if self.cuda else ProfilerMemory()
         self.seconds: dict[str, list[float]] = {"wall": [], "cpu": []}
         self.flops: list[int] = []
@@ -456,7 +486,7 @@ class StepMeter(pl.Callback):
     ) -> None:
         self.flop_meter.flops = 0
         if batch_idx == self.warmup + self.timed:
-            self.op_counter = OpCounter().__enter__()
+            self.op_counter = OpCounter(self.cuda).__enter__()
             return
         self.started = self._now()
         if self.cuda:
@@ -470,7 +500,10 @@ class StepMeter(pl.Callback):
     ) -> None:
         if batch_idx == self.warmup + self.timed:
             self.op_counter.__exit__(None, None, None)
-            self.ops = self.op_counter.ops
+            self.ops = self.op_counter.ops if self.count_ops else None
+            self.device_us = self.op_counter.device_us
+            if self.profile_rows:
+                self.top_ops = self.op_counter.top(self.profile_rows)
             return
         syncs = None
         if self.cuda:
@@ -498,6 +531,8 @@ class Result:
     flops: int = 0  # model FLOPs over the timed steps
     syncs: list[int] = field(default_factory=list)  # host-device synchronisations of each timed step (CUDA only)
     ops: Optional[int] = None  # ATen operations of one step (`OpCounter`), None when the encoder is compiled
+    device_us: Optional[float] = None  # the device's kernel time in one step (CUDA only)
+    top_ops: Optional[str] = None  # the profiler's table of one step's costliest operations (`--profile`)
     peak_bytes: int = 0
 
     def median_s(self, clock: str) -> float:
@@ -519,6 +554,10 @@ class Result:
     def syncs_per_step(self) -> Optional[float]:
         return statistics.median(self.syncs) if self.syncs else None
 
+    def busy(self) -> Optional[float]:
+        """The share of a step the GPU computes: one step's kernel time over the median step's wall time."""
+        return None if self.device_us is None else self.device_us / 1e6 / self.median_s("wall")
+
 
 def fit_variant(
     name: str, encoder: str, datamodule: CitationIntentDataModule, batches: list[Batch], args: argparse.Namespace
@@ -532,9 +571,8 @@ def fit_variant(
     if args.stop_on_device and isinstance(module.weighting, MetaWeighting):
         module.weighting.dev_head.stop_on_device = True
     timed = len(batches) - args.warmup
-    meter = StepMeter(args.warmup, timed, args.device, count_ops=not args.compile)
-    if meter.count_ops:
-        batches = [*batches, batches[1]]  # a steady-state step (the first creates the optimizer's state), counted
+    meter = StepMeter(args.warmup, timed, args.device, count_ops=not args.compile, profile_rows=args.profile)
+    batches = [*batches, batches[1]]  # a steady-state step (the first creates the optimizer's state), profiled
     trainer = pl.Trainer(
         accelerator="gpu" if args.device == "cuda" else "cpu",
         devices=1,
@@ -581,7 +619,7 @@ def run(args: argparse.Namespace, encoder: str) -> tuple[dict[str, Result], list
             result.peak_bytes = max(result.peak_bytes, meter.peak_bytes)
             result.flops += sum(meter.flops)
             result.syncs += meter.syncs
-            result.ops = meter.ops
+            result.ops, result.device_us, result.top_ops = meter.ops, meter.device_us, meter.top_ops
             result.tokens += sum(b[s]["input_ids"].numel() for b in round_batches for s in module.weighting.active)
             encoder_params = sum(p.numel() for p in module.encoder.parameters())
             del meter, module
@@ -628,6 +666,7 @@ def summarize(results: dict[str, Result], args: argparse.Namespace, encoder_para
         summary[f"{name}_peak_mem_mb"] = result.peak_bytes / MB
         summary[f"{name}_syncs_per_step"] = result.syncs_per_step()
         summary[f"{name}_ops_per_step"] = result.ops
+        summary[f"{name}_busy"] = result.busy()
         summary[f"{name}_step_s"] = [round(seconds, 4) for seconds in result.seconds[clock]]
     return summary
 
@@ -649,16 +688,23 @@ def report(results: dict[str, Result], summary: dict[str, Any], batches: list[Ba
           "(not meta_dev);\npeak MB is what torch allocates during the warm-up steps beyond weights and batches "
           "(CPU: torch.profiler allocation events, CUDA: max_memory_allocated);\nTFLOP/s and MFU count model FLOPs "
           "(module docstring); syncs: median host-device synchronisations per step (CUDA only);\nops: ATen operations "
-          "of one step, views excluded (on a GPU, about its kernel launches; n/a when compiled)\n")
+          "of one step, views excluded (on a GPU, about its kernel launches; n/a when compiled);\nbusy: one step's "
+          "kernel time over the median step time, the share of a step the GPU computes (CUDA only)\n")
+    for name, result in results.items():
+        if result.top_ops is not None:
+            print(f"{name}: the costliest operations of one step\n{result.top_ops}")
     clock = summary["clock"]
     print(f"{'variant':12s} {'wall ms':>9s} {'cpu ms':>9s} {'tokens/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} "
-          f"{'peak MB':>8s} {'syncs':>5s} {'ops':>6s}")
+          f"{'peak MB':>8s} {'syncs':>5s} {'ops':>6s} {'busy':>6s}")
     for name, result in results.items():
-        mfu, syncs, ops = (summary[f"{name}_{key}"] for key in ("mfu", "syncs_per_step", "ops_per_step"))
+        mfu, syncs, ops, busy = (
+            summary[f"{name}_{key}"] for key in ("mfu", "syncs_per_step", "ops_per_step", "busy")
+        )
         print(f"{name:12s} {result.median_s('wall') * 1e3:9.1f} {result.median_s('cpu') * 1e3:9.1f} "
               f"{result.tokens_per_s(clock):9.0f} {result.tflops_per_s(clock):8.3f} "
               f"{'n/a' if mfu is None else f'{mfu:.1%}':>6s} {result.peak_bytes / MB:8.0f} "
-              f"{'n/a' if syncs is None else f'{syncs:.0f}':>5s} {'n/a' if ops is None else ops:>6}")
+              f"{'n/a' if syncs is None else f'{syncs:.0f}':>5s} {'n/a' if ops is None else ops:>6} "
+              f"{'n/a' if busy is None else f'{busy:.0%}':>6s}")
     print()
     for key, (_, _, cpu_target, cuda_target) in RATIOS.items():
         target, issue = (cuda_target, 12) if summary["device"] == "cuda" else (cpu_target, 5)

