@@ -418,8 +418,10 @@ class OpCounter:
         self.profiler.__exit__(*exception)
         events = self.profiler.events()
         self.ops = sum(self._counted(event) for event in events)
-        if self.cuda:  # the events the device ran (kernels, copies), each once, as the profiler's own total sums them
-            device = [e for e in events if e.device_type != DeviceType.CPU and not e.is_user_annotation]
+        # the events the device ran (kernels, copies), each once, as the profiler's own total sums them; none where
+        # the profiler cannot see the device (no CUPTI), which leaves the kernel time unknown rather than 0
+        device = [e for e in events if e.device_type != DeviceType.CPU and not e.is_user_annotation]
+        if self.cuda and device:
             self.device_us = sum(event.self_device_time_total for event in device)
 
     def top(self, rows: int) -> str:

@@ -10,11 +10,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+from torch.autograd import DeviceType
 
 from lightning_tartan import TartanModule
 
@@ -193,3 +194,42 @@ def test_default_peak_is_known_gpus_in_16_bit_only(monkeypatch: pytest.MonkeyPat
     assert bench.default_peak_tflops("cuda", "bf16-mixed") == 989
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
     assert bench.default_peak_tflops("cuda", "bf16-mixed") is None
+
+
+def test_kernel_time_sums_the_devices_events_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`busy` on CUDA: the device's own events (kernels, copies) are summed, not the CPU operations that launched
+    them (their device time is the same kernels again); with no device events the kernel time is unknown, not 0."""
+    bench = step_cost()
+
+    def event(name: str, device_type: DeviceType, us: float, annotation: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(
+            name=name, device_type=device_type, self_device_time_total=us, is_user_annotation=annotation,
+            cpu_parent=None,
+        )
+
+    class FakeProfiler:
+        def __init__(self, events: list) -> None:
+            self._events = events
+
+        def __enter__(self) -> "FakeProfiler":
+            return self
+
+        def __exit__(self, *exception: Any) -> None:
+            pass
+
+        def events(self) -> list:
+            return self._events
+
+    step = [
+        event("aten::mm", DeviceType.CPU, 30.0),  # the launching operation: its self device time is the kernel's
+        event("ampere_bf16_gemm", DeviceType.CUDA, 30.0),
+        event("aten::add_", DeviceType.CPU, 0.0),
+        event("vectorized_elementwise_kernel", DeviceType.CUDA, 2.5),
+        event("## forward ##", DeviceType.CUDA, 100.0, annotation=True),  # a user range, not device work
+    ]
+    for events, expected_us, cuda in ((step, 32.5, True), (step, None, False), (step[::2][:2], None, True)):
+        monkeypatch.setattr(bench, "profile", lambda activities, events=events: FakeProfiler(events))
+        with bench.OpCounter(cuda=cuda) as counter:
+            pass
+        assert counter.device_us == expected_us
+        assert counter.ops == 2  # aten::mm and aten::add_
