@@ -11,7 +11,9 @@ For the parameters' gradients to be read with a few whole-buffer operations rath
 which one `cat` gathers into a flat buffer; from then on the trained parameters' `.grad` are views into that buffer,
 and autograd and DDP accumulate into them in place. (Views set before the first backward would cost one addition
 per parameter: autograd adds into a `.grad` that exists, and takes its result as `.grad` when there is none.) The
-snapshot and the dev gradient are flat buffers of the same size: the two encoder-sized buffers META-TARTAN costs.
+flat buffer lives from the first backward to the optimizer step, where any training keeps its gradients. The
+snapshot and the dev gradient are flat buffers of the same size, kept between steps: the two encoder-sized buffers
+META-TARTAN costs.
 """
 from typing import Optional, Sequence
 
@@ -27,9 +29,7 @@ class TaskGradientCosines:
         self.keep_copies = keep_copies
         self.eps = eps
         self._trained: list[nn.Parameter] = []
-        self._grads: Optional[Tensor] = None  # the trained parameters' `.grad`, as one flat buffer
-        self._grad_views: list[Tensor] = []  # `_grads` cut into each trained parameter's shape
-        self._gathered = False  # whether this step's `.grad` are the views yet
+        self._grads: Optional[Tensor] = None  # this step's `.grad` of the trained parameters, as one flat buffer
         self._snapshot: Optional[Tensor] = None
         self._dev_grad: Optional[Tensor] = None
         self._dev_norm: Optional[Tensor] = None
@@ -39,20 +39,15 @@ class TaskGradientCosines:
 
     def start_step(self) -> None:
         """Begin an optimizer step: the trained parameters' `.grad` are cleared, for the first backward to fill."""
-        trained = [param for param in self.params if param.requires_grad]
-        first = trained[0]
-        changed = [id(param) for param in trained] != [id(param) for param in self._trained]
-        if changed or self._grads.device != first.device:
-            self._trained = trained
-            size = sum(param.numel() for param in trained)
-            self._grads = torch.zeros(size, device=first.device, dtype=first.dtype)
+        self._trained = [param for param in self.params if param.requires_grad]
+        size = sum(param.numel() for param in self._trained)
+        first = self._trained[0]
+        if self._snapshot is None or self._snapshot.numel() != size or self._snapshot.device != first.device:
             self._snapshot = torch.zeros(size, device=first.device, dtype=torch.float32)
             self._dev_grad = torch.zeros(size, device=first.device, dtype=torch.float32)
-            pieces = self._grads.split([param.numel() for param in trained])
-            self._grad_views = [piece.view_as(param) for piece, param in zip(pieces, trained)]
-        for param in trained:
+        for param in self._trained:
             param.grad = None
-        self._gathered = False
+        self._grads = None
         self._sums.clear()
         self._counts.clear()
 
@@ -69,7 +64,7 @@ class TaskGradientCosines:
         """Call right after objective `name`'s backward."""
         if self._dev_norm is None:
             raise RuntimeError("record() before set_dev_gradient()")
-        first = not self._gathered
+        first = self._grads is None
         if first:  # the step's first backward: its gradient is all there is
             self._gather()
             gradient = self._snapshot.copy_(self._grads)
@@ -83,13 +78,12 @@ class TaskGradientCosines:
             self._snapshot.copy_(self._grads)
 
     def _gather(self) -> None:
-        """The first backward's gradients into the flat buffer, and `.grad` its views from now on (a parameter this
+        """The first backward's gradients into one flat buffer, and `.grad` its views from now on (a parameter this
         backward did not reach has a zero gradient, as it would have accumulating into a zeroed buffer)."""
         grads = [param.grad if param.grad is not None else torch.zeros_like(param) for param in self._trained]
-        torch.cat([grad.reshape(-1) for grad in grads], out=self._grads)
-        for param, view in zip(self._trained, self._grad_views):
-            param.grad = view
-        self._gathered = True
+        self._grads = torch.cat([grad.reshape(-1) for grad in grads])
+        for param, piece in zip(self._trained, self._grads.split([param.numel() for param in self._trained])):
+            param.grad = piece.view_as(param)
 
     def end_micro_batch(self) -> None:
         """Cosines from stored per-objective copies (the paper's memory layout, kept for the ablation)."""
@@ -106,4 +100,5 @@ class TaskGradientCosines:
         """Mean cosine per objective over the step's micro-batches."""
         cosines = {name: total / self._counts[name] for name, total in self._sums.items()}
         self._dev_norm = None
+        self._grads = None  # the optimizer has stepped: the next step's first backward brings its own gradients
         return cosines
