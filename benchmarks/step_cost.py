@@ -44,8 +44,8 @@ prints each variant's N costliest operations in that step (self device time on C
 `--encoder tiny` (hidden 32, 2 layers, random weights, MiniLM's tokenizer) on small batches (the README's 2 x 32)
 makes the arithmetic a small share of the step, so its step time is mostly what a step costs besides the model's
 arithmetic: Python, hooks, host syncs, optimizer bookkeeping. That per-step overhead is what faster step code
-(fewer host syncs and kernel launches) should shrink. Its vocabulary projection (32 x 30522) is the one large matrix left, so
-the dense-MLM variants stay arithmetic-bound; the FLOP column says how much of each step is arithmetic.
+(fewer host syncs and kernel launches) should shrink. Its vocabulary projection (32 x 30522) is the one large matrix
+left, so the dense-MLM variants stay arithmetic-bound; the FLOP column says how much of each step is arithmetic.
 
 Run from the repository root: `python benchmarks/step_cost.py` (add `--quick` for a smoke run, `--group-by-length`
 for batches of rows of similar length, as `--data.init_args.group_by_length true` trains). On a GPU:

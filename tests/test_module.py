@@ -330,7 +330,6 @@ def test_bf16_trains_and_weights_stay_finite(tiny_encoder, precision):
     assert any(not torch.equal(before[name], after[name]) for name in before)
 
 
-
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 def test_mixed_precision_fits_the_dev_head_as_fp32_does(tiny_encoder, precision):
     """Inside a mixed-precision step the dev head is fitted in fp32 on the step's features: the same head an fp32 fit
@@ -368,6 +367,7 @@ def test_dev_head_fit_inside_autocast_is_the_fp32_fit():
             head.fit(given, labels, seed=0)
         for ours, reference in zip(head.head.parameters(), expected.head.parameters()):
             torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+
 
 def test_overflowing_gradient_skips_meta_update(tiny_encoder):
     class Overflow(pl.Callback):
