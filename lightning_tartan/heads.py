@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModelForMaskedLM, PretrainedConfig, Pre
 from transformers.activations import ACT2FN
 from transformers.utils import logging as hf_logging
 
+from lightning_tartan.attention_masks import ready_mask_attention
 from lightning_tartan.packaged_encoders import local_copy
 
 
@@ -134,7 +135,8 @@ def load_encoder_and_mlm_head(
         for attr in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if hasattr(config, attr):
                 setattr(config, attr, dropout)
-    attention = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    implementation = ready_mask_attention(config.model_type, attn_implementation)
+    attention = {} if implementation is None else {"attn_implementation": implementation}
     try:
         with _quiet_transformers():
             mlm_model, loading = AutoModelForMaskedLM.from_pretrained(

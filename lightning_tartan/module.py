@@ -26,6 +26,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoTokenizer, PreTrainedModel
 
+from lightning_tartan.attention_masks import encoder_mask, mark_padding, takes_ready_masks
 from lightning_tartan.export import check_exportable, classification_model, masked_lm_model
 from lightning_tartan.heads import ClassificationHead, classification_head_options, load_encoder_and_mlm_head
 from lightning_tartan.meta_tartan import MetaWeighting
@@ -156,6 +157,8 @@ class TartanModule(pl.LightningModule):
             encoder_name_or_path, dropout, attn_implementation
         )
         self.encoder.requires_grad_(not freeze_encoder)
+        #: whether the encoder takes the ready attention masks of `lightning_tartan.attention_masks`
+        self.ready_attention_masks = takes_ready_masks(config.model_type, attn_implementation)
         if compile_encoder:
             self.encoder.compile()
         init_std = getattr(config, "initializer_range", 0.02)
@@ -200,9 +203,8 @@ class TartanModule(pl.LightningModule):
     def encode(self, batch: dict[str, Tensor]) -> Tensor:
         """The encoder's last hidden states; a sentence-pair batch's ``token_type_ids`` mark its two segments."""
         segments = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
-        return self.encoder(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **segments
-        ).last_hidden_state
+        mask = encoder_mask(batch) if self.ready_attention_masks else batch["attention_mask"]
+        return self.encoder(input_ids=batch["input_ids"], attention_mask=mask, **segments).last_hidden_state
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Optional[Tensor] = None) -> Tensor:
         """End-task logits."""
@@ -232,13 +234,26 @@ class TartanModule(pl.LightningModule):
         return F.cross_entropy(logits.float(), labels.flatten().index_select(0, positions))
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """With `sparse_mlm`, each MLM micro-batch gets the flat indices of its masked positions, found while the batch
-        is still on the host: selecting them on the device has a data-dependent size, which makes the host wait for
-        the device mid-step."""
-        if not self.hparams.sparse_mlm or not isinstance(batch, dict):
+        """What the step would otherwise read back from the device, found while the batch is still on the host: each
+        micro-batch's padding (`attention_masks.mark_padding`, for an encoder that takes ready masks) and, with
+        `sparse_mlm`, each MLM micro-batch's masked positions (selecting them on the device has a data-dependent
+        size). On a GPU each such read would make the host wait for the device mid-step."""
+        if not isinstance(batch, dict):
             return batch
+        if "input_ids" in batch:  # an evaluation or prediction batch
+            return self._on_host(batch, mlm=False)
         mlm = set(self.weighting.active) - {END_TASK}  # the MLM objectives this step trains
-        return {name: _with_masked_positions(source) if name in mlm else source for name, source in batch.items()}
+        return {name: self._on_host(source, mlm=name in mlm) for name, source in batch.items()}
+
+    def _on_host(self, source: Any, mlm: bool) -> Any:
+        """One source of a batch, a micro-batch or a list of them, with what `on_before_batch_transfer` adds."""
+        if isinstance(source, (list, tuple)):
+            return [self._on_host(part, mlm) for part in source]
+        if not isinstance(source, dict):
+            return source
+        if self.ready_attention_masks:
+            source = mark_padding(source)
+        return _with_masked_positions(source) if mlm and self.hparams.sparse_mlm else source
 
     def objective_loss(self, name: str, batch: dict[str, Any]) -> Tensor:
         why = f"weighting={self.hparams.weighting!r} trains it; check the datamodule's corpora against aux_objectives"
@@ -372,7 +387,7 @@ class TartanModule(pl.LightningModule):
     # ----- evaluation ---------------------------------------------------------------------------------------
 
     def _evaluate(self, batch: dict[str, Tensor], metrics: MetricCollection, stage: str) -> None:
-        logits = self(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        logits = self.end_task_head(self.encode(batch))  # not `self(...)`: `encode` reads the batch's padding mark
         loss = F.cross_entropy(logits.float(), batch["labels"])
         metrics.update(logits.argmax(-1), batch["labels"])
         batch_size = len(batch["labels"])
@@ -388,7 +403,7 @@ class TartanModule(pl.LightningModule):
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """``probabilities`` (examples x classes), with the batch's ``line`` and ``labels`` passed through when it has
         them, so a writer (`PredictionWriter`) can say which input each row is and whether it was right."""
-        logits = self(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        logits = self.end_task_head(self.encode(batch))  # not `self(...)`: `encode` reads the batch's padding mark
         probabilities = logits.float().softmax(-1)
         return {"probabilities": probabilities, **{key: batch[key] for key in ("line", "labels") if key in batch}}
 
@@ -536,10 +551,8 @@ def masked_positions(labels: Tensor) -> Tensor:
     return labels.flatten().ne(-100).nonzero().squeeze(1)
 
 
-def _with_masked_positions(source: Any) -> Any:
-    if isinstance(source, (list, tuple)):
-        return [_with_masked_positions(part) for part in source]
-    labels = source.get("labels") if isinstance(source, dict) else None
+def _with_masked_positions(source: dict[str, Any]) -> dict[str, Any]:
+    labels = source.get("labels")
     if labels is None or labels.device.type != "cpu":
         return source
     return {**source, MASKED_POSITIONS: masked_positions(labels)}

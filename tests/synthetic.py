@@ -33,6 +33,21 @@ def make_batches(n: int, batch_size: int = 4, length: int = 12, num_labels: int 
     ]
 
 
+def with_padding(batch: dict) -> dict:
+    """`batch` with its rows padded as a collator pads a batch of unequal lengths: row i ends i positions early
+    (pad token 0, attention 0, no MLM label)."""
+    def padded(source: dict) -> dict:
+        source = {key: value.clone() for key, value in source.items()}
+        for row in range(1, len(source["input_ids"])):
+            source["input_ids"][row, -row:] = 0
+            source["attention_mask"][row, -row:] = 0
+            if source["labels"].dim() == 2:
+                source["labels"][row, -row:] = -100
+        return source
+
+    return {name: padded(source) for name, source in batch.items()}
+
+
 def shard(batch: dict, rank: int, world_size: int) -> dict:
     """Rows of every source but the dev samples split across ranks; the dev samples are the same everywhere."""
     def part(source: dict) -> dict:

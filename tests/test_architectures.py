@@ -23,8 +23,8 @@ from transformers import (
 from conftest import minilm_path
 from lightning_tartan import TartanModule
 from lightning_tartan import heads
-from synthetic import make_batches
-from test_module import fit
+from synthetic import make_batches, with_padding
+from test_module import HostReads, fit
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 SPECIAL_IDS = dict(pad_token_id=0, bos_token_id=101, eos_token_id=102, cls_token_id=101, sep_token_id=102)
@@ -85,6 +85,25 @@ def test_trains_exports_and_reloads_with_the_same_logits(architecture, weighting
         expected = module.mlm_head(module.encode(tapt))
         actual = masked_lm(input_ids=tapt["input_ids"], attention_mask=tapt["attention_mask"]).logits
     torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("architecture", list(CONFIGS))
+def test_the_encoder_computes_the_same_with_its_mask_made_on_the_host(architecture, tokenizer, tmp_path):
+    """Where the module hands the encoder a ready attention mask, so that it reads nothing back from the device, the
+    encoder computes what it does from the 2D mask, bit for bit, with and without padding. Architectures that build
+    another mask (ModernBERT's sliding window, DeBERTa's own) keep the 2D one."""
+    module = TartanModule(tiny_encoder_of(architecture, tokenizer, tmp_path), num_labels=3, dropout=0.0).eval()
+    assert module.ready_attention_masks == (architecture not in ("deberta-v2", "modernbert"))
+    batch = make_batches(1)[0]
+    for source in (batch["end_task"], with_padding(batch)["end_task"]):
+        marked = module.on_before_batch_transfer(source, 0)
+        with torch.no_grad(), HostReads() as reads:
+            hidden = module.encode(marked)
+        with torch.no_grad():
+            expected = module.encode(source)
+        torch.testing.assert_close(hidden, expected, rtol=0, atol=0)
+        if module.ready_attention_masks:
+            assert reads.calls == []
 
 
 def test_a_masked_lm_head_put_together_wrongly_is_refused_at_construction(tokenizer, tmp_path, monkeypatch):
