@@ -14,6 +14,8 @@
 #   bf16_grouped   bf16, real lengths, --group-by-length: what less padding buys
 #   bf16_compiled  bf16, real lengths, --compile: what torch.compile buys
 #   bf16_512_compiled  (only when named) bf16, 512 tokens, --compile: fine-tuning and MT-TARTAN MFU compiled
+#   bf16_multi_tensor  (only when named) bf16_real's variants with the multi-tensor AdamW (the default there is
+#                  fused): what the fused optimizer buys
 #
 # Name settings to run only those, in that order: bash benchmarks/gpu_step_cost.sh bf16_real fp16_real
 #
@@ -71,6 +73,7 @@ declare -A settings=(  # name -> options
     [bf16_grouped]="--precision $(precision bf16-mixed) --group-by-length --variants finetune mt2 meta2"
     [bf16_compiled]="--precision $(precision bf16-mixed) --compile --warmup 4 --variants finetune mt2 meta2"
     [bf16_512_compiled]="--precision $(precision bf16-mixed) --fixed-length 512 --compile --warmup 4 --variants finetune mt1"
+    [bf16_multi_tensor]="--precision $(precision bf16-mixed) --no-fused-optimizer --variants finetune mt1 mt2 meta1 meta2"
 )
 chosen=("$@")
 if (( ! ${#chosen[@]} )); then

@@ -154,6 +154,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--attn-implementation", default=None, help="TartanModule's attn_implementation (transformers' "
                         "attention kernel: sdpa, eager, flash_attention_2 with flash-attn installed); default: "
                         "transformers' choice")
+    parser.add_argument("--fused-optimizer", action=argparse.BooleanOptionalAction, default=None,
+                        help="TartanModule's fused_optimizer: torch's fused AdamW, or its multi-tensor one with "
+                        "--no-fused-optimizer; default: the module's (fused on CUDA)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default: "
                         + ", ".join(f"{device} {steps}" for device, (steps, _) in DEFAULT_STEPS.items()) + ")")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per fit (>= 2), memory is measured "
@@ -568,7 +571,9 @@ def fit_variant(
     torch.manual_seed(0)
     options = dict(VARIANTS[name])
     task = trained_task(datamodule, options.pop("aux_objectives"))
-    options.update(compile_encoder=args.compile, attn_implementation=args.attn_implementation)
+    options.update(
+        compile_encoder=args.compile, attn_implementation=args.attn_implementation, fused_optimizer=args.fused_optimizer
+    )
     module = TartanModule.from_datamodule(task, encoder_name_or_path=encoder, **options)
     if args.stop_on_device and isinstance(module.weighting, MetaWeighting):
         module.weighting.dev_head.stop_on_device = True

@@ -369,6 +369,42 @@ def test_dev_head_fit_inside_autocast_is_the_fp32_fit():
             torch.testing.assert_close(ours, reference, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+def test_fused_optimizer_clips_and_steps_as_the_multi_tensor_one(tiny_encoder, precision):
+    """The fused AdamW (the default on a GPU), which Lightning refuses to clip under mixed precision, clips to the
+    same gradient norm and takes the same steps as the multi-tensor one, on META's flat gradient buffer. fp16 runs
+    with a loss scaler, as on a GPU: the fused step must see its gradients unscaled once, before clipping."""
+    trainer_options = {"precision": precision}
+    if precision == "16-mixed":  # Lightning scales fp16 losses on GPUs only; this scaler does on the CPU
+        trainer_options = {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]}
+    weights, norms = {}, {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        options = {"max_grad_norm": 0.01, "warmup_ratio": 0.0, "fused_optimizer": fused}
+        module = make_module(tiny_encoder, weighting="meta", **options)
+        clip = module.on_before_optimizer_step
+        norms[fused] = []
+
+        def clipped(optimizer, clip=clip, norms=norms[fused]):
+            clip(optimizer)
+            grads = [param.grad for group in optimizer.param_groups for param in group["params"]]
+            norms.append(torch.linalg.vector_norm(torch.stack([grad.norm() for grad in grads if grad is not None])))
+
+        module.on_before_optimizer_step = clipped
+        fit(module, make_batches(3), **trainer_options)
+        assert bool(module.optimizers().optimizer.defaults["fused"]) is fused
+        weights[fused] = params_of(module)
+    torch.testing.assert_close(torch.stack(norms[True]), torch.full((3,), 0.01), rtol=1e-4, atol=0)
+    torch.testing.assert_close(norms[True], norms[False])
+    torch.testing.assert_close(weights[True], weights[False], rtol=1e-4, atol=1e-7)
+
+
+def test_the_optimizer_is_fused_on_a_gpu_only_unless_asked(tiny_encoder):
+    module = make_module(tiny_encoder)
+    fit(module, make_batches(1))
+    assert module.optimizers().optimizer.defaults["foreach"] and not module.optimizers().optimizer.defaults["fused"]
+
+
 def test_overflowing_gradient_skips_meta_update(tiny_encoder):
     class Overflow(pl.Callback):
         """Plants an inf in an encoder gradient during the second optimizer step, as an fp16 overflow would."""
