@@ -18,9 +18,10 @@ from pytorch_lightning.plugins.precision import MixedPrecision
 from torch.overrides import TorchFunctionMode
 from transformers import AutoModelForSequenceClassification
 
-from lightning_tartan import TartanModule, dev_head
+from lightning_tartan import MetaWeighting, TartanModule, dev_head
 from lightning_tartan.dev_head import DevHead
 from lightning_tartan.module import lr_factors, micro_batches
+from lightning_tartan.task_gradients import TaskGradientCosines
 
 AUX = ["tapt", "dapt"]
 
@@ -267,15 +268,11 @@ class HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("weighting", ["none", "equal", "meta"])
-def test_training_step_reads_nothing_back_from_the_device(tiny_encoder, weighting):
-    """No host-device synchronisation inside a step, the encoder's included: padding and the sparse MLM positions are
-    found before the batch moves (transformers would check each forward's mask for padding), META's dev head stops
-    and its overflow check skips on the device. (Lightning's logging reads the logged values once per step, after
-    it.)"""
-    module = make_module(tiny_encoder, weighting=weighting, accumulate_grad_batches=2)
-    if weighting == "meta":
-        module.weighting.dev_head.stop_on_device = True  # as on a GPU (on the CPU, reads wait for nothing)
+def reads_per_step(module: TartanModule, batches: list[dict], **trainer_options) -> list[list[str]]:
+    """The host reads (`HostReads`) of each training step of a fit on `batches`, META's dev head stopping on the
+    device as on a GPU (on the CPU, where reads wait for nothing, it stops on the host)."""
+    if isinstance(module.weighting, MetaWeighting):
+        module.weighting.dev_head.stop_on_device = True
     step = module.training_step
     reads: list[list[str]] = []
 
@@ -285,14 +282,36 @@ def test_training_step_reads_nothing_back_from_the_device(tiny_encoder, weightin
         reads.append(mode.calls)
 
     module.training_step = counted
+    fit(module, batches, **trainer_options)
+    return reads
+
+
+@pytest.mark.parametrize("weighting", ["none", "equal", "meta"])
+def test_training_step_reads_nothing_back_from_the_device(tiny_encoder, weighting):
+    """No host-device synchronisation inside a step, the encoder's included: padding and the sparse MLM positions are
+    found before the batch moves (transformers would check each forward's mask for padding), META's dev head stops
+    and its overflow check skips on the device. (Lightning's logging reads the logged values once per step, after
+    it.)"""
+    module = make_module(tiny_encoder, weighting=weighting, accumulate_grad_batches=2)
     batches = make_batches(6)
-    fit(module, [with_padding(batch) if index % 2 else batch for index, batch in enumerate(batches)])
+    reads = reads_per_step(module, [with_padding(batch) if index % 2 else batch for index, batch in enumerate(batches)])
     assert reads == [[], [], []]
     # a batch that skipped `on_before_batch_transfer`: transformers checks its mask, and its masked positions are
     # found on the device
     with HostReads() as mode:
         module.mlm_loss(with_padding(batches[0])["tapt"])
     assert mode.calls == ["__bool__", "nonzero"]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_an_fp16_step_reads_its_overflow_check_back_with_the_multi_tensor_optimizer_only(tiny_encoder, fused):
+    """fp16's loss scaler checks the gradients for overflow every step. With the multi-tensor AdamW, `GradScaler.step`
+    reads that check back to decide whether to step (one wait for the device per step); the fused AdamW (the default
+    on a GPU) takes the check on the device and skips an overflowed update there."""
+    module = make_module(tiny_encoder, weighting="meta", fused_optimizer=fused)
+    scaled = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))  # as Lightning's on a GPU
+    reads = reads_per_step(module, [with_padding(batch) for batch in make_batches(3)], plugins=[scaled])
+    assert reads == ([[], [], []] if fused else [["item"], ["item"], ["item"]])
 
 
 def test_per_task_gradient_copies_give_same_cosines(tiny_encoder):
