@@ -449,6 +449,54 @@ def test_overflowing_gradient_skips_meta_update(tiny_encoder):
     assert math.isfinite(overflow.cosines[0]) and math.isnan(overflow.cosines[1])  # a gap in the cosine plot
 
 
+@pytest.mark.parametrize("per_task_grad_copies", [False, True])
+def test_fp16_meta_tartan_weighs_its_tasks_as_fp32_does(tiny_encoder, per_task_grad_copies):
+    """Under fp16 with a loss scaler (Lightning's `16-mixed` on a GPU) META-TARTAN updates its task weights, to about
+    fp32's. The gradients carry the loss scale (2^16), so their squared norm overflows fp16: when the cosines ran
+    under the step's autocast, every one was NaN and every weight update was skipped as an overflow."""
+    logits, skipped = {}, {}
+    scaled = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))  # as Lightning's on a GPU
+    options = dict(weighting="meta", meta_lr=1.0, per_task_grad_copies=per_task_grad_copies)
+    for precision, trainer_options in (("32-true", {}), ("16-mixed", {"plugins": [scaled]})):
+        torch.manual_seed(0)
+        module = make_module(tiny_encoder, **options)
+        trainer = fit(module, make_batches(3), **trainer_options)
+        logits[precision] = module.weighting.logits
+        skipped[precision] = float(trainer.callback_metrics["train/meta_skipped"])
+    assert skipped == {"32-true": 0.0, "16-mixed": 0.0}
+    assert not torch.equal(logits["32-true"], torch.zeros(3))
+    torch.testing.assert_close(logits["16-mixed"], logits["32-true"], rtol=0.02, atol=2e-4)
+
+
+def test_gradient_cosines_are_taken_in_fp32_inside_autocast():
+    """Inside the step's bf16 autocast the cosines are the fp32 ones, bit for bit (autocast would cast the flat
+    fp32 gradients to bf16 for their dot products: two half-size copies per objective, and bf16 rounding)."""
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(64, 64, generator=generator)) for _ in range(3)]
+    inputs = torch.randn(8, 64, generator=generator)
+    dev_grad = [torch.randn(64, 64, generator=generator) for _ in params]
+
+    def cosines(autocast: bool) -> dict[str, torch.Tensor]:
+        tracker = TaskGradientCosines(params)
+        in_step = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+        tracker.start_step()
+        with in_step:
+            tracker.set_dev_gradient(dev_grad)
+        for power, name in enumerate(("end_task", "tapt"), start=1):
+            hidden = inputs
+            for param in params:
+                hidden = torch.tanh(hidden @ param)
+            hidden.pow(power).sum().backward()  # the same gradients either way
+            with in_step:
+                tracker.record(name)
+        with in_step:
+            tracker.end_micro_batch()
+            return tracker.finish_step()
+
+    for name, expected in cosines(autocast=False).items():
+        torch.testing.assert_close(cosines(autocast=True)[name], expected, rtol=0, atol=0)
+
+
 def test_resume_from_mid_run_checkpoint_reproduces_uninterrupted_run(tiny_encoder, tmp_path):
     batches = make_batches(4)
     options = dict(max_steps=-1, max_epochs=2, num_sanity_val_steps=0)
