@@ -108,9 +108,9 @@ class TartanModule(pl.LightningModule):
         compile_encoder: compile the encoder with `torch.compile` (in place: checkpoints are unchanged). On a GPU
             this fuses its elementwise kernels and cuts launches; the first steps pay the compilation (tens of
             seconds), and a second batch length recompiles once, after which lengths are dynamic.
-        fused_optimizer: torch's fused AdamW (all parameters updated in one kernel) instead of its multi-tensor one
-            (a dozen kernels per parameter group); they differ by rounding only. `None`: fused on a GPU, multi-tensor
-            elsewhere, where the published CPU results were made.
+        fused_optimizer: torch's fused AdamW (one operation per parameter group) instead of its multi-tensor one
+            (about a dozen); they differ by rounding only. `None`: fused on a CUDA GPU, multi-tensor elsewhere (the
+            published CPU results were made with it).
     """
 
     def __init__(
@@ -282,10 +282,7 @@ class TartanModule(pl.LightningModule):
 
     def _loss_scaler(self) -> Callable[[Tensor], Tensor]:
         """fp16's loss scaling (`GradScaler.scale`: a multiplication on the device, no host sync), else identity."""
-        try:
-            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        except RuntimeError:  # not attached to a Trainer (a direct call from a notebook or test)
-            scaler = None
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer_attached() else None
         return scaler.scale if scaler is not None else _unscaled
 
     # ----- training -----------------------------------------------------------------------------------------
@@ -359,8 +356,8 @@ class TartanModule(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Clip the gradients to `max_grad_norm`. Lightning calls this after unscaling fp16 gradients, so clipping sees
-        their true norm, except for a fused optimizer, which Lightning leaves to unscale in its step and refuses to
-        clip: the step unscales them here then, and clips them itself (`GradScaler.step` knows they are unscaled)."""
+        their true norm. A fused optimizer unscales inside its step, so Lightning neither unscales before this hook
+        nor clips for it: here they are unscaled once (`GradScaler.step` then knows) and clipped with torch."""
         if not optimizer.defaults.get("fused"):
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
             return
@@ -377,14 +374,19 @@ class TartanModule(pl.LightningModule):
             *_decay_groups("encoder", encoder_params, hp.encoder_lr, hp.encoder_weight_decay),
             *_decay_groups("head", list(self.end_task_head.parameters()), hp.head_lr, hp.head_weight_decay),
         ]
-        fused = hp.fused_optimizer if hp.fused_optimizer is not None else self.device.type == "cuda"
-        # multi-tensor kernels otherwise: torch's default on GPUs, and faster on the CPU too
-        kernels = {"fused": True} if fused else {"foreach": True}
-        optimizer = torch.optim.AdamW(groups, betas=tuple(hp.adam_betas), eps=hp.adam_eps, **kernels)
+        optimizer = torch.optim.AdamW(groups, betas=tuple(hp.adam_betas), eps=hp.adam_eps, **self._adamw_kernels())
         scheduler = LambdaLR(optimizer, lr_factors(hp.lr_schedule, hp.warmup_ratio, self.num_optimizer_steps))
         # the name prefixes the learning rates `LearningRateMonitor` logs: train/lr/encoder, train/lr/head, ...
         schedule = {"scheduler": scheduler, "interval": "step", "name": "train/lr"}
         return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+    def _adamw_kernels(self) -> dict[str, Optional[bool]]:
+        """AdamW's `fused` and `foreach` flags for this run: `fused_optimizer`, by default fused on a CUDA GPU; else
+        the multi-tensor kernels (torch's default on GPUs, and faster on the CPU too)."""
+        fused = self.hparams.fused_optimizer
+        if fused is None:
+            fused = self.trainer.strategy.root_device.type == "cuda"
+        return {"fused": True, "foreach": None} if fused else {"fused": None, "foreach": True}
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """Learning rates go to the run's loggers once per optimizer step, wherever the module is trained."""
@@ -436,6 +438,19 @@ class TartanModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_to_restore = checkpoint.get("rng_states")
         self._run_seed = checkpoint.get("run_seed", self._run_seed)
+        # torch would restore the saved param groups' AdamW kernels too; Lightning and the fp16 loss scaler treat the
+        # optimizer as what it was built as (a checkpoint made before fused became the GPU default failed in fp16)
+        if self._trainer_attached():
+            kernels = self._adamw_kernels()
+            for state in checkpoint.get("optimizer_states", []):
+                for group in state["param_groups"]:
+                    group.update(kernels)
+
+    def _trainer_attached(self) -> bool:
+        try:
+            return self.trainer is not None
+        except RuntimeError:  # a direct call from a notebook or test, or `load_from_checkpoint`
+            return False
 
     def on_train_start(self) -> None:
         if self._rng_to_restore is None:

@@ -516,6 +516,26 @@ def test_resume_from_mid_run_checkpoint_reproduces_uninterrupted_run(tiny_encode
         torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("saved_fused", [False, True])
+def test_a_checkpoint_resumes_with_this_runs_optimizer_kernels(tiny_encoder, tmp_path, saved_fused):
+    """A checkpoint made with the other AdamW kernels (one from before the fused optimizer became the GPU default,
+    or from a CPU) resumes with this run's, fp16 with a loss scaler included: torch would restore the saved kernels,
+    and a multi-tensor step handed the loss scaler's arguments for a fused one fails."""
+    def scaled() -> list:
+        return [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]
+
+    saved = make_module(tiny_encoder, weighting="meta", fused_optimizer=saved_fused)
+    every_step = pl.callbacks.ModelCheckpoint(tmp_path, save_top_k=-1, every_n_train_steps=1)
+    fit(saved, make_batches(2), enable_checkpointing=True, callbacks=[every_step], plugins=scaled())
+    resumed = make_module(tiny_encoder, weighting="meta", fused_optimizer=not saved_fused)
+    trainer = fit(resumed, make_batches(4), ckpt_path=tmp_path / "epoch=0-step=2.ckpt", plugins=scaled())
+    assert trainer.global_step == 4
+    optimizer = resumed.optimizers().optimizer
+    kernels = {"fused": True, "foreach": None} if not saved_fused else {"fused": None, "foreach": True}
+    assert all({key: group[key] for key in kernels} == kernels for group in optimizer.param_groups)
+    assert all(torch.isfinite(param).all() for param in resumed.parameters())
+
+
 def test_save_end_task_model_loads_in_transformers_with_same_logits(tiny_encoder, tmp_path):
     module = make_module(tiny_encoder, label_names=["a", "b", "c"])
     fit(module, make_batches(2))
