@@ -156,7 +156,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "transformers' choice")
     parser.add_argument("--fused-optimizer", action=argparse.BooleanOptionalAction, default=None,
                         help="TartanModule's fused_optimizer: torch's fused AdamW, or its multi-tensor one with "
-                        "--no-fused-optimizer; default: the module's (fused on CUDA)")
+                        "--no-fused-optimizer; default: as the module (fused on CUDA)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default: "
                         + ", ".join(f"{device} {steps}" for device, (steps, _) in DEFAULT_STEPS.items()) + ")")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per fit (>= 2), memory is measured "
@@ -203,6 +203,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args.rounds = min(args.rounds, args.steps)
     if args.prime is None:
         args.prime = args.device == "cuda"
+    if args.fused_optimizer is None:  # the module's default, made explicit for the JSON line
+        args.fused_optimizer = args.device == "cuda"
     if args.clock is None:
         args.clock = "cpu" if args.device == "cpu" and args.threads == 1 else "wall"
     if args.clock == "cpu" and args.device == "cuda":
@@ -661,6 +663,7 @@ def summarize(results: dict[str, Result], args: argparse.Namespace, encoder_para
     summary.update({"max_length": args.max_length, "fixed_length": args.fixed_length})
     summary["group_by_length"] = args.group_by_length
     summary.update({"compile": args.compile, "attn_implementation": args.attn_implementation})
+    summary["fused_optimizer"] = args.fused_optimizer
     summary.update({"timed_steps": args.steps, "warmup_steps": args.warmup, "rounds": args.rounds})
     summary.update({"primed": args.prime, "stop_on_device": args.stop_on_device})
     for name, result in results.items():
