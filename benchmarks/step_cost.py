@@ -64,7 +64,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Iterator, Optional, Protocol
 
 import datasets
 import pytorch_lightning as pl
@@ -397,20 +397,24 @@ class ProfilerMemory:
 
 class OpCounter:
     """Counts the ATen operations dispatched while active, backward included, from the profiler's events: operations
-    that another one called (a composite's parts) and metadata-only ones (views) are left out. On a GPU nearly each
-    counted operation is a kernel launch, so counted on the CPU they say how many launches, each with its host-side
-    cost, the same step makes on a GPU. On CUDA it also sums the time of the device's kernels and copies
-    (`device_us`)."""
+    that another one called (a composite's parts) and metadata-only ones (views) are left out: what the step
+    dispatches, each with its host-side cost, the same on the CPU and on a GPU. `kernels` counts what a GPU launches:
+    on CUDA the kernels and copies the device ran; elsewhere the operations that compute and call none that does,
+    so a `linear` under autocast counts its weight's and bias's casts besides its matrix product, and a multi-tensor
+    operation (`_foreach_*`, `_fused_*`) once, as a GPU runs it, though the CPU runs it tensor by tensor. On CUDA it
+    also sums the time of the device's kernels and copies (`device_us`)."""
 
     METADATA_ONLY = {
         "view", "_unsafe_view", "_reshape_alias", "reshape", "t", "transpose", "permute", "expand", "unsqueeze",
         "squeeze", "slice", "select", "split", "split_with_sizes", "as_strided", "alias", "detach", "lift_fresh",
         "empty", "empty_like", "empty_strided", "_local_scalar_dense", "item", "is_nonzero", "to", "result_type",
+        "resolve_conj", "resolve_neg", "resize_",
     }
 
     def __init__(self, cuda: bool = False) -> None:
         self.cuda = cuda
         self.ops = 0
+        self.kernels = 0
         self.device_us: Optional[float] = None
 
     def __enter__(self) -> "OpCounter":
@@ -428,6 +432,7 @@ class OpCounter:
         device = [e for e in events if e.device_type != DeviceType.CPU and not e.is_user_annotation]
         if self.cuda and device:
             self.device_us = sum(event.self_device_time_total for event in device)
+        self.kernels = len(device) if self.cuda and device else sum(self._leaf(event) for event in events)
 
     def top(self, rows: int) -> str:
         """The `rows` costliest operations: by self device time on CUDA, by self CPU time otherwise."""
@@ -438,6 +443,25 @@ class OpCounter:
     def _computes(cls, event: Any) -> bool:
         name = event.name
         return name.startswith("aten::") and name.removeprefix("aten::") not in cls.METADATA_ONLY
+
+    @classmethod
+    def _leaf(cls, event: Any) -> bool:
+        """About one kernel launch on a GPU: an operation that computes and calls none that does, or a multi-tensor
+        one (none of its parts)."""
+        if not cls._computes(event) or any(cls._multi_tensor(parent) for parent in cls._callers(event)):
+            return False
+        return cls._multi_tensor(event) or not any(cls._computes(child) for child in event.cpu_children)
+
+    @staticmethod
+    def _multi_tensor(event: Any) -> bool:
+        return event.name.startswith(("aten::_foreach_", "aten::_fused_"))
+
+    @staticmethod
+    def _callers(event: Any) -> Iterator[Any]:
+        parent = event.cpu_parent
+        while parent is not None:
+            yield parent
+            parent = parent.cpu_parent
 
     @classmethod
     def _counted(cls, event: Any) -> bool:
@@ -456,9 +480,10 @@ class StepMeter(pl.Callback):
     """Times and counts the model FLOPs of every optimizer step (one batch each) after the warm-up, and measures
     memory over the warm-up. On CUDA it also counts the step's host-device synchronisations: the operations
     `torch.cuda.set_sync_debug_mode` reports, each one a wait of the host for the device's queued work. One more step
-    after the timed ones is profiled, untimed (the profiler slows every operation on the host): its operations
-    (`OpCounter`; not reported when the encoder is compiled, whose fused kernels are not ATen operations), on CUDA
-    its kernel time, and with `profile_rows` its costliest operations."""
+    after the timed ones is profiled, untimed (the profiler slows every operation on the host): its operations and
+    kernels (`OpCounter`; when the encoder is compiled, whose fused kernels are not ATen operations, no operations,
+    and kernels only as the device counts them), on CUDA its kernel time, and with `profile_rows` its costliest
+    operations."""
 
     def __init__(
         self, warmup: int, timed: int, device: str, count_ops: bool = True, profile_rows: int = 0
@@ -469,6 +494,7 @@ class StepMeter(pl.Callback):
         self.count_ops = count_ops
         self.profile_rows = profile_rows
         self.ops: Optional[int] = None
+        self.kernels: Optional[int] = None
         self.device_us: Optional[float] = None
         self.top_ops: Optional[str] = None
         self.memory: MemoryMeter = CudaMemory() if self.cuda else ProfilerMemory()
@@ -509,6 +535,8 @@ class StepMeter(pl.Callback):
             self.op_counter.__exit__(None, None, None)
             self.ops = self.op_counter.ops if self.count_ops else None
             self.device_us = self.op_counter.device_us
+            counted_on_device = self.device_us is not None
+            self.kernels = self.op_counter.kernels if self.count_ops or counted_on_device else None
             if self.profile_rows:
                 self.top_ops = self.op_counter.top(self.profile_rows)
             return
@@ -538,6 +566,7 @@ class Result:
     flops: int = 0  # model FLOPs over the timed steps
     syncs: list[int] = field(default_factory=list)  # host-device synchronisations of each timed step (CUDA only)
     ops: Optional[int] = None  # ATen operations of one step (`OpCounter`), None when the encoder is compiled
+    kernels: Optional[int] = None  # kernels of one step (`OpCounter`): launched on CUDA, leaf operations elsewhere
     device_us: Optional[float] = None  # the device's kernel time in one step (CUDA only)
     top_ops: Optional[str] = None  # the profiler's table of one step's costliest operations (`--profile`)
     peak_bytes: int = 0
@@ -628,7 +657,8 @@ def run(args: argparse.Namespace, encoder: str) -> tuple[dict[str, Result], list
             result.peak_bytes = max(result.peak_bytes, meter.peak_bytes)
             result.flops += sum(meter.flops)
             result.syncs += meter.syncs
-            result.ops, result.device_us, result.top_ops = meter.ops, meter.device_us, meter.top_ops
+            result.ops, result.kernels, result.device_us = meter.ops, meter.kernels, meter.device_us
+            result.top_ops = meter.top_ops
             result.tokens += sum(b[s]["input_ids"].numel() for b in round_batches for s in module.weighting.active)
             encoder_params = sum(p.numel() for p in module.encoder.parameters())
             del meter, module
@@ -676,6 +706,7 @@ def summarize(results: dict[str, Result], args: argparse.Namespace, encoder_para
         summary[f"{name}_peak_mem_mb"] = result.peak_bytes / MB
         summary[f"{name}_syncs_per_step"] = result.syncs_per_step()
         summary[f"{name}_ops_per_step"] = result.ops
+        summary[f"{name}_kernels_per_step"] = result.kernels
         summary[f"{name}_busy"] = result.busy()
         summary[f"{name}_step_s"] = [round(seconds, 4) for seconds in result.seconds[clock]]
     return summary
@@ -698,22 +729,24 @@ def report(results: dict[str, Result], summary: dict[str, Any], batches: list[Ba
           "(not meta_dev);\npeak MB is what torch allocates during the warm-up steps beyond weights and batches "
           "(CPU: torch.profiler allocation events, CUDA: max_memory_allocated);\nTFLOP/s and MFU count model FLOPs "
           "(module docstring); syncs: median host-device synchronisations per step (CUDA only);\nops: ATen operations "
-          "of one step, views excluded (on a GPU, about its kernel launches; n/a when compiled);\nbusy: one step's "
+          "one step dispatches, views excluded (n/a when compiled); kernels: what it launches on a GPU (CUDA: the "
+          "device's count; CPU: operations that call no other, autocast's casts included);\nbusy: one step's "
           "kernel time over the median step time, the share of a step the GPU computes (CUDA only)\n")
     for name, result in results.items():
         if result.top_ops is not None:
             print(f"{name}: the costliest operations of one step\n{result.top_ops}")
     clock = summary["clock"]
     print(f"{'variant':12s} {'wall ms':>9s} {'cpu ms':>9s} {'tokens/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} "
-          f"{'peak MB':>8s} {'syncs':>5s} {'ops':>6s} {'busy':>6s}")
+          f"{'peak MB':>8s} {'syncs':>5s} {'ops':>6s} {'kernels':>7s} {'busy':>6s}")
     for name, result in results.items():
-        mfu, syncs, ops, busy = (
-            summary[f"{name}_{key}"] for key in ("mfu", "syncs_per_step", "ops_per_step", "busy")
+        mfu, syncs, ops, kernels, busy = (
+            summary[f"{name}_{key}"] for key in ("mfu", "syncs_per_step", "ops_per_step", "kernels_per_step", "busy")
         )
         print(f"{name:12s} {result.median_s('wall') * 1e3:9.1f} {result.median_s('cpu') * 1e3:9.1f} "
               f"{result.tokens_per_s(clock):9.0f} {result.tflops_per_s(clock):8.3f} "
               f"{'n/a' if mfu is None else f'{mfu:.1%}':>6s} {result.peak_bytes / MB:8.0f} "
               f"{'n/a' if syncs is None else f'{syncs:.0f}':>5s} {'n/a' if ops is None else ops:>6} "
+              f"{'n/a' if kernels is None else kernels:>7} "
               f"{'n/a' if busy is None else f'{busy:.0%}':>6s}")
     print()
     for key, (_, _, cpu_target, cuda_target) in RATIOS.items():

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 import torch
@@ -104,6 +104,8 @@ def test_quick_tiny_encoder_proxy_at_a_fixed_length_with_a_peak(data_root: Path,
     ops = {name: summary[f"{name}_ops_per_step"] for name in VARIANTS}
     assert 0 < ops["finetune"] < ops["mt1"] < ops["mt2"] < ops["meta2"], ops
     assert ops["mt1"] < ops["meta1"] < ops["meta2"] and ops["mlm_sparse"] < ops["mt1"], ops
+    kernels = {name: summary[f"{name}_kernels_per_step"] for name in VARIANTS}  # a composite launches its parts
+    assert all(kernels[name] > ops[name] for name in VARIANTS), (kernels, ops)
     assert summary["max_length"] == summary["fixed_length"] == 32
     check_variants(summary)
     for name in VARIANTS:
@@ -204,21 +206,8 @@ def test_kernel_time_sums_the_devices_events_once(monkeypatch: pytest.MonkeyPatc
     def event(name: str, device_type: DeviceType, us: float, annotation: bool = False) -> SimpleNamespace:
         return SimpleNamespace(
             name=name, device_type=device_type, self_device_time_total=us, is_user_annotation=annotation,
-            cpu_parent=None,
+            cpu_parent=None, cpu_children=[],
         )
-
-    class FakeProfiler:
-        def __init__(self, events: list) -> None:
-            self._events = events
-
-        def __enter__(self) -> "FakeProfiler":
-            return self
-
-        def __exit__(self, *exception: Any) -> None:
-            pass
-
-        def events(self) -> list:
-            return self._events
 
     step = [
         event("aten::mm", DeviceType.CPU, 30.0),  # the launching operation: its self device time is the kernel's
@@ -228,8 +217,49 @@ def test_kernel_time_sums_the_devices_events_once(monkeypatch: pytest.MonkeyPatc
         event("## forward ##", DeviceType.CUDA, 100.0, annotation=True),  # a user range, not device work
     ]
     for events, expected_us, cuda in ((step, 32.5, True), (step, None, False), (step[::2][:2], None, True)):
-        monkeypatch.setattr(bench, "profile", lambda activities, events=events: FakeProfiler(events))
+        monkeypatch.setattr(bench, "profile", lambda activities, events=events: FakeEvents(events))
         with bench.OpCounter(cuda=cuda) as counter:
             pass
         assert counter.device_us == expected_us
         assert counter.ops == 2  # aten::mm and aten::add_
+        assert counter.kernels == 2  # the device's two kernels on CUDA, else the two operations that call none
+
+
+def test_a_composite_is_one_operation_and_as_many_kernels_as_its_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `linear` under autocast dispatches once but launches its weight's cast and its matrix product, a multi-tensor
+    operation launches once: `ops` counts what the step dispatches, `kernels` (on the CPU) what a GPU would launch;
+    views launch nothing."""
+    bench = step_cost()
+
+    def event(name: str, parent: Optional[SimpleNamespace] = None) -> SimpleNamespace:
+        made = SimpleNamespace(name=name, device_type=DeviceType.CPU, cpu_parent=parent, cpu_children=[])
+        made.is_user_annotation, made.self_device_time_total = False, 0.0
+        if parent is not None:
+            parent.cpu_children.append(made)
+        return made
+
+    linear = event("aten::linear")
+    to = event("aten::to", linear)
+    step = [linear, to, event("aten::_to_copy", to), event("aten::t", linear), event("aten::addmm", linear)]
+    foreach = event("aten::_foreach_add_")  # one multi-tensor launch on a GPU, a loop over its tensors on the CPU
+    step += [foreach, event("aten::add_", foreach), event("aten::add_", foreach)]
+    monkeypatch.setattr(bench, "profile", lambda activities: FakeEvents(step))
+    with bench.OpCounter() as counter:
+        pass
+    assert (counter.ops, counter.kernels) == (2, 3)
+
+
+class FakeEvents:
+    """A stand-in for torch.profiler.profile that reports the given events."""
+
+    def __init__(self, events: list) -> None:
+        self._events = events
+
+    def __enter__(self) -> "FakeEvents":
+        return self
+
+    def __exit__(self, *exception: Any) -> None:
+        pass
+
+    def events(self) -> list:
+        return self._events
