@@ -47,6 +47,11 @@ def fit(module: TartanModule, batches: list[dict], ckpt_path=None, **trainer_opt
     return trainer
 
 
+def fp16_with_loss_scaler() -> MixedPrecision:
+    """`16-mixed` as Lightning runs it on a GPU, with a loss scaler (on the CPU, Lightning scales no fp16 loss)."""
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+
+
 def flat_grad(loss: torch.Tensor, params: list) -> torch.Tensor:
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
@@ -309,8 +314,8 @@ def test_an_fp16_step_reads_its_overflow_check_back_with_the_multi_tensor_optimi
     reads that check back to decide whether to step (one wait for the device per step); the fused AdamW (the default
     on a GPU) takes the check on the device and skips an overflowed update there."""
     module = make_module(tiny_encoder, weighting="meta", fused_optimizer=fused)
-    scaled = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))  # as Lightning's on a GPU
-    reads = reads_per_step(module, [with_padding(batch) for batch in make_batches(3)], plugins=[scaled])
+    batches = [with_padding(batch) for batch in make_batches(3)]
+    reads = reads_per_step(module, batches, plugins=[fp16_with_loss_scaler()])
     assert reads == ([[], [], []] if fused else [["item"], ["item"], ["item"]])
 
 
@@ -394,8 +399,8 @@ def test_fused_optimizer_clips_and_steps_as_the_multi_tensor_one(tiny_encoder, p
     same gradient norm and takes the same steps as the multi-tensor one, on META's flat gradient buffer. fp16 runs
     with a loss scaler, as on a GPU: the fused step must see its gradients unscaled once, before clipping."""
     trainer_options = {"precision": precision}
-    if precision == "16-mixed":  # Lightning scales fp16 losses on GPUs only; this scaler does on the CPU
-        trainer_options = {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]}
+    if precision == "16-mixed":
+        trainer_options = {"plugins": [fp16_with_loss_scaler()]}
     weights, norms = {}, {}
     for fused in (False, True):
         torch.manual_seed(0)
@@ -455,9 +460,8 @@ def test_fp16_meta_tartan_weighs_its_tasks_as_fp32_does(tiny_encoder, per_task_g
     fp32's. The gradients carry the loss scale (2^16), so their squared norm overflows fp16: when the cosines ran
     under the step's autocast, every one was NaN and every weight update was skipped as an overflow."""
     logits, skipped = {}, {}
-    scaled = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))  # as Lightning's on a GPU
     options = dict(weighting="meta", meta_lr=1.0, per_task_grad_copies=per_task_grad_copies)
-    for precision, trainer_options in (("32-true", {}), ("16-mixed", {"plugins": [scaled]})):
+    for precision, trainer_options in (("32-true", {}), ("16-mixed", {"plugins": [fp16_with_loss_scaler()]})):
         torch.manual_seed(0)
         module = make_module(tiny_encoder, **options)
         trainer = fit(module, make_batches(3), **trainer_options)
@@ -521,14 +525,12 @@ def test_a_checkpoint_resumes_with_this_runs_optimizer_kernels(tiny_encoder, tmp
     """A checkpoint made with the other AdamW kernels (one from before the fused optimizer became the GPU default,
     or from a CPU) resumes with this run's, fp16 with a loss scaler included: torch would restore the saved kernels,
     and a multi-tensor step handed the loss scaler's arguments for a fused one fails."""
-    def scaled() -> list:
-        return [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]
-
     saved = make_module(tiny_encoder, weighting="meta", fused_optimizer=saved_fused)
     every_step = pl.callbacks.ModelCheckpoint(tmp_path, save_top_k=-1, every_n_train_steps=1)
-    fit(saved, make_batches(2), enable_checkpointing=True, callbacks=[every_step], plugins=scaled())
+    fit(saved, make_batches(2), enable_checkpointing=True, callbacks=[every_step], plugins=[fp16_with_loss_scaler()])
     resumed = make_module(tiny_encoder, weighting="meta", fused_optimizer=not saved_fused)
-    trainer = fit(resumed, make_batches(4), ckpt_path=tmp_path / "epoch=0-step=2.ckpt", plugins=scaled())
+    checkpoint = tmp_path / "epoch=0-step=2.ckpt"
+    trainer = fit(resumed, make_batches(4), ckpt_path=checkpoint, plugins=[fp16_with_loss_scaler()])
     assert trainer.global_step == 4
     optimizer = resumed.optimizers().optimizer
     kernels = {"fused": True, "foreach": None} if not saved_fused else {"fused": None, "foreach": True}
