@@ -31,9 +31,9 @@ MFU = model FLOPs per second / the chip's peak (`--peak-tflops`; defaults: H100 
 bf16/fp16, none on CPU or in fp32, where MFU is reported as null). Padded positions count like real ones, as the
 hardware computes them; tokens/s counts the padded positions of the objectives a variant trains.
 
-Each step's host-device synchronisations (CUDA) and ATen operations (`OpCounter`, one untimed extra step) are
-counted too: on a GPU nearly every operation is a kernel launch with its host-side cost, and when the host, not the
-device, sets the pace (small kernels), the operation count is what a faster step must cut. `--stop-on-device` makes
+Each step's host-device synchronisations (CUDA), ATen operations and kernels (`OpCounter`, one untimed extra step)
+are counted too: each operation dispatched has its host-side cost and each kernel its launch, and when the host, not
+the device, sets the pace (small kernels), these counts are what a faster step must cut. `--stop-on-device` makes
 META's dev head stop the way it does on a GPU also on the CPU, so the CPU counts the GPU's operations. On CUDA each
 run first fits the widest variant over every batch, untimed (`--prime`): a process's first step at a new shape
 costs several times a later one (kernel selection and loading, the allocator's pool growing), which a long run pays
@@ -466,14 +466,7 @@ class OpCounter:
     @classmethod
     def _counted(cls, event: Any) -> bool:
         """An operation that computes, called by none that does (`to` is metadata-only, the copy it calls is not)."""
-        if not cls._computes(event):
-            return False
-        parent = event.cpu_parent
-        while parent is not None:
-            if cls._computes(parent):
-                return False
-            parent = parent.cpu_parent
-        return True
+        return cls._computes(event) and not any(cls._computes(parent) for parent in cls._callers(event))
 
 
 class StepMeter(pl.Callback):
