@@ -26,12 +26,13 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoTokenizer, PreTrainedModel
 
-from lightning_tartan.attention_masks import encoder_mask, mark_padding, takes_ready_masks
+from lightning_tartan.attention_masks import READY_MASK_ARCHITECTURES, encoder_mask, mark_padding, takes_ready_masks
 from lightning_tartan.export import check_exportable, classification_model, masked_lm_model
 from lightning_tartan.heads import ClassificationHead, classification_head_options, load_encoder_and_mlm_head
 from lightning_tartan.meta_tartan import MetaWeighting
 from lightning_tartan.model_card import end_task_model_card
 from lightning_tartan.packaged_encoders import local_copy
+from lightning_tartan.packing import PACKED, pack, packed_encoder_inputs, unpack
 from lightning_tartan.weighting import (
     END_TASK,
     RESERVED_SOURCES,
@@ -111,6 +112,11 @@ class TartanModule(pl.LightningModule):
         fused_optimizer: torch's fused AdamW (one operation per parameter group) instead of its multi-tensor one
             (about a dozen); they differ by rounding only. `None`: fused on a CUDA GPU, multi-tensor elsewhere (the
             published CPU results were made with it).
+        pack_sequences: lay the rows of every padded micro-batch end to end in as few rows as hold them, each
+            token attending to its own row only (`lightning_tartan.packing`), so the encoder computes real tokens,
+            not padding: at real lengths most of a batch is padding. Equal to the padded computation up to rounding
+            (dropout's masks differ). Needs an encoder that takes ready attention masks: BERT, RoBERTa,
+            XLM-RoBERTa, ELECTRA, ALBERT or DistilBERT with SDPA attention (transformers >= 5).
     """
 
     def __init__(
@@ -147,6 +153,7 @@ class TartanModule(pl.LightningModule):
         attn_implementation: Optional[str] = None,
         compile_encoder: bool = False,
         fused_optimizer: Optional[bool] = None,
+        pack_sequences: bool = False,
     ) -> None:
         super().__init__()
         _check_options(locals())
@@ -163,6 +170,14 @@ class TartanModule(pl.LightningModule):
         self.encoder.requires_grad_(not freeze_encoder)
         #: whether the encoder takes the ready attention masks of `lightning_tartan.attention_masks`
         self.ready_attention_masks = takes_ready_masks(config.model_type, attn_implementation)
+        if pack_sequences and not self.ready_attention_masks:
+            raise ValueError(
+                f"pack_sequences=True needs an encoder that takes ready attention masks (model types "
+                f"{sorted(READY_MASK_ARCHITECTURES)} with attn_implementation 'sdpa' or None, transformers >= 5); "
+                f"{encoder_name_or_path!r} is {config.model_type!r} with attn_implementation={attn_implementation!r}"
+            )
+        #: what `packing.pack` needs to give packed tokens their positions and pad the packed rows
+        self._packing = (config.model_type, config.pad_token_id or 0) if pack_sequences else None
         if compile_encoder:
             self.encoder.compile()
         init_std = getattr(config, "initializer_range", 0.02)
@@ -205,7 +220,11 @@ class TartanModule(pl.LightningModule):
     # ----- forward passes -----------------------------------------------------------------------------------
 
     def encode(self, batch: dict[str, Tensor]) -> Tensor:
-        """The encoder's last hidden states; a sentence-pair batch's ``token_type_ids`` mark its two segments."""
+        """The encoder's last hidden states; a sentence-pair batch's ``token_type_ids`` mark its two segments. A
+        micro-batch packed on the host (`pack_sequences`) runs packed and comes back in its padded layout."""
+        if PACKED in batch:
+            hidden = self.encoder(**packed_encoder_inputs(batch[PACKED])).last_hidden_state
+            return unpack(hidden, batch[PACKED], batch["input_ids"].shape)
         segments = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
         mask = encoder_mask(batch) if self.ready_attention_masks else batch["attention_mask"]
         return self.encoder(input_ids=batch["input_ids"], attention_mask=mask, **segments).last_hidden_state
@@ -241,7 +260,8 @@ class TartanModule(pl.LightningModule):
         """What the step would otherwise read back from the device, found while the batch is still on the host: each
         micro-batch's padding (`attention_masks.mark_padding`, for an encoder that takes ready masks) and, with
         `sparse_mlm`, each MLM micro-batch's masked positions (selecting them on the device has a data-dependent
-        size). On a GPU each such read would make the host wait for the device mid-step."""
+        size). On a GPU each such read would make the host wait for the device mid-step. With `pack_sequences`, each
+        padded micro-batch's packed rows (`packing.pack`), which are also found from its mask."""
         if not isinstance(batch, dict):
             return batch
         if "input_ids" in batch:  # an evaluation or prediction batch
@@ -257,6 +277,8 @@ class TartanModule(pl.LightningModule):
             return source
         if self.ready_attention_masks:
             source = mark_padding(source)
+        if self._packing is not None:
+            source = pack(source, *self._packing)
         return _with_masked_positions(source) if mlm and self.hparams.sparse_mlm else source
 
     def objective_loss(self, name: str, batch: dict[str, Any]) -> Tensor:

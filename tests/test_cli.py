@@ -20,6 +20,7 @@ from lightning_tartan import PostHocSelection, TartanModule
 from lightning_tartan.callbacks import TaskWeightPlot
 from lightning_tartan.cli import tartan_cli
 from lightning_tartan.export import ExportEncoder
+from lightning_tartan.packing import PACKED
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -266,6 +267,26 @@ def test_group_by_length_from_the_command_line(tiny_encoder, cache_dir, monkeypa
     cli.datamodule.setup("fit")
     loaders = cli.datamodule.train_dataloader().iterables
     assert all(loaders[name].sampler.grouping is not None for name in ("end_task", "tapt"))
+
+
+def test_pack_sequences_from_the_command_line(tiny_encoder, cache_dir, tmp_path, monkeypatch):
+    """`--model.pack_sequences true`: META-TARTAN trains on ACL-ARC with every micro-batch of every source packed."""
+    monkeypatch.chdir(REPO)
+    cli = tartan_cli(
+        [*config_args("citation_intent", "meta_tartan"), "--model.pack_sequences", "true"]
+        + ["--model.encoder_name_or_path", tiny_encoder, "--data.cache_dir", cache_dir, *SMALL]
+        + ["--data.max_length=128", "--trainer.max_steps=2", "--trainer.limit_val_batches=2"]
+        + [f"--trainer.default_root_dir={tmp_path}"],
+        run=False,
+    )
+    cli.datamodule.setup("fit")
+    batch = cli.model.on_before_batch_transfer(next(iter(cli.datamodule.train_dataloader()))[0], 0)
+    packed = {name for name, micro_batches in batch.items() if all(PACKED in part for part in micro_batches)}
+    assert packed == {"end_task", "tapt", "meta_dev", "meta_dev_grad"}
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert cli.trainer.global_step == 2
+    scores = cli.trainer.validate(cli.model, datamodule=cli.datamodule)[0]  # dev batches are packed too
+    assert 0 <= scores["val/f1_macro"] <= 1
 
 
 def test_posthoc_stage_from_the_command_line(tiny_encoder, data_root, cache_dir, tmp_path, monkeypatch):
