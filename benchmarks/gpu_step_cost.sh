@@ -2,7 +2,8 @@
 # The GPU step-cost measurements in one run: roberta-base size (random weights), the paper's batch (64 rows per
 # source), ACL-ARC. For each setting, benchmarks/step_cost.py's table and JSON line go to one file under $OUT (default:
 # benchmarks/gpu_results), every setting's log to logs.txt and the machine's GPU and package versions to env.txt there
-# (seven files: what a lent GPU machine sends back is at most eight). The tables are printed again at the end.
+# (eight files with the six default settings: what a lent GPU machine sends back is at most eight, so a further
+# setting is run only when named, in place of one of them). The tables are printed again at the end.
 # Planned to fit 10 minutes on one H100 or H200 with the steps below; BUDGET_S (default 540) caps the whole run:
 # each setting runs under `timeout` for what is left of it, in the order below (most wanted first), and a setting
 # that cannot start or finish in time is reported as failed while the results of the others stand.
@@ -11,8 +12,10 @@
 #                  each variant's costliest kernels (--profile)
 #   bf16_512       bf16, every row 512 tokens: fine-tuning and MT-TARTAN MFU at full length
 #   fp16_real      fp16, real lengths: META/MT, to compare with bf16's, kernels too (why fp16's META is slower)
-#   bf16_grouped   bf16, real lengths, --group-by-length: what less padding buys
+#   bf16_packed    bf16, real lengths, --pack-sequences: what computing no padding buys (the same model FLOPs as
+#                  bf16_real's, which count real tokens only, in a shorter step)
 #   bf16_compiled  bf16, real lengths, --compile: what torch.compile buys
+#   bf16_grouped   bf16, real lengths, --group-by-length: what less padding buys (measured once already: last)
 #   bf16_512_compiled  (only when named) bf16, 512 tokens, --compile: fine-tuning and MT-TARTAN MFU compiled
 #   bf16_multi_tensor  (only when named) bf16_real's variants with the multi-tensor AdamW (the default there is
 #                  fused): what the fused optimizer buys
@@ -71,13 +74,14 @@ declare -A settings=(  # name -> options
     [bf16_512]="--precision $(precision bf16-mixed) --fixed-length 512 --variants finetune mt1"
     [fp16_real]="--precision $(precision 16-mixed) --profile 12 --variants mt1 mt2 meta1 meta2"
     [bf16_grouped]="--precision $(precision bf16-mixed) --group-by-length --variants finetune mt2 meta2"
+    [bf16_packed]="--precision $(precision bf16-mixed) --pack-sequences --variants finetune mt2 meta2"
     [bf16_compiled]="--precision $(precision bf16-mixed) --compile --warmup 4 --variants finetune mt2 meta2"
     [bf16_512_compiled]="--precision $(precision bf16-mixed) --fixed-length 512 --compile --warmup 4 --variants finetune mt1"
     [bf16_multi_tensor]="--precision $(precision bf16-mixed) --no-fused-optimizer --variants finetune mt1 mt2 meta1 meta2"
 )
 chosen=("$@")
 if (( ! ${#chosen[@]} )); then
-    chosen=(bf16_real bf16_512 fp16_real bf16_grouped bf16_compiled)
+    chosen=(bf16_real bf16_512 fp16_real bf16_packed bf16_compiled bf16_grouped)
 fi
 for name in "${chosen[@]}"; do
     [[ -v "settings[$name]" ]] || { echo "unknown setting $name; known: ${!settings[*]}" >&2; exit 2; }

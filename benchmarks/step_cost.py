@@ -16,20 +16,28 @@ comes from `torch.cuda.max_memory_allocated`; on CPU from the allocation events 
 `torch.profiler.profile(profile_memory=True)` (tracemalloc and RSS miss or blur torch's allocations).
 The warm-up has at least two steps because the optimizer moments only exist from the second step on.
 
-Model FLOPs and MFU (so a reader can check them): a forward pass of the encoder over `rows` sequences of
-`seq_len` positions costs `rows * seq_len * (2 * N + 4 * layers * seq_len * hidden)` FLOPs, where N counts
+Model FLOPs and MFU (so a reader can check them) count real tokens only: padding is waste, not model work. A
+forward pass of the encoder over a micro-batch costs the sum over its sequences of
+`len * (2 * N + 4 * layers * len * hidden)` FLOPs, len being a sequence's real (attention_mask == 1) tokens, N
 the encoder's parameters other than its embedding tables (each weight is one multiply-add per token) and the
-second term is attention's two matrix products (scores and weighted values, 2 * seq_len * hidden multiply-adds
-per token and layer). A head costs `2 * W` per row it is applied to, W being its matrix weights: the end-task
-head at the first token, the MLM head at every position, or only at the masked ones with `sparse_mlm`.
-Forward hooks on the encoder and both heads count every pass a step really runs, with its real shape: each
-objective's, and META's dev-gradient forward and its no-grad dev-feature forward (or the paper's re-run at each
-dev-head step). A pass whose output requires grad is backpropagated and counts 3x its forward (backward = 2x).
-META's dev head (fitted on cached features) is not a module of the model; it is counted as at most
-`dev_head_steps` forward+backward passes plus the dev-gradient one over the dev rows (< 0.1% of a roberta-base step).
+second term attention's two matrix products (scores and weighted values, 2 * len * hidden multiply-adds per token
+and layer). So the same micro-batch counts the same FLOPs padded or packed (`--pack-sequences`), and computing
+less padding shows as a shorter step, that is a higher MFU, never as more work. The count touches no device and
+waits for none: the benchmark wraps the module instance's `on_before_batch_transfer`, so that every micro-batch,
+still on the host, carries its real tokens and sum of squared lengths as Python ints (`REAL_LENGTHS`; Lightning's
+transfer leaves them as they are, and the module reads only the keys it knows), and its `encode`, which adds each
+pass's FLOPs from them. A micro-batch without that mark (one that did not pass the hook, such as a direct call)
+counts the full padded shape of the hidden states `encode` returns, and the run warns about it. A head costs `2 * W`
+per row it is applied to, W being its matrix weights: the end-task head at the first token, the MLM head at every
+position of the padded micro-batch (the dense head's logits, padding included), or only at the masked ones with
+`sparse_mlm`; forward hooks on both heads count it. Every pass a step really runs counts: each objective's, and
+META's dev-gradient forward and its no-grad dev-feature forward (or the paper's re-run at each dev-head step). A
+pass whose output requires grad is backpropagated and counts 3x its forward (backward = 2x). META's dev head
+(fitted on cached features) is not a module of the model; it is counted as at most `dev_head_steps`
+forward+backward passes plus the dev-gradient one over the dev rows (< 0.1% of a roberta-base step).
 MFU = model FLOPs per second / the chip's peak (`--peak-tflops`; defaults: H100 SXM and H200 989 TFLOP/s dense
-bf16/fp16, none on CPU or in fp32, where MFU is reported as null). Padded positions count like real ones, as the
-hardware computes them; tokens/s counts the padded positions of the objectives a variant trains.
+bf16/fp16, none on CPU or in fp32, where MFU is reported as null). Likewise tokens/s counts the real tokens
+(attention_mask sum) of the objectives a variant trains, not the padded positions the hardware computes.
 
 Each step's host-device synchronisations (CUDA), ATen operations and kernels (`OpCounter`, one untimed extra step)
 are counted too: each operation dispatched has its host-side cost and each kernel its launch, and when the host, not
@@ -48,9 +56,11 @@ arithmetic: Python, hooks, host syncs, optimizer bookkeeping. That per-step over
 left, so the dense-MLM variants stay arithmetic-bound; the FLOP column says how much of each step is arithmetic.
 
 Run from the repository root: `python benchmarks/step_cost.py` (add `--quick` for a smoke run, `--group-by-length`
-for batches of rows of similar length, as `--data.init_args.group_by_length true` trains). On a GPU:
+for batches of rows of similar length, as `--data.init_args.group_by_length true` trains, `--pack-sequences` for
+each micro-batch's rows packed into fewer rows, as `--model.pack_sequences true` trains). On a GPU:
 `python benchmarks/step_cost.py --device cuda --precision bf16-mixed --encoder roberta-base-random --paper-batch`
-(add `--fixed-length 512` for full-length rows); `benchmarks/gpu_step_cost.sh` runs every GPU setting in one go.
+(add `--fixed-length 512` for full-length rows, `--pack-sequences` for packed micro-batches);
+`benchmarks/gpu_step_cost.sh` runs every GPU setting in one go.
 The last line printed is one JSON object with the headline ratios and every variant's figures.
 """
 import argparse
@@ -64,7 +74,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Protocol
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 
 import datasets
 import pytorch_lightning as pl
@@ -127,6 +137,9 @@ PEAK_TFLOPS_16BIT = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
 PAPER_BATCH = (64, 512)
 #: (timed steps, warm-up steps) per variant when not given: CPU steps take seconds, GPU medians need more samples
 DEFAULT_STEPS = {"cpu": (6, 2), "cuda": (30, 5)}
+#: the key the benchmark adds to every micro-batch on the host (`with_real_lengths`): its real tokens and the sum of
+#: its sequences' squared real lengths, Python ints, so the FLOP count needs no device tensor and no sync
+REAL_LENGTHS = "step_cost_real_lengths"
 
 Batch = dict[str, dict[str, torch.Tensor]]
 
@@ -151,6 +164,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "of similar length share a batch, so batches carry less padding")
     parser.add_argument("--compile", action="store_true", help="TartanModule's compile_encoder: the encoder through "
                         "torch.compile (the warm-up steps take the compilation; give --warmup 3 or more)")
+    parser.add_argument("--pack-sequences", action="store_true", help="TartanModule's pack_sequences: each "
+                        "micro-batch's rows packed on the host into fewer rows (block-diagonal attention), so the "
+                        "encoder computes less padding; the model FLOPs stay those of the real tokens")
     parser.add_argument("--attn-implementation", default=None, help="TartanModule's attn_implementation (transformers' "
                         "attention kernel: sdpa, eager, flash_attention_2 with flash-attn installed); default: "
                         "transformers' choice")
@@ -317,13 +333,41 @@ def matmul_weights(head: nn.Module) -> int:
     return sum(m.weight.numel() for m in head.modules() if isinstance(m, nn.Linear))
 
 
-def encoder_forward_flops(params: int, layers: int, hidden: int, rows: int, seq_len: int) -> int:
-    """FLOPs of one encoder forward over `rows` x `seq_len` positions: weights plus attention's two products."""
-    return rows * seq_len * (2 * params + 4 * layers * seq_len * hidden)
+def encoder_forward_flops(params: int, layers: int, hidden: int, tokens: int, squared_lengths: int) -> int:
+    """FLOPs of one encoder forward over sequences of `tokens` real tokens in all, their squared lengths summing to
+    `squared_lengths`: the sum over sequences of len * (2 * params + 4 * layers * len * hidden), weights plus
+    attention's two products."""
+    return 2 * params * tokens + 4 * layers * hidden * squared_lengths
+
+
+def with_real_lengths(batch: Any) -> Any:
+    """`batch` with `REAL_LENGTHS` added to each of its micro-batches still on the host (reading them there waits
+    for nothing): a training batch (source -> micro-batch, or a list of them with accumulation), a list of
+    micro-batches or one micro-batch (an evaluation batch). Anything else is returned as it is."""
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(with_real_lengths(part) for part in batch)
+    if not isinstance(batch, dict):
+        return batch
+    if "input_ids" not in batch:  # a training batch
+        return {name: with_real_lengths(source) for name, source in batch.items()}
+    mask = batch.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.device.type != "cpu" or mask.dim() != 2:
+        return batch
+    lengths = mask.sum(1).tolist()
+    return {**batch, REAL_LENGTHS: (sum(lengths), sum(length * length for length in lengths))}
+
+
+def real_tokens(batch: Batch, sources: Iterable[str]) -> int:
+    """Real (attention_mask == 1) tokens of a training batch's `sources`, each a micro-batch or a list of them."""
+    parts = [batch[source] if isinstance(batch[source], (list, tuple)) else [batch[source]] for source in sources]
+    return sum(int(micro_batch["attention_mask"].sum()) for part in parts for micro_batch in part)
 
 
 class FlopMeter:
-    """Model FLOPs of the passes the module really runs, counted by forward hooks on its encoder and heads."""
+    """Model FLOPs of the passes the module really runs: the encoder's from the real lengths `with_real_lengths`
+    marks each micro-batch with on the host (wrapping the module instance's `on_before_batch_transfer` and
+    `encode`), the heads' by forward hooks. `unmarked` counts the encoder passes over a micro-batch without the mark,
+    which count their full padded shape."""
 
     def __init__(self, module: TartanModule) -> None:
         config = module.encoder.config
@@ -333,7 +377,12 @@ class FlopMeter:
         self.head_weights = {head: matmul_weights(head) for head in (module.mlm_head, module.end_task_head)}
         self.dev_head_steps = module.hparams.dev_head_steps if module.weighting.needs_dev_samples else 0
         self.flops = 0
-        module.encoder.register_forward_hook(self._encoder)
+        self.unmarked = 0
+        # on the instance, so the module's own calls (`self.encode`, Lightning's hook call) take the wrappers
+        self.module_encode: Callable[[dict[str, Any]], torch.Tensor] = module.encode
+        self.module_before_transfer: Callable[[Any, int], Any] = module.on_before_batch_transfer
+        module.encode = self._encode
+        module.on_before_batch_transfer = self._on_before_batch_transfer
         for head in self.head_weights:
             head.register_forward_hook(self._head)
 
@@ -342,10 +391,20 @@ class FlopMeter:
         """A pass whose output requires grad is backpropagated: backward costs twice the forward."""
         return 3 if output.requires_grad else 1
 
-    def _encoder(self, module: nn.Module, args: Any, output: Any) -> None:
-        hidden = output[0]
-        rows, seq_len = hidden.shape[:2]
-        self.flops += self._passes(hidden) * encoder_forward_flops(*self.shape, rows, seq_len)
+    def _on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """The module's hook on the batch marked with its real lengths, before the module adds its own keys."""
+        return self.module_before_transfer(with_real_lengths(batch), dataloader_idx)
+
+    def _encode(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The module's `encode`, counting its pass from the micro-batch's real lengths (Python ints: no sync)."""
+        hidden = self.module_encode(batch)
+        lengths = batch.get(REAL_LENGTHS)
+        if lengths is None:  # not marked on the host: the padded shape, as the hardware computes it without packing
+            self.unmarked += 1
+            rows, seq_len = hidden.shape[:2]
+            lengths = (rows * seq_len, rows * seq_len * seq_len)
+        self.flops += self._passes(hidden) * encoder_forward_flops(*self.shape, *lengths)
+        return hidden
 
     def _head(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
         self.flops += self._passes(output) * 2 * self.head_weights[module] * output.shape[:-1].numel()
@@ -555,7 +614,7 @@ class Result:
     """One variant's measurements over all rounds."""
 
     seconds: dict[str, list[float]] = field(default_factory=lambda: {"wall": [], "cpu": []})
-    tokens: int = 0  # padded positions of the batches the variant trains on, over the timed steps
+    tokens: int = 0  # real tokens (not padding) of the objectives the variant trains, over the timed steps
     flops: int = 0  # model FLOPs over the timed steps
     syncs: list[int] = field(default_factory=list)  # host-device synchronisations of each timed step (CUDA only)
     ops: Optional[int] = None  # ATen operations of one step (`OpCounter`), None when the encoder is compiled
@@ -598,6 +657,8 @@ def fit_variant(
     options.update(
         compile_encoder=args.compile, attn_implementation=args.attn_implementation, fused_optimizer=args.fused_optimizer
     )
+    if args.pack_sequences:  # only when asked: a module without the option runs every other setting
+        options["pack_sequences"] = True
     module = TartanModule.from_datamodule(task, encoder_name_or_path=encoder, **options)
     if args.stop_on_device and isinstance(module.weighting, MetaWeighting):
         module.weighting.dev_head.stop_on_device = True
@@ -620,6 +681,9 @@ def fit_variant(
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     if len(meter.seconds["wall"]) != timed:
         raise RuntimeError(f"{name}: timed {len(meter.seconds['wall'])} steps, expected {timed}")
+    if meter.flop_meter.unmarked:
+        print(f"warning: {name}: {meter.flop_meter.unmarked} encoder passes over micro-batches without their real "
+              "lengths (the module dropped the benchmark's key?) counted their padded shape", file=sys.stderr)
     return meter, module
 
 
@@ -652,7 +716,7 @@ def run(args: argparse.Namespace, encoder: str) -> tuple[dict[str, Result], list
             result.syncs += meter.syncs
             result.ops, result.kernels, result.device_us = meter.ops, meter.kernels, meter.device_us
             result.top_ops = meter.top_ops
-            result.tokens += sum(b[s]["input_ids"].numel() for b in round_batches for s in module.weighting.active)
+            result.tokens += sum(real_tokens(batch, module.weighting.active) for batch in round_batches)
             encoder_params = sum(p.numel() for p in module.encoder.parameters())
             del meter, module
             gc.collect()
@@ -684,7 +748,7 @@ def summarize(results: dict[str, Result], args: argparse.Namespace, encoder_para
     summary["encoder_fp32_buffer_mb"] = encoder_params * 4 / MB
     summary.update({"batch_size": args.batch_size, "dev_grad_batch_size": args.dev_grad_batch_size})
     summary.update({"max_length": args.max_length, "fixed_length": args.fixed_length})
-    summary["group_by_length"] = args.group_by_length
+    summary.update({"group_by_length": args.group_by_length, "pack_sequences": args.pack_sequences})
     summary.update({"compile": args.compile, "attn_implementation": args.attn_implementation})
     summary["fused_optimizer"] = args.fused_optimizer
     summary.update({"timed_steps": args.steps, "warmup_steps": args.warmup, "rounds": args.rounds})
@@ -708,6 +772,8 @@ def summarize(results: dict[str, Result], args: argparse.Namespace, encoder_para
 def report(results: dict[str, Result], summary: dict[str, Any], batches: list[Batch]) -> None:
     """The setting, the table and the ratios for a reader, then the JSON line for a machine."""
     lengths = {source: statistics.mean(b[source]["input_ids"].shape[1] for b in batches) for source in batches[0]}
+    real = {source: statistics.mean(real_tokens(b, [source]) / len(b[source]["labels"]) for b in batches)
+            for source in batches[0]}
     print(f"\nencoder {summary['encoder']} ({summary['encoder_params_m']:.1f} M parameters; one fp32 encoder-sized "
           f"buffer = {summary['encoder_fp32_buffer_mb']:.0f} MB)")
     if summary["encoder"] == "tiny":
@@ -715,13 +781,16 @@ def report(results: dict[str, Result], summary: dict[str, Any], batches: list[Ba
     peak = "no peak given: MFU n/a" if summary["peak_tflops"] is None else f"peak {summary['peak_tflops']} TFLOP/s"
     print(f"device {summary['device_name']} ({summary['threads']} CPU threads), precision {summary['precision']}, "
           f"{peak}")
-    shapes = (f"{source} {len(batches[0][source]['labels'])} x {length:.0f}" for source, length in lengths.items())
-    print("batches, rows x mean padded length: " + ", ".join(shapes))
+    shapes = (f"{source} {len(batches[0][source]['labels'])} x {length:.0f} ({real[source]:.0f})"
+              for source, length in lengths.items())
+    print("batches, rows x mean padded length (mean real length): " + ", ".join(shapes)
+          + (", packed" if summary["pack_sequences"] else ""))
     print(f"medians of timed full optimizer steps on the wall and CPU clocks; ratios and tokens/s use the "
-          f"{summary['clock']} clock;\ntokens/s counts the padded positions of the objectives a variant trains "
-          "(not meta_dev);\npeak MB is what torch allocates during the warm-up steps beyond weights and batches "
+          f"{summary['clock']} clock;\ntokens/s counts the real tokens (not padding) of the objectives a variant "
+          "trains (not meta_dev);\npeak MB is what torch allocates during the warm-up steps beyond weights and batches "
           "(CPU: torch.profiler allocation events, CUDA: max_memory_allocated);\nTFLOP/s and MFU count model FLOPs "
-          "(module docstring); syncs: median host-device synchronisations per step (CUDA only);\nops: ATen operations "
+          "of real tokens only, padding is waste, not model work (module docstring);\nsyncs: median host-device "
+          "synchronisations per step (CUDA only); ops: ATen operations "
           "one step dispatches, views excluded (n/a when compiled); kernels: what it launches on a GPU (CUDA: the "
           "device's count; CPU: operations that call no other, autocast's casts included);\nbusy: one step's "
           "kernel time over the median step time, the share of a step the GPU computes (CUDA only)\n")

@@ -1,5 +1,5 @@
 """The step-cost benchmark runs end to end in its quick mode and ends with its JSON summary, and its FLOP count
-agrees with a hand computation.
+agrees with a hand computation: real tokens only, whatever the padding.
 
 No thresholds: timings on a shared CI machine say nothing; the benchmark reports, it does not judge.
 """
@@ -14,8 +14,10 @@ from types import ModuleType, SimpleNamespace
 from typing import Any, Optional
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch.autograd import DeviceType
+from torch.utils.data import DataLoader
 
 from lightning_tartan import TartanModule
 
@@ -60,6 +62,7 @@ def run_benchmark_printing(data_root: Path, cache_dir: Path, *options: str) -> t
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
+    assert "without their real lengths" not in result.stderr  # every encoder pass, META's too, counted real tokens
     *printed, summary = result.stdout.strip().splitlines()
     return json.loads(summary), "\n".join(printed)
 
@@ -131,7 +134,9 @@ def test_prepared_gpu_run_works_in_its_cpu_smoke_mode(data_root: Path, tmp_path:
         "fp16_real": ({}, ("mt1", "mt2", "meta1", "meta2")),
         "bf16_grouped": ({"group_by_length": True}, ("finetune", "mt2", "meta2")),
         "bf16_compiled": ({"compile": True}, ("finetune", "mt2", "meta2")),
+        "bf16_packed": ({"pack_sequences": True, "group_by_length": False}, ("finetune", "mt2", "meta2")),
     }
+    assert len(list(out.iterdir())) <= 8  # every setting's file, logs.txt and env.txt: what a GPU run sends back
     for name, (expected, variants) in settings.items():
         summary = json.loads((out / f"{name}.txt").read_text().strip().splitlines()[-1])
         assert {key: summary[key] for key in expected} == expected, name
@@ -161,8 +166,10 @@ def test_flop_count_of_the_tiny_encoder_matches_a_hand_computation(tiny_encoder:
     mlm_labels[0, 1], mlm_labels[0, 3], mlm_labels[1, 5] = 7, 8, 9
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": mlm_labels}
 
+    # a direct call: no real-lengths mark from the host, so the full shape counts (all real tokens here)
     module.mlm_loss(batch).backward()  # sparse: the head runs at the 3 masked positions only; backward = 2 x forward
     assert meter.flops == 3 * (encoder_forward + 3 * mlm_head_row) == 19344000
+    assert meter.unmarked == 1
     meter.flops = 0
     with torch.no_grad():  # a forward alone, as the dev head's feature pass
         module.end_task_loss({**batch, "labels": torch.tensor([0, 2])})
@@ -171,6 +178,74 @@ def test_flop_count_of_the_tiny_encoder_matches_a_hand_computation(tiny_encoder:
     dev_grad = {"labels": torch.zeros(5, dtype=torch.long)}
     meter.add_dev_head({"meta_dev": batch, "meta_dev_grad": dev_grad}, module.end_task_head)
     assert meter.flops == (10 * rows + 5) * 3 * end_task_head_row  # at most 10 fitting steps, then the dev gradient
+
+
+def micro_batch(lengths: list[int], width: int, masked: Optional[list[tuple[int, int]]] = None) -> dict[str, Any]:
+    """Rows of `lengths` real tokens right-padded to `width`: an end-task micro-batch (class 0 for every row), or an
+    MLM one with its `masked` (row, column) positions."""
+    mask = torch.tensor([[1] * length + [0] * (width - length) for length in lengths])
+    input_ids = torch.randint(1000, 2000, mask.shape) * mask
+    if masked is None:
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": torch.zeros(len(lengths), dtype=torch.long)}
+    mlm_labels = torch.full_like(input_ids, -100)
+    for row, column in masked:
+        mlm_labels[row, column] = input_ids[row, column]
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": mlm_labels}
+
+
+@pytest.mark.parametrize("pack_sequences", [False, True])
+def test_flops_count_real_tokens_only_padded_or_packed(tiny_encoder: str, pack_sequences: bool) -> None:
+    """Through a real fit, as the benchmark runs it: each encoder pass counts len * (2N + 4 * layers * len * hidden)
+    over its rows' real lengths, so padding adds nothing (a padded-shape count would be 2-3x these), and packing
+    changes nothing; tokens/s counts the same real tokens."""
+    bench = step_cost()
+    params, layers, hidden, vocab, labels = 17152, 2, 32, 30522, 3  # the tiny encoder (see the test above)
+
+    def encoder_forward(lengths: list[int]) -> int:
+        return sum(n * (2 * params + 4 * layers * n * hidden) for n in lengths)
+
+    end_task_head_row = 2 * (hidden * hidden + hidden * labels)
+    mlm_head_row = 2 * (hidden * hidden + hidden * vocab)
+    torch.manual_seed(0)
+    steps = [  # (end task's real lengths, width), (MLM's real lengths, width, masked positions)
+        (([5, 3], 8), ([8, 4], 8, [(0, 1), (0, 6), (1, 2)])),
+        (([2, 7, 1], 9), ([6, 1, 3], 7, [(0, 5), (2, 0)])),
+    ]
+    batches = [{"end_task": micro_batch(*task), "tapt": micro_batch(*mlm)} for task, mlm in steps]
+    assert bench.real_tokens(batches[1], ("end_task", "tapt")) == 10 + 10
+    for weighting in ("none", "equal"):  # fine-tuning, then MT-TARTAN with TAPT
+        module = TartanModule(
+            encoder_name_or_path=tiny_encoder, num_labels=labels, aux_objectives=("tapt",), weighting=weighting,
+            pack_sequences=pack_sequences,
+        )
+        meter = bench.StepMeter(warmup=1, timed=len(batches), device="cpu", count_ops=False)
+        trainer = pl.Trainer(
+            accelerator="cpu", max_steps=len(batches) + 2, callbacks=[meter], logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        )
+        # a warm-up step, the timed ones and the profiled one, as `fit_variant` runs them
+        trainer.fit(module, train_dataloaders=DataLoader([batches[0], *batches, batches[0]], batch_size=None))
+        expected = []
+        for (task_lengths, _), (mlm_lengths, _, masked) in steps:  # forward + backward = 3 x forward
+            flops = 3 * (encoder_forward(task_lengths) + len(task_lengths) * end_task_head_row)
+            if weighting == "equal":  # sparse MLM: the head at the masked positions only
+                flops += 3 * (encoder_forward(mlm_lengths) + len(masked) * mlm_head_row)
+            expected.append(flops)
+        assert meter.flops == expected, weighting
+        assert meter.flop_meter.unmarked == 0
+
+
+def test_every_micro_batch_is_marked_on_the_host() -> None:
+    """A training batch with accumulation (lists of micro-batches) and an evaluation batch get their real lengths;
+    what has no 2D host mask is left as it is, and so counts its padded shape."""
+    bench = step_cost()
+    part = micro_batch([3, 1], 4)
+    marked = bench.with_real_lengths({"end_task": [part, micro_batch([2], 2)], "tapt": [part, part]})
+    assert [micro[bench.REAL_LENGTHS] for micro in marked["end_task"]] == [(4, 10), (2, 4)]
+    assert marked["tapt"][1][bench.REAL_LENGTHS] == (4, 10) and bench.REAL_LENGTHS not in part
+    assert bench.with_real_lengths(part)[bench.REAL_LENGTHS] == (4, 10)
+    assert bench.with_real_lengths({"input_ids": part["input_ids"]}) == {"input_ids": part["input_ids"]}
+    assert bench.real_tokens({"end_task": [part, part], "tapt": part}, ("end_task",)) == 8
 
 
 def test_fixed_length_repeats_each_rows_tokens() -> None:
