@@ -67,25 +67,27 @@ def pack(micro_batch: Mapping[str, Any], model_type: str, pad_token_id: int) -> 
     if max(lengths) == 0:
         return micro_batch
     groups = first_fit(lengths, length)
-    packed_length = max(sum(lengths[row] for row in group) for group in groups)
-    sources, destinations = [], []
-    for packed_row, group in enumerate(groups):
-        start = packed_row * packed_length
+    packed_row, offset = [0] * rows, [0] * rows
+    packed_length = 0
+    for index, group in enumerate(groups):
+        start = 0
         for row in group:
-            sources.append(mask[row].nonzero().squeeze(1) + row * length)
-            destinations.append(torch.arange(start, start + lengths[row]))
+            packed_row[row], offset[row] = index, start
             start += lengths[row]
-    source, destination = torch.cat(sources), torch.cat(destinations)
+        packed_length = max(packed_length, start)
     positions = len(groups) * packed_length
+    # every real token's packed position: its row's first one, plus its rank among its row's real tokens
+    first = torch.tensor(packed_row) * packed_length + torch.tensor(offset)
+    packed_position = first[:, None] + mask.cumsum(1) - 1
+    source = mask.flatten().nonzero().squeeze(1)
+    destination = packed_position.flatten().index_select(0, source)
 
     def packed(values: Tensor, fill: Tensor) -> Tensor:
-        flat = fill.clone()
-        flat[destination] = values.flatten()[source]
-        return flat.view(len(groups), packed_length)
+        real = values.flatten().index_select(0, source)
+        return fill.to(values.dtype).index_copy(0, destination, real).view(len(groups), -1)
 
     token_rows = torch.arange(rows).unsqueeze(1).expand(rows, length)
-    unpack_index = torch.zeros(rows * length, dtype=torch.long)
-    unpack_index[source] = destination
+    unpack_index = torch.where(mask, packed_position, 0).flatten()
     zeros = torch.zeros(positions, dtype=torch.long)
     tensors = {
         "input_ids": packed(micro_batch["input_ids"], zeros + pad_token_id),
