@@ -49,10 +49,12 @@ def test_rows_pack_whole_into_fewer_rows_and_unpack_to_their_places():
     assert PACKED not in pack(unpadded, "bert", pad_token_id=0)
 
 
+@pytest.mark.parametrize("padding_side", ["right", "left"])
 @pytest.mark.parametrize("architecture", PACKABLE)
-def test_a_packed_micro_batch_encodes_as_its_padded_rows(architecture, tmp_path):
-    """Same hidden states at every real token: positions (RoBERTa's count from its padding index), segments and the
-    block-diagonal mask are right; and encoding a packed micro-batch reads nothing back from the device."""
+def test_a_packed_micro_batch_encodes_as_its_padded_rows(architecture, padding_side, tmp_path):
+    """Same hidden states at every real token, whichever side a collator pads: positions (RoBERTa's count from its
+    padding index, BERT's columns), segments and the block-diagonal mask are right; and encoding a packed micro-batch
+    reads nothing back from the device."""
     from transformers import AutoTokenizer
 
     encoder = tiny_encoder_of(architecture, AutoTokenizer.from_pretrained(minilm_path()), tmp_path)
@@ -60,6 +62,8 @@ def test_a_packed_micro_batch_encodes_as_its_padded_rows(architecture, tmp_path)
     micro_batch = ragged(make_batches(1, batch_size=6)[0]["end_task"])
     if architecture == "distilbert":  # no segment embeddings
         del micro_batch["token_type_ids"]
+    if padding_side == "left":
+        micro_batch = {key: value.flip(1) if value.dim() == 2 else value for key, value in micro_batch.items()}
     packed = module.on_before_batch_transfer(micro_batch, 0)
     assert packed[PACKED]["input_ids"].shape[0] == 4
     with torch.no_grad(), HostReads() as reads:
