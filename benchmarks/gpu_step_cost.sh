@@ -17,6 +17,8 @@
 #   bf16_compiled  bf16, real lengths, --compile: what torch.compile buys
 #   bf16_grouped   bf16, real lengths, --group-by-length: what less padding buys (measured once already: last)
 #   bf16_512_compiled  (only when named) bf16, 512 tokens, --compile: fine-tuning and MT-TARTAN MFU compiled
+#   bf16_packed_compiled  (only when named) bf16, real lengths, --pack-sequences --compile: packing where the
+#                  step is no longer bound by the host issuing kernels
 #   bf16_multi_tensor  (only when named) bf16_real's variants with the multi-tensor AdamW (the default there is
 #                  fused): what the fused optimizer buys
 #
@@ -77,6 +79,7 @@ declare -A settings=(  # name -> options
     [bf16_packed]="--precision $(precision bf16-mixed) --pack-sequences --variants finetune mt2 meta2"
     [bf16_compiled]="--precision $(precision bf16-mixed) --compile --warmup 4 --variants finetune mt2 meta2"
     [bf16_512_compiled]="--precision $(precision bf16-mixed) --fixed-length 512 --compile --warmup 4 --variants finetune mt1"
+    [bf16_packed_compiled]="--precision $(precision bf16-mixed) --pack-sequences --compile --warmup 4 --variants finetune mt2 meta2"
     [bf16_multi_tensor]="--precision $(precision bf16-mixed) --no-fused-optimizer --variants finetune mt1 mt2 meta1 meta2"
 )
 chosen=("$@")
