@@ -426,7 +426,8 @@ class TartanModule(pl.LightningModule):
     # ----- evaluation ---------------------------------------------------------------------------------------
 
     def _evaluate(self, batch: dict[str, Tensor], metrics: MetricCollection, stage: str) -> None:
-        logits = self.end_task_head(self.encode(batch))  # not `self(...)`: `encode` reads the batch's padding mark
+        # not `self(...)`: `encode` reads what `on_before_batch_transfer` added (the padding mark, the packed rows)
+        logits = self.end_task_head(self.encode(batch))
         loss = F.cross_entropy(logits.float(), batch["labels"])
         metrics.update(logits.argmax(-1), batch["labels"])
         batch_size = len(batch["labels"])
@@ -442,7 +443,8 @@ class TartanModule(pl.LightningModule):
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """``probabilities`` (examples x classes), with the batch's ``line`` and ``labels`` passed through when it has
         them, so a writer (`PredictionWriter`) can say which input each row is and whether it was right."""
-        logits = self.end_task_head(self.encode(batch))  # not `self(...)`: `encode` reads the batch's padding mark
+        # not `self(...)`: `encode` reads what `on_before_batch_transfer` added (the padding mark, the packed rows)
+        logits = self.end_task_head(self.encode(batch))
         probabilities = logits.float().softmax(-1)
         return {"probabilities": probabilities, **{key: batch[key] for key in ("line", "labels") if key in batch}}
 
