@@ -40,7 +40,7 @@ from datasets import Dataset, load_dataset
 from datasets.exceptions import DatasetGenerationError
 from datasets.fingerprint import Hasher
 from pytorch_lightning import LightningDataModule
-from pytorch_lightning.utilities import CombinedLoader, rank_zero_info
+from pytorch_lightning.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch.utils.data import Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -55,6 +55,7 @@ from datamodules.reading import (
     DataFormatError,
     Example,
     Fields,
+    MissingDataFile,
     Source,
     Split,
     check_file,
@@ -87,6 +88,8 @@ log = logging.getLogger(__name__)
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 #: the keys of an ``aux_corpora`` entry read with ``datasets.load_dataset``
 HUB_CORPUS_KEYS = ("dataset", "config", "split", "text_field")
+#: a tokenizer's `model_max_length` this large means no known limit (transformers sets 1e30 when none is saved)
+NO_MODEL_MAX_LENGTH = 1_000_000
 DSP_URL = "https://allennlp.s3-us-west-2.amazonaws.com/dont_stop_pretraining/data/{task}/{split}.jsonl"
 
 
@@ -169,8 +172,8 @@ class EndTaskDataModule(LightningDataModule):
             test_file: the test split, likewise; its labels are checked before a fit, too.
             predict_file: what ``tartan predict`` labels: a file in any of these formats whose examples need only the
                 text (labels, if every example has one, must be train labels and are written beside the
-                predictions), or a ``.txt`` file with one text per line (blank lines skipped); relative to
-                ``data_dir`` (or absolute). ``None`` labels the test split.
+                predictions), or a ``.txt`` file with one text per line (blank lines skipped); a path from the
+                working directory, or else relative to ``data_dir``. ``None`` labels the test split.
             aux_corpora: corpus name -> text file with one document per line (relative to ``data_dir``, or
                 absolute), or a Hub dataset as ``{dataset: <name or folder>, config: <its configuration>, split:
                 <default "train">, text_field: <default "text">}``, read with ``datasets.load_dataset``; blank texts
@@ -319,11 +322,16 @@ class EndTaskDataModule(LightningDataModule):
         0..n-1 keep their ids), or the names of a ``ClassLabel`` label column, ids kept. Read once, before any
         tokenisation."""
         if self.dataset is None:
-            self._fetch(self.files["train"])  # the model needs this before Lightning calls prepare_data
+            self._fetch(self.files["train"], "train_file")  # the model needs it before Lightning's prepare_data
         train = self._split("train")
         if train.class_names is not None:
             return list(train.class_names)
-        return sorted({example.label for example in train.examples}, key=label_order)
+        labels = sorted({example.label for example in train.examples}, key=label_order)
+        if len(labels) < 2:
+            raise DataFormatError(
+                f"{train.source.name}: every example has the label {labels[0]!r}; a classifier needs two or more"
+            )
+        return labels
 
     @property
     def num_labels(self) -> int:
@@ -339,8 +347,8 @@ class EndTaskDataModule(LightningDataModule):
         """Fetch missing files from the task's URLs (or download the Hub dataset and corpora) and derive a missing
         TAPT corpus; no network call when every file is present."""
         if self.dataset is None:
-            for file in self.files.values():
-                self._fetch(file)
+            for split, file in self.files.items():
+                self._fetch(file, f"{split}_file")
         else:
             for option, split in self.hub_splits.items():
                 self._load_hub(self.dataset, self.dataset_config, split, f"`{option}_split`")
@@ -350,7 +358,7 @@ class EndTaskDataModule(LightningDataModule):
                 split, option = corpus.get("split", "train"), f"`aux_corpora[{name!r}]`"
                 self._load_hub(corpus["dataset"], corpus.get("config"), split, option)
             elif self.corpus_file(name) == self._path(corpus):
-                self._fetch(corpus)
+                self._fetch(corpus, f"aux_corpora[{name!r}]")
 
     def corpus_file(self, name: str) -> Path:
         """The text file corpus ``name`` is read from: its file in ``data_dir``, except for a ``tapt`` corpus missing
@@ -365,14 +373,13 @@ class EndTaskDataModule(LightningDataModule):
         # an absolute `file` replaces data_dir; without data_dir, a relative one is in the working directory
         return (self.data_dir or Path()) / Path(file).expanduser()
 
-    def _fetch(self, file: str) -> None:
+    def _fetch(self, file: str, option: str) -> None:
         path = self._path(file)
         if path.exists():
             return
         if file not in self.urls:
-            raise FileNotFoundError(
-                f"{path} does not exist and {type(self).__name__} has no URL for it"
-                " (check `data_dir`, the file options and `aux_corpora`)"
+            raise MissingDataFile(
+                f"{path} does not exist and {type(self).__name__} has no URL for it (check `data_dir` and `{option}`)"
             )
         rank_zero_only(log.info)(f"Downloading {self.urls[file]} to {path}")
         with urllib.request.urlopen(self.urls[file], timeout=60) as response:
@@ -460,6 +467,7 @@ class EndTaskDataModule(LightningDataModule):
         cached on disk, keyed on the examples, tokenizer and max_length."""
         if self.tokenizer is None:
             self.tokenizer = AutoTokenizer.from_pretrained(local_copy(self.tokenizer_name_or_path))
+        self._fit_max_length_to_the_tokenizer()
         checked = {"fit": ["dev", "test"], "validate": ["dev"], "test": ["test"], "predict": []}
         needed = {"fit": ["train", "dev"], "validate": ["dev"], "test": ["test"], "predict": []}
         for split in checked.get(stage, ["dev", "test"]):
@@ -477,7 +485,18 @@ class EndTaskDataModule(LightningDataModule):
                     if isinstance(corpus, dict):
                         self.corpora[name] = self._tokenize_hub_corpus(name, corpus)
                     else:
-                        self.corpora[name] = self._tokenize_corpus(self.corpus_file(name))
+                        self.corpora[name] = self._tokenize_corpus(self.corpus_file(name), f"aux_corpora[{name!r}]")
+
+    def _fit_max_length_to_the_tokenizer(self) -> None:
+        """Truncate to the tokenizer's `model_max_length` when it is shorter than `max_length` (the default 512 with
+        a 128-position encoder, say): longer rows would fail deep inside the encoder's position embeddings."""
+        limit = self.tokenizer.model_max_length
+        if limit < min(self.max_length, NO_MODEL_MAX_LENGTH):
+            rank_zero_warn(
+                f"max_length={self.max_length} is longer than the tokenizer's model_max_length={limit} (the encoder's "
+                f"positions): truncating to {limit}; set `max_length` to {limit} or less to silence this"
+            )
+            self.max_length = limit
 
     def _tokenize_labeled(self, split: str) -> Dataset:
         read = self._split(split)
@@ -519,9 +538,8 @@ class EndTaskDataModule(LightningDataModule):
         if self.predict_file is None:
             read = self._split("test")
             return read.source, read.examples
-        path = self._path(self.predict_file)
+        path = self._predict_path()
         if path.suffix.lower() == ".txt":
-            check_file(path)
             with path.open("rb") as lines:
                 texts = [(lineno, decode(raw, path, lineno).rstrip("\r\n")) for lineno, raw in enumerate(lines, 1)]
             examples = [Example(lineno, text, None) for lineno, text in texts if text.strip()]
@@ -535,6 +553,18 @@ class EndTaskDataModule(LightningDataModule):
             check_known_labels(source, examples, set(self.label_names))
         return source, examples
 
+    def _predict_path(self) -> Path:
+        """``predict_file`` where a shell user means it, from the working directory, and else in ``data_dir``."""
+        given = Path(self.predict_file).expanduser()
+        if given.is_absolute() or given.is_file():
+            return given
+        in_data_dir = self._path(self.predict_file)
+        if not in_data_dir.is_file():
+            raise MissingDataFile(
+                f"predict_file={self.predict_file!r}: neither {given.resolve()} nor {in_data_dir} exists"
+            )
+        return in_data_dir
+
     def _tokenize_predict_inputs(self) -> Dataset:
         source, examples = self._predict_inputs()
         columns = self._text_columns(examples)
@@ -546,10 +576,12 @@ class EndTaskDataModule(LightningDataModule):
             columns["labels"] = [label2id[example.label] for example in examples]
         return self._tokenize(columns, source, cached=False)
 
-    def _tokenize_corpus(self, path: Path) -> Dataset:
-        check_file(path)
+    def _tokenize_corpus(self, path: Path, option: str) -> Dataset:
+        check_file(path, option)
         try:
-            lines = load_dataset("text", data_files=str(path), split="train", cache_dir=self.cache_dir)
+            lines = load_dataset(  # utf-8-sig: an editor's byte-order mark is not part of the first document
+                "text", data_files=str(path), split="train", cache_dir=self.cache_dir, encoding="utf-8-sig"
+            )
         except DatasetGenerationError as err:
             if isinstance(err.__cause__, UnicodeDecodeError):
                 check_utf8(path)

@@ -17,7 +17,11 @@ from datasets.exceptions import DatasetGenerationError
 
 
 class DataFormatError(ValueError):
-    """A task file exists but its content cannot be used; the message names the file (and line)."""
+    """A task file that cannot be used, missing or malformed; the message names the file (and line) and option."""
+
+
+class MissingDataFile(DataFormatError, FileNotFoundError):
+    """A task file, corpus or predict file is not where the options put it; the message names the path and option."""
 
 
 class Example(NamedTuple):
@@ -75,9 +79,10 @@ class Split:
 _DECIMAL = re.compile(r"[+-]?(\d+\.\d*|\.\d+)([eE][+-]?\d+)?|[+-]?\d+[eE][+-]?\d+")
 
 
-def check_file(path: Path) -> None:
+def check_file(path: Path, option: str) -> None:
+    """`path`, which `option` names, exists and holds something."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist (run `prepare_data()` or check `data_dir`)")
+        raise MissingDataFile(f"{path} does not exist (check `data_dir` and `{option}`, or run `prepare_data()`)")
     if path.stat().st_size == 0:
         raise DataFormatError(f"{path} is empty")
 
@@ -85,8 +90,8 @@ def check_file(path: Path) -> None:
 def read_file(path: Path, fields: Fields, require_label: bool, option: str, cache_dir: Optional[str]) -> Split:
     """A labeled (or, without ``require_label``, a predict) file in the format its suffix names."""
     suffix = path.suffix.lower()
+    check_file(path, option)
     if suffix == ".parquet":
-        check_file(path)
         try:
             table = load_dataset("parquet", data_files=str(path), split="train", cache_dir=cache_dir)
         except DatasetGenerationError as err:
@@ -103,7 +108,6 @@ def _read_jsonl(path: Path, require_label: bool = True, fields: Fields = Fields(
     Blank lines are skipped (as the JSON loader does); texts may be empty (the caller decides). Without
     ``require_label``, a line may lack the label (its Example's label is None).
     """
-    check_file(path)
     examples = []
     with path.open("rb") as lines:
         for lineno, raw in enumerate(lines, start=1):
@@ -130,7 +134,6 @@ def _read_jsonl(path: Path, require_label: bool = True, fields: Fields = Fields(
 def _read_delimited(path: Path, tsv: bool, fields: Fields, require_label: bool) -> list[Example]:
     """A CSV (standard quoting) or TSV (IANA: tab-delimited, no quoting) file with a header row, checked row by row
     with the ``csv`` module so every error names the line a record starts on."""
-    check_file(path)
     kind, options = ("TSV", {"delimiter": "\t", "quoting": csv.QUOTE_NONE}) if tsv else ("CSV", {"strict": True})
     examples = []
     try:
@@ -250,9 +253,10 @@ def names(names: Any) -> str:
 
 
 def label_order(label: str) -> tuple[int, int, str]:
-    """Numbers first, in numeric order, then the other labels alphabetically."""
+    """Numbers first, in numeric order, then the other labels alphabetically; numbers written alike ("1", "01")
+    by their text, so the class ids never depend on the order the labels were seen in."""
     number = label.isdigit() or (label.startswith("-") and label[1:].isdigit())
-    return (0, int(label), "") if number else (1, 0, label)
+    return (0, int(label), label) if number else (1, 0, label)
 
 
 def check_known_labels(source: Source, examples: list[Example], classes: set[str]) -> None:
@@ -264,8 +268,9 @@ def check_known_labels(source: Source, examples: list[Example], classes: set[str
 
 
 def decode(line: bytes, path: Path, lineno: int) -> str:
+    """A line of a UTF-8 file; the first line's byte-order mark, which editors such as Notepad write, is dropped."""
     try:
-        return line.decode("utf-8")
+        return line.decode("utf-8-sig" if lineno == 1 else "utf-8")
     except UnicodeDecodeError as err:
         raise DataFormatError(
             f"{path}:{lineno}: not valid UTF-8 (byte 0x{line[err.start]:02x} at byte {err.start + 1} of the line);"

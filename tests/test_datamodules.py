@@ -834,6 +834,86 @@ def test_non_utf8_corpus_is_reported_with_file_and_line(make, tmp_path):
         dm.setup("fit")
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_text(make, tmp_path, monkeypatch):
+    """Windows editors start UTF-8 files with a byte-order mark: JSON lines, corpora and predict files read as
+    without one. The tokenizer here keeps every character (as RoBERTa's byte-level BPE does; BERT's drops it), so a
+    mark left in a text would show as an unknown token."""
+    from tokenizers import normalizers
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.txt").write_text("\ufeffa text to label\n")
+    (tmp_path / "plain.txt").write_text("a text to label\n")
+    tokenized = {}
+    for name, mark in (("plain", ""), ("marked", "\ufeff")):
+        folder = write_task(tmp_path / name, corpus=f"{mark}a small corpus line\n")
+        for split in ("train", "dev", "test"):
+            path = folder / f"{split}.jsonl"
+            path.write_text(mark + path.read_text())
+        dm = make(data_dir=folder, predict_file="mine.txt" if mark else "plain.txt")
+        dm.tokenizer = AutoTokenizer.from_pretrained(dm.tokenizer_name_or_path)
+        dm.tokenizer.backend_tokenizer.normalizer = normalizers.Lowercase()
+        dm.setup("fit")
+        dm.setup("predict")
+        tokenized[name] = [dm.splits[split]["input_ids"] for split in ("train", "dev", "predict")]
+        tokenized[name].append(dm.corpora["tapt"]["input_ids"])
+    assert tokenized["marked"] == tokenized["plain"]
+    assert dm.tokenizer.unk_token_id not in tokenized["plain"][2][0]  # the check can see an unknown token
+
+
+def test_missing_files_are_one_error_naming_the_path_and_option(make, tmp_path, monkeypatch):
+    """A missing split, corpus or predict file stops with a `DataFormatError` (the `tartan` command's one-line
+    errors) that says which option put it there; a relative predict file is looked for where the user is first."""
+    monkeypatch.chdir(tmp_path)
+    folder = write_task(tmp_path / "task")
+    (folder / "test.jsonl").unlink()
+    with pytest.raises(DataFormatError, match=re.escape(f"{folder / 'test.jsonl'} does not exist") + ".*`test_file`"):
+        make(data_dir=folder).prepare_data()
+    folder = write_task(tmp_path / "task")
+    missing_corpus = make(data_dir=folder, aux_corpora={"tapt": "train.txt", "web": "web.txt"})
+    with pytest.raises(DataFormatError, match=re.escape("web.txt") + ".*`aux_corpora\\['web'\\]`"):
+        missing_corpus.prepare_data()
+    with pytest.raises(FileNotFoundError, match=re.escape(str(folder / "web.txt"))):  # still a FileNotFoundError
+        missing_corpus.setup("fit")
+
+    (tmp_path / "mine.txt").write_text("a text of my own\n")
+    dm = make(data_dir=folder, aux_corpora={}, predict_file="mine.txt")
+    dm.setup("predict")
+    assert len(dm.splits["predict"]) == 1
+    dm = make(data_dir=folder, aux_corpora={}, predict_file="gone.txt")
+    with pytest.raises(DataFormatError, match=f"neither {re.escape(str(tmp_path / 'gone.txt'))} nor"):
+        dm.setup("predict")
+
+
+def test_max_length_beyond_the_tokenizers_is_cut_to_it(make, tmp_path):
+    """The default 512 with an encoder of fewer positions would fail inside its position embeddings at the first
+    long row: the data module truncates to the tokenizer's `model_max_length` instead, and says so."""
+    long_text = " ".join(["word"] * 100)
+    folder = write_task(tmp_path / "task", train=[{"text": long_text, "label": "ab"[i % 2]} for i in range(4)])
+    dm = make(data_dir=folder, max_length=512)
+    dm.tokenizer = AutoTokenizer.from_pretrained(dm.tokenizer_name_or_path, model_max_length=16)
+    with pytest.warns(UserWarning, match="max_length=512 is longer than the tokenizer's model_max_length=16"):
+        dm.setup("fit")
+    assert max(len(ids) for ids in dm.splits["train"]["input_ids"]) == 16
+    assert max(len(ids) for ids in dm.corpora["tapt"]["input_ids"]) <= 16
+
+
+def test_a_single_class_train_split_is_refused_naming_its_file(make, tmp_path):
+    folder = write_task(tmp_path / "task", train=[{"text": f"text {i}", "label": "a"} for i in range(4)])
+    with pytest.raises(DataFormatError, match=re.escape(f"{folder / 'train.jsonl'}: every example has the label 'a'")):
+        make(data_dir=folder).label_names
+
+
+def test_labels_written_alike_get_the_same_ids_whatever_order_they_come_in(make, tmp_path):
+    """"1", "01" and "001" are one number written three ways: their class ids must not depend on which came first
+    (a later `tartan test` process would otherwise name the checkpoint's classes differently)."""
+    orders = (["1", "01", "001", "b"], ["001", "b", "01", "1"], ["b", "01", "1", "001"])
+    names = []
+    for index, order in enumerate(orders):
+        train = [{"text": f"text {i}", "label": label} for i, label in enumerate(order)]
+        names.append(make(data_dir=write_task(tmp_path / f"task{index}", train=train)).label_names)
+    assert names[0] == names[1] == names[2] and names[0][-1] == "b"
+
+
 def test_test_label_unseen_in_train_stops_fit_before_any_tokenisation(make, tmp_path):
     folder = write_task(tmp_path / "task", test=[{"text": "fine", "label": "a"}, {"text": "new", "label": "zzz"}])
     dm = make(data_dir=folder, aux_corpora={})
