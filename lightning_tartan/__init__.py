@@ -1,12 +1,13 @@
 """End-task aware training (TARTAN) for PyTorch Lightning."""
 from lightning_tartan.callbacks import TaskWeightPlot
 from lightning_tartan.meta_tartan import MetaWeighting
-from lightning_tartan.module import TartanModule
+from lightning_tartan.module import CheckpointMismatch, TartanModule
 from lightning_tartan.posthoc import PostHocSelection
 from lightning_tartan.predictions import PredictionWriter
 from lightning_tartan.weighting import EncoderAccess, Weighting
 
 __all__ = [
+    "CheckpointMismatch",
     "EncoderAccess",
     "MetaWeighting",
     "PostHocSelection",

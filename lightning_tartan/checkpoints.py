@@ -34,6 +34,11 @@ class ResumableCheckpoint(ModelCheckpoint):
         self._previous_sigint_handler: Any = None
 
     @property
+    def stopped_at(self) -> Optional[int]:
+        """The optimizer step a Ctrl-C stopped the last fit after; None when it ran to its end."""
+        return self._stopped_at
+
+    @property
     def last_checkpoint_path(self) -> str:
         return os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
 

@@ -8,7 +8,11 @@ by) is linked into the model and the default callbacks, so it is never typed twi
 """
 import sys
 from pathlib import Path
+from typing import Any, Optional
 from urllib.error import URLError
+
+import torch
+import yaml
 
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from jsonargparse import Namespace
@@ -19,7 +23,7 @@ from transformers import AutoConfig
 
 from datamodules import DataFormatError, EndTaskDataModule  # the import registers every task for `--data <Name>`
 from lightning_tartan.checkpoints import ResumableCheckpoint
-from lightning_tartan.module import DATAMODULE_OPTIONS, WEIGHTINGS, TartanModule
+from lightning_tartan.module import DATAMODULE_OPTIONS, WEIGHTINGS, CheckpointMismatch, TartanModule
 from lightning_tartan.packaged_encoders import local_copy
 from lightning_tartan.posthoc import PostHocSelection
 from lightning_tartan.predictions import PredictionWriter
@@ -118,8 +122,8 @@ class TartanCLI(LightningCLI):
             config.trainer.logger = Namespace(class_path=CSV_LOGGER, init_args=Namespace(save_dir=save_dir))
         _fill_task(config)
         self._check_encoder(config.model.encoder_name_or_path)
-        if self.subcommand == "fit" and config.ckpt_path == "last":
-            self._resume_last(config)
+        if config.ckpt_path == "last" or (self.subcommand != "fit" and config.ckpt_path == "best"):
+            self._find_run_checkpoint(config)
 
     def _check_encoder(self, encoder: str) -> None:
         encoder = local_copy(encoder)
@@ -139,11 +143,19 @@ class TartanCLI(LightningCLI):
                 f"Hub ({reason})"
             )
 
-    def _resume_last(self, config: Namespace) -> None:
-        """`--ckpt_path last`: the newest `last.ckpt` of earlier runs, whose checkpoint folder this run keeps
-        writing to, so its best-checkpoint bookkeeping carries over (Lightning resets it in a new folder)."""
+    def _find_run_checkpoint(self, config: Namespace) -> None:
+        """`--ckpt_path last` (and, but for fit, `best`): the newest earlier run of this command's task and method,
+        or the run whose `config.yaml` is given. Fit resumes its `last.ckpt` and keeps writing to its checkpoint
+        folder, so its best-checkpoint bookkeeping carries over (Lightning resets it in a new folder); the other
+        commands load its `last.ckpt`, or the best dev checkpoint that one records."""
+        which = config.ckpt_path
+        run_configs = [Path(str(path)).parent for path in config.get("config") or []]
+        runs = [folder for folder in run_configs if (folder / "checkpoints" / "last.ckpt").is_file()]
         if config.checkpoint.dirpath:
             candidates = [Path(config.checkpoint.dirpath) / "last.ckpt"]
+            searched = str(candidates[0])
+        elif runs:
+            candidates = [runs[-1] / "checkpoints" / "last.ckpt"]
             searched = str(candidates[0])
         else:
             root = _log_root(config.trainer)
@@ -151,11 +163,26 @@ class TartanCLI(LightningCLI):
             searched = str(root / "*" / "checkpoints" / "last.ckpt")
         existing = [path for path in candidates if path.is_file()]
         if not existing:
-            self.parser.error(f"--ckpt_path last: no checkpoint to resume at {searched}")
-        last = max(existing, key=lambda path: path.stat().st_mtime)
-        config.ckpt_path = str(last)
-        config.checkpoint.dirpath = str(last.parent)
-        rank_zero_info(f"Resuming from {last}")
+            self.parser.error(f"--ckpt_path {which}: no checkpoint at {searched}")
+        differences = {path: _run_differences(config, path.parent.parent / "config.yaml") for path in existing}
+        same_run = [path for path, differ in differences.items() if not differ]
+        if not same_run:
+            newest = max(existing, key=lambda path: path.stat().st_mtime)
+            self.parser.error(
+                f"--ckpt_path {which}: no earlier run of this task and method at {searched}; the newest, "
+                f"{newest.parent.parent}, differs in {'; '.join(differences[newest])} (give its checkpoint's path)"
+            )
+        last = max(same_run, key=lambda path: path.stat().st_mtime)
+        if self.subcommand == "fit":
+            config.checkpoint.dirpath = str(last.parent)
+            rank_zero_info(f"Resuming from {last}")
+            config.ckpt_path = str(last)
+            return
+        chosen = _best_checkpoint(last) if which == "best" else last
+        if chosen is None:
+            self.parser.error(f"--ckpt_path best: {last} records no best dev checkpoint that still exists")
+        rank_zero_info(f"Loading {chosen}")
+        config.ckpt_path = str(chosen)
 
     def instantiate_classes(self) -> None:
         # The model's links read the task's labels first, so a wrong data_dir surfaces here: name the option.
@@ -231,6 +258,48 @@ def _root_cause(error: BaseException) -> BaseException:
         error = inner
 
 
+#: the options that make two runs the same task and method, for `--ckpt_path last` to pick a run of this one's
+RUN_IDENTITY = (
+    "data.class_path",
+    "data.init_args.data_dir",
+    "data.init_args.dataset",
+    "data.init_args.aux_corpora",
+    "model.weighting",
+    "model.encoder_name_or_path",
+)
+
+
+def _run_differences(config: Namespace, run_config: Path) -> list[str]:
+    """How the run whose `config.yaml` is `run_config` differs from `config` in `RUN_IDENTITY`, e.g.
+    `["model.weighting: none, not meta"]`; nothing for a run without one (it cannot be told apart)."""
+    if not run_config.is_file():
+        return []
+    saved = yaml.safe_load(run_config.read_text()) or {}
+    ours = config.as_dict()
+    differences = []
+    for key in RUN_IDENTITY:
+        theirs, mine = _dotted(saved, key), _dotted(ours, key)
+        if key.endswith("data_dir"):
+            theirs, mine = (None if value is None else str(Path(value).resolve()) for value in (theirs, mine))
+        if theirs != mine:
+            differences.append(f"{key}: {theirs}, not {mine}")
+    return differences
+
+
+def _dotted(config: dict, key: str) -> Any:
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
+def _best_checkpoint(last: Path) -> Optional[Path]:
+    """The best dev checkpoint that the run's checkpoint callback recorded in `last`, if it still exists."""
+    callbacks = torch.load(last, map_location="cpu", weights_only=True).get("callbacks", {})
+    recorded = [state.get("best_model_path") for state in callbacks.values() if isinstance(state, dict)]
+    best = [Path(path) for path in recorded if path and Path(path).is_file()]
+    return best[0] if best else None
+
+
 def _log_root(trainer: Namespace) -> Path:
     """The folder whose `version_*` subfolders hold the runs' logs and checkpoints (Lightning's default layout)."""
     logger = trainer.logger
@@ -241,13 +310,18 @@ def _log_root(trainer: Namespace) -> Path:
 
 
 def main(args: ArgsType = None) -> None:
-    """Entry point of the `tartan` console script: a data file that cannot be used is reported as the CLI's own
-    errors are, in one line naming the file and line (from Python, `DataFormatError` is raised as usual)."""
+    """Entry point of the `tartan` console script: a data file that cannot be used, or a checkpoint of another task,
+    is reported as the CLI's own errors are, in one line naming the file and line or what differs (from Python,
+    `DataFormatError` and `CheckpointMismatch` are raised as usual). A run stopped by Ctrl-C exits with 130, as
+    an interrupted shell command does."""
     try:
-        tartan_cli(args)
-    except DataFormatError as err:
+        cli = tartan_cli(args)
+    except (DataFormatError, CheckpointMismatch) as err:
         print(f"tartan: error: {err}", file=sys.stderr)
         sys.exit(2)
+    callback = cli.trainer.checkpoint_callback
+    if isinstance(callback, ResumableCheckpoint) and callback.stopped_at is not None:
+        sys.exit(130)  # a Ctrl-C'd run did not finish: `tartan fit ... && tartan test ...` must not go on
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def end_task_model_card(
         "",
         "## Training objectives",
         "",
-        f"Auxiliary masked-LM objectives: {', '.join(f'`{name}`' for name in aux_objectives) or 'none'}.",
+        f"Auxiliary masked-LM objectives trained: {', '.join(f'`{name}`' for name in aux_objectives) or 'none'}.",
         "Task weights at the end of training:",
         "",
         "| objective | weight |",

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from huggingface_hub import HfApi
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.strategies import ParallelStrategy
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MetricCollection
@@ -63,6 +64,10 @@ WEIGHTINGS: dict[str, type[Weighting]] = {
     "meta": MetaWeighting,
     "aux_only": AuxOnlyWeighting,
 }
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint of another task (its classes) or, to resume training, of another method (its objectives)."""
 
 
 class TartanModule(pl.LightningModule):
@@ -209,8 +214,18 @@ class TartanModule(pl.LightningModule):
         """A module for `datamodule`'s task (an `EndTaskDataModule`, or any with the attributes in
         `DATAMODULE_OPTIONS`): its classes, label names, corpora, dev metric, tokenizer and micro-batches per step
         set the matching options, so they are never typed twice; `options` are the other `TartanModule` options.
-        What the ``tartan`` command links from ``--data`` to ``--model``."""
-        wired = {option: getattr(datamodule, attribute) for attribute, option in DATAMODULE_OPTIONS.items()}
+        A data module of your own may lack any of them but `num_labels`: the module's option (given in `options`, or
+        its default) stands in. What the ``tartan`` command links from ``--data`` to ``--model``."""
+        wired = {
+            option: getattr(datamodule, attribute)
+            for attribute, option in DATAMODULE_OPTIONS.items()
+            if hasattr(datamodule, attribute)
+        }
+        if "num_labels" not in wired and "num_labels" not in options:
+            raise ValueError(
+                f"{type(datamodule).__name__} has no `num_labels` attribute: give the data module one, or pass "
+                f"num_labels=... (it reads {sorted(DATAMODULE_OPTIONS)} where present)"
+            )
         for option, value in wired.items():
             given = options.get(option, value)
             if _as_list(given) != _as_list(value):
@@ -460,6 +475,7 @@ class TartanModule(pl.LightningModule):
         checkpoint["run_seed"] = self.run_seed
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_checkpoint_fits(checkpoint.get("hyper_parameters", {}))
         self._rng_to_restore = checkpoint.get("rng_states")
         self._run_seed = checkpoint.get("run_seed", self._run_seed)
         # torch would restore the saved param groups' AdamW kernels too; Lightning and the fp16 loss scaler treat the
@@ -469,6 +485,25 @@ class TartanModule(pl.LightningModule):
             for state in checkpoint.get("optimizer_states", []):
                 for group in state["param_groups"]:
                     group.update(kernels)
+
+    def _check_checkpoint_fits(self, saved: Mapping[str, Any]) -> None:
+        """Refuse, before any weight loads, a checkpoint of another task: its classes would be read under this
+        task's label names (or fail on a shape). Resuming training also needs the same objectives and method: the
+        optimizer's and the loaders' states are theirs."""
+        keys = ["num_labels", "label_names"]
+        if self._trainer_attached() and self.trainer.state.fn == TrainerFn.FITTING:
+            keys += ["aux_objectives", "weighting"]
+        differ = [
+            f"{key}={_as_list(saved[key])!r} (here {_as_list(self.hparams[key])!r})"
+            for key in keys
+            if saved.get(key) is not None and self.hparams[key] is not None
+            and _as_list(saved[key]) != _as_list(self.hparams[key])
+        ]
+        if differ:
+            raise CheckpointMismatch(
+                f"the checkpoint was made with {', '.join(differ)}: use it with the configuration it was trained "
+                "with (its run folder's config.yaml), or pick a checkpoint of this task and method"
+            )
 
     def _trainer_attached(self) -> bool:
         try:
@@ -519,7 +554,7 @@ class TartanModule(pl.LightningModule):
             encoder=self.hparams.encoder_name_or_path,
             label_names=names,
             weighting=self.hparams.weighting,
-            aux_objectives=list(self.hparams.aux_objectives),
+            aux_objectives=[name for name in self.weighting.active if name in self.hparams.aux_objectives],
             task_weights={name: float(weight) for name, weight in self.weighting.weights().items()},
             metrics=metrics,
             task=task,
@@ -595,7 +630,11 @@ def micro_batches(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
     counts = {name: len(source) for name, source in batch.items() if grouped[name]}
     if not all(grouped.values()) or len(set(counts.values())) != 1:
         shapes = {name: counts.get(name, "a single micro-batch") for name in batch}
-        raise ValueError(f"every source of a training batch needs the same number of micro-batches, got {shapes}")
+        raise ValueError(
+            f"every source of a training batch needs the same number of micro-batches, got {shapes}: a source whose "
+            "loader ran out and restarted (CombinedLoader's max_size_cycle) brings its short last batch mid-epoch; "
+            "give every source's DataLoader drop_last=True"
+        )
     return [{name: source[index] for name, source in batch.items()} for index in range(next(iter(counts.values())))]
 
 

@@ -347,6 +347,11 @@ def test_test_subcommand_reports_the_checkpoints_metrics(tiny_encoder, data_root
     printed = re.search(r"test/f1_macro\W+([0-9.]+)", result.stdout)
     assert printed, result.stdout[-3000:]
     assert float(printed.group(1)) == pytest.approx(in_process["test/f1_macro"], abs=1e-6)
+    # as the README tests it: the run's own config.yaml, and the best checkpoint its last.ckpt records
+    run_config = Path(fit.trainer.log_dir) / "config.yaml"
+    by_name = tartan_cli(["test", f"--config={run_config}", "--ckpt_path=best", *limits])
+    assert by_name.trainer.ckpt_path == best
+    assert by_name.trainer.callback_metrics["test/f1_macro"] == pytest.approx(in_process["test/f1_macro"], abs=1e-6)
 
     # `tartan predict` labels the test split into the run's folder: every example once, in file order, with the
     # checkpoint's predictions (on the tested examples, as accurate as `tartan test` said)
@@ -393,6 +398,33 @@ def test_a_users_own_task_with_integer_labels_trains_from_the_shipped_config(tin
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in next(tmp_path.glob("lightning_logs/*/predictions.jsonl")).open()]
     assert [row["gold"] for row in rows] == [str(i % 3) for i in range(8)]
+
+
+def test_checkpoints_of_another_task_or_method_are_refused_in_one_line(
+    tiny_encoder, data_root, cache_dir, tmp_path, monkeypatch
+):
+    """`--ckpt_path last` after runs of other methods does not resume one of them, and a checkpoint of a task with
+    other classes is not silently scored under this task's label names: one line each, exit status 2."""
+    monkeypatch.chdir(tmp_path)
+    common = [*acl_arc_baseline(tiny_encoder, data_root, cache_dir), "--trainer.limit_val_batches=1"]
+    fit = tartan_cli(["fit", *common, "--trainer.max_steps=1", "--trainer.val_check_interval=1"])
+    best = fit.trainer.checkpoint_callback.best_model_path
+
+    result = run_tartan("fit", *common, "--model.weighting=equal", "--trainer.max_steps=2", "--ckpt_path=last")
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert "--ckpt_path last: no earlier run of this task and method" in last
+    assert "model.weighting: none, not equal" in last
+
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for split in ("train", "dev", "test"):  # "Background" sorts last as "ZBackground": every class id moves
+        text = (data_root / "citation_intent" / f"{split}.jsonl").read_text()
+        (renamed / f"{split}.jsonl").write_text(text.replace('"Background"', '"ZBackground"'))
+    result = run_tartan("test", *common, f"--data.data_dir={renamed}", "--ckpt_path", best)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("tartan: error: the checkpoint was made with label_names=") and "ZBackground" in last
 
 
 def test_ckpt_path_last_from_the_working_directory_keeps_the_best_dev_score(
@@ -466,14 +498,15 @@ def test_ctrl_c_then_ckpt_path_last_finishes_like_an_uninterrupted_run(
     ]
     env = {"PYTHONPATH": str(Path(__file__).parent)}  # tests/interrupt.py
 
-    def run(folder: Path, *extra: str) -> subprocess.CompletedProcess:
+    def run(folder: Path, *extra: str, exit_status: int = 0) -> subprocess.CompletedProcess:
         result = run_tartan(*command, f"--trainer.default_root_dir={folder}", *extra, env=env)
-        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.returncode == exit_status, result.stderr[-3000:]
         return result
 
     run(tmp_path / "uninterrupted")
-    interrupted = run(
-        tmp_path / "resumed", "--trainer.callbacks+=interrupt.InterruptAtStep", f"--trainer.callbacks.step={stop_at}"
+    interrupted = run(  # exits as an interrupted command does, so `tartan fit ... && tartan test ...` stops there
+        tmp_path / "resumed", "--trainer.callbacks+=interrupt.InterruptAtStep", f"--trainer.callbacks.step={stop_at}",
+        exit_status=130,
     )
     assert "Ctrl-C: stopping at the end of this optimizer step" in interrupted.stderr + interrupted.stdout
     last = tmp_path / "resumed" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
@@ -545,7 +578,7 @@ def test_ckpt_path_last_without_a_checkpoint_fails_instead_of_starting_over(tiny
         f"--trainer.default_root_dir={tmp_path}", "--ckpt_path=last",
     )
     assert result.returncode == 2
-    assert f"--ckpt_path last: no checkpoint to resume at {tmp_path}" in result.stderr.splitlines()[-1]
+    assert f"--ckpt_path last: no checkpoint at {tmp_path}" in result.stderr.splitlines()[-1]
 
 
 def test_unreachable_hub_name_is_one_line(tmp_path):

@@ -577,6 +577,10 @@ def test_exported_classifier_carries_a_model_card_and_pushes_that_folder(tiny_en
     for name, weight in module.weighting.weights().items():
         assert f"| {name} | {float(weight):.4f} |" in card.text
     assert "| test/f1_macro | 0.6123 |" in card.text
+    assert "Auxiliary masked-LM objectives trained: `tapt`, `dapt`." in card.text
+    make_module(tiny_encoder, weighting="none").save_end_task_model(tmp_path / "fine_tuned")
+    fine_tuned = ModelCard.load(tmp_path / "fine_tuned" / "README.md")
+    assert "Auxiliary masked-LM objectives trained: none." in fine_tuned.text  # its corpora were never read
     assert uploads[0] == ("create", "me/clf")
     assert uploads[1][0] == "me/clf" and {"README.md", "config.json", "tokenizer_config.json"} <= set(uploads[1][1])
 
@@ -801,6 +805,19 @@ def test_from_datamodule_takes_what_the_task_knows(tiny_encoder):
     assert (hp.monitor_metric, hp.accumulate_grad_batches, hp.weighting) == ("accuracy", 2, "meta")
     with pytest.raises(ValueError, match="num_labels=4 disagrees with the data module's 3"):
         TartanModule.from_datamodule(Task(), encoder_name_or_path=tiny_encoder, num_labels=4)
+
+
+def test_from_datamodule_of_a_users_own_reads_what_it_has(tiny_encoder):
+    """A data module of one's own may know its classes only: the module's options stand in for the rest, and one
+    without `num_labels` (which has a default of 2 that would silently be wrong) is refused, naming it."""
+
+    class Classes:
+        num_labels = 3
+
+    module = TartanModule.from_datamodule(Classes(), encoder_name_or_path=tiny_encoder, aux_objectives=["web"])
+    assert (module.hparams.num_labels, list(module.hparams.aux_objectives)) == (3, ["web"])
+    with pytest.raises(ValueError, match="has no `num_labels` attribute"):
+        TartanModule.from_datamodule(object(), encoder_name_or_path=tiny_encoder)
 
 
 def test_attention_implementations_give_the_same_losses(tiny_encoder):
