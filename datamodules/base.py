@@ -33,6 +33,7 @@ from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Optional, Sized, Union
+from urllib.error import URLError
 
 import datasets
 import torch
@@ -322,7 +323,7 @@ class EndTaskDataModule(LightningDataModule):
         0..n-1 keep their ids), or the names of a ``ClassLabel`` label column, ids kept. Read once, before any
         tokenisation."""
         if self.dataset is None:
-            self._fetch(self.files["train"], "train_file")  # the model needs it before Lightning's prepare_data
+            self._fetch_splits()  # the model needs the classes before Lightning calls prepare_data
         train = self._split("train")
         if train.class_names is not None:
             return list(train.class_names)
@@ -347,8 +348,7 @@ class EndTaskDataModule(LightningDataModule):
         """Fetch missing files from the task's URLs (or download the Hub dataset and corpora) and derive a missing
         TAPT corpus; no network call when every file is present."""
         if self.dataset is None:
-            for split, file in self.files.items():
-                self._fetch(file, f"{split}_file")
+            self._fetch_splits()
         else:
             for option, split in self.hub_splits.items():
                 self._load_hub(self.dataset, self.dataset_config, split, f"`{option}_split`")
@@ -373,6 +373,19 @@ class EndTaskDataModule(LightningDataModule):
         # an absolute `file` replaces data_dir; without data_dir, a relative one is in the working directory
         return (self.data_dir or Path()) / Path(file).expanduser()
 
+    def _fetch_splits(self) -> None:
+        """Download the task's labeled splits into a folder that holds none of them. A folder with some is one's
+        own data (or an interrupted download), never completed with published splits."""
+        missing = {split: file for split, file in self.files.items() if not self._path(file).exists()}
+        if missing and len(missing) < len(self.files):
+            split, file = next(iter(missing.items()))
+            raise MissingDataFile(
+                f"{self._path(file)} does not exist beside the other splits (check `{split}_file`); published splits "
+                "are downloaded only into a folder that holds none of them (delete the others to download them all)"
+            )
+        for split, file in missing.items():
+            self._fetch(file, f"{split}_file")
+
     def _fetch(self, file: str, option: str) -> None:
         path = self._path(file)
         if path.exists():
@@ -382,8 +395,13 @@ class EndTaskDataModule(LightningDataModule):
                 f"{path} does not exist and {type(self).__name__} has no URL for it (check `data_dir` and `{option}`)"
             )
         rank_zero_only(log.info)(f"Downloading {self.urls[file]} to {path}")
-        with urllib.request.urlopen(self.urls[file], timeout=60) as response:
-            _write_atomic(path, response.read())
+        try:
+            with urllib.request.urlopen(self.urls[file], timeout=60) as response:
+                _write_atomic(path, response.read())
+        except URLError as err:
+            raise MissingDataFile(
+                f"{path} does not exist and downloading it from {self.urls[file]} failed ({err.reason})"
+            ) from None
 
     def _load_hub(self, name: str, config: Optional[str], split: str, option: str) -> Dataset:
         """``load_dataset(name, config, split=split)``; a split it lacks (or a bad slice) names ``option``."""
@@ -544,6 +562,9 @@ class EndTaskDataModule(LightningDataModule):
                 texts = [(lineno, decode(raw, path, lineno).rstrip("\r\n")) for lineno, raw in enumerate(lines, 1)]
             examples = [Example(lineno, text, None) for lineno, text in texts if text.strip()]
             source = Source(str(path))
+            blank = [lineno for lineno, text in texts if not text.strip()]
+            if blank:
+                rank_zero_info(f"{path}: {_count(blank, 'blank line')} ({source.lines(blank)}) skipped, not labeled")
         else:
             read = read_file(path, self.fields, False, "predict_file", self.cache_dir)
             source, examples = read.source, read.examples

@@ -64,6 +64,8 @@ class TartanCLI(LightningCLI):
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
         parser.add_lightning_class_args(PredictionWriter, "predictions")  # what `tartan predict` writes
         parser.set_defaults({"checkpoint.mode": "max", "checkpoint.save_last": True, "early_stopping.mode": "max"})
+        # metrics.csv (or any logger) gets every optimizer step's losses and task weights, not every 50th
+        parser.set_defaults({"trainer.log_every_n_steps": 1})
         # The tokenizer is the encoder's: the data tokenizes with it and the model saves it with exports.
         for target in ("data.init_args.tokenizer_name_or_path", "model.tokenizer_name_or_path"):
             parser.link_arguments("model.encoder_name_or_path", target, apply_on="parse")
@@ -122,7 +124,8 @@ class TartanCLI(LightningCLI):
             config.trainer.logger = Namespace(class_path=CSV_LOGGER, init_args=Namespace(save_dir=save_dir))
         _fill_task(config)
         self._check_encoder(config.model.encoder_name_or_path)
-        if config.ckpt_path == "last" or (self.subcommand != "fit" and config.ckpt_path == "best"):
+        ckpt_path = config.get("ckpt_path")  # absent without a subcommand (`run=False`)
+        if ckpt_path == "last" or (self.subcommand != "fit" and ckpt_path == "best"):
             self._find_run_checkpoint(config)
 
     def _check_encoder(self, encoder: str) -> None:
@@ -218,7 +221,10 @@ def tartan_cli(args: ArgsType = None, run: bool = True) -> TartanCLI:
         subclass_mode_data=True,
         # TartanModule builds its own optimizer groups and schedule; no `--optimizer` to silently replace them.
         auto_configure_optimizers=False,
-        parser_kwargs={"description": "TARTAN: end-task aware training of masked-LM encoders (MT-/META-TARTAN)."},
+        parser_kwargs={
+            "description": "TARTAN: end-task aware training of masked-LM encoders (MT-/META-TARTAN).",
+            "allow_abbrev": False,  # `--trainer.max_step 3` is a typo to report, not `max_steps` to guess
+        },
         args=args,
         run=run,
     )

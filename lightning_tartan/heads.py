@@ -1,6 +1,7 @@
 """Task heads over a shared encoder: the end-task classifier and the masked-LM head."""
 from collections import OrderedDict
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import torch
@@ -123,8 +124,9 @@ def _reproduces_logits(mlm_model: PreTrainedModel, head: nn.Module) -> bool:
 
 def load_encoder_and_mlm_head(
     name_or_path: str, dropout: Optional[float] = None, attn_implementation: Optional[str] = None
-) -> tuple[PreTrainedModel, nn.Module, PretrainedConfig]:
-    """Split a masked-LM checkpoint into its encoder and its LM head (pretrained when the checkpoint has one).
+) -> tuple[PreTrainedModel, nn.Module, PretrainedConfig, "RandomMLMHead"]:
+    """Split a masked-LM checkpoint into its encoder and its LM head (pretrained when the checkpoint has one; what
+    it lacks of the head, which starts random, is returned for the caller to warn about if it trains the head).
 
     Keeping the checkpoint's own head module preserves its weight tying with the input embeddings and lets
     the MLM loss run the head on masked positions only. `attn_implementation` is transformers' (None: its default).
@@ -151,23 +153,37 @@ def load_encoder_and_mlm_head(
         head = masked_lm_head(mlm_model)
     except ValueError as err:
         raise ValueError(f"encoder_name_or_path={name_or_path!r}: {err}") from None
-    _warn_about_new_weights(name_or_path, mlm_model, loading["missing_keys"])
-    return mlm_model.base_model, head, config
+    _warn_about_new_encoder_weights(name_or_path, mlm_model, loading["missing_keys"])
+    return mlm_model.base_model, head, config, RandomMLMHead.of(name_or_path, mlm_model, loading["missing_keys"])
 
 
-def _warn_about_new_weights(name_or_path: str, mlm_model: PreTrainedModel, missing_keys: set[str]) -> None:
-    """One line instead of transformers' load report: a random MLM head makes the first MLM gradients noise."""
-    prefix = mlm_model.base_model_prefix
-    head_keys = [key for key in mlm_model.state_dict() if not key.startswith(f"{prefix}.")]
-    missing_head = sorted(key for key in head_keys if key in missing_keys)
-    if missing_head:
-        total = len(head_keys)
-        rank_zero_warn(
-            f"encoder_name_or_path={name_or_path!r} has no pretrained masked-LM head: {len(missing_head)} of its "
-            f"{total} tensors ({', '.join(missing_head)}) start random, so the MLM objectives' first gradients into "
-            "the encoder are noise. Fit the head first with the encoder frozen: configs/methods/mlm_head_warmup.yaml "
-            "(or `freeze_encoder=True, weighting='aux_only'`), then train from its export."
+@dataclass(frozen=True)
+class RandomMLMHead:
+    """The MLM-head tensors an encoder's checkpoint lacks (a sentence encoder's, say), which start random."""
+
+    name_or_path: str
+    missing: tuple[str, ...]
+    total: int
+
+    @classmethod
+    def of(cls, name_or_path: str, mlm_model: PreTrainedModel, missing_keys: set[str]) -> "RandomMLMHead":
+        prefix = mlm_model.base_model_prefix
+        head_keys = [key for key in mlm_model.state_dict() if not key.startswith(f"{prefix}.")]
+        return cls(name_or_path, tuple(sorted(key for key in head_keys if key in missing_keys)), len(head_keys))
+
+    def warning(self) -> str:
+        """One line instead of transformers' load report: a random MLM head makes the first MLM gradients noise."""
+        return (
+            f"encoder_name_or_path={self.name_or_path!r} has no pretrained masked-LM head: {len(self.missing)} of "
+            f"its {self.total} tensors ({', '.join(self.missing)}) start random, so the MLM objectives' first "
+            "gradients into the encoder are noise. Fit the head first with the encoder frozen: "
+            "configs/methods/mlm_head_warmup.yaml (or `freeze_encoder=True, weighting='aux_only'`), then train from "
+            "its export."
         )
+
+
+def _warn_about_new_encoder_weights(name_or_path: str, mlm_model: PreTrainedModel, missing_keys: set[str]) -> None:
+    prefix = mlm_model.base_model_prefix
     missing_encoder = sorted(key for key in missing_keys if key.startswith(f"{prefix}."))
     if missing_encoder:
         rank_zero_warn(
@@ -178,7 +194,7 @@ def _warn_about_new_weights(name_or_path: str, mlm_model: PreTrainedModel, missi
 
 @contextmanager
 def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' multi-line load report and progress bar; `_warn_about_new_weights` says what matters."""
+    """Silence transformers' multi-line load report and progress bar; what matters is said in one line."""
     verbosity, progress_bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

@@ -10,6 +10,7 @@ the strategy's `after_backward`. Then gradient clipping, the optimizer and LR-sc
 import math
 import os
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Literal, Mapping, Optional, Sequence
 
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from huggingface_hub import HfApi
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.strategies import ParallelStrategy
+from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -169,7 +171,7 @@ class TartanModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["init_checkpoint"])
         self.automatic_optimization = False
 
-        self.encoder, self.mlm_head, config = load_encoder_and_mlm_head(
+        self.encoder, self.mlm_head, config, self._random_mlm_head = load_encoder_and_mlm_head(
             encoder_name_or_path, dropout, attn_implementation
         )
         self.encoder.requires_grad_(not freeze_encoder)
@@ -337,6 +339,9 @@ class TartanModule(pl.LightningModule):
             self._run_seed = _run_seed()  # a checkpoint being resumed replaces it after setup
 
     def on_fit_start(self) -> None:
+        trains_mlm = any(name != END_TASK for name in self.weighting.active)
+        if trains_mlm and self._random_mlm_head.missing:  # a checkpoint or init_checkpoint brings a trained one
+            rank_zero_warn(self._random_mlm_head.warning())
         wrapped = self.trainer.strategy.model
         if isinstance(wrapped, DistributedDataParallel) and not wrapped.find_unused_parameters:
             # each objective's backward leaves the other objectives' heads unused, which plain DDP reports as an error
@@ -476,6 +481,7 @@ class TartanModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._check_checkpoint_fits(checkpoint.get("hyper_parameters", {}))
+        self._random_mlm_head = replace(self._random_mlm_head, missing=())
         self._rng_to_restore = checkpoint.get("rng_states")
         self._run_seed = checkpoint.get("run_seed", self._run_seed)
         # torch would restore the saved param groups' AdamW kernels too; Lightning and the fp16 loss scaler treat the
@@ -537,6 +543,7 @@ class TartanModule(pl.LightningModule):
                 f"init_checkpoint={str(path)!r} is not a checkpoint of this model: "
                 f"missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
+        self._random_mlm_head = replace(self._random_mlm_head, missing=())
 
     def save_end_task_model(
         self,

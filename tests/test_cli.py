@@ -463,6 +463,8 @@ def test_predict_labels_a_users_own_file(tiny_encoder, data_root, cache_dir, tmp
         assert result.returncode == 0, result.stderr[-3000:]
         rows = [json.loads(line) for line in out.read_text().splitlines()]
         assert [row["line"] for row in rows] == lines
+        if source == "mine.txt":  # what is not labeled is said
+            assert "mine.txt: 1 blank line (line 2) skipped, not labeled" in result.stdout + result.stderr
         assert all(row["label"] in fit.datamodule.label_names and "gold" not in row for row in rows)
 
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"txt": "b"}\n')
@@ -533,6 +535,7 @@ def test_runs_log_to_csv_unless_told_otherwise(tiny_encoder, data_root, cache_di
     )
     assert type(cli.trainer.logger).__name__ == "CSVLogger"
     assert Path(cli.trainer.logger.log_dir).resolve().parent == tmp_path.resolve() / "lightning_logs"
+    assert cli.trainer.log_every_n_steps == 1  # every optimizer step's losses, as the README says (Lightning: 50)
 
 
 def test_logs_and_progress_count_optimizer_steps(tiny_encoder, data_root, cache_dir, tmp_path, monkeypatch):
@@ -622,10 +625,12 @@ def test_bad_option_value_is_one_line_naming_it(tiny_encoder, data_root, tmp_pat
     assert "Namespace(" not in result.stderr and "Traceback" not in result.stderr
 
 
-def test_unknown_option_fails_naming_it():
-    result = run_tartan("fit", f"--config={CONFIGS / 'quickstart.yaml'}", "--model.encoder_lrr=0.1")
+@pytest.mark.parametrize("option", ["--model.encoder_lrr=0.1", "--trainer.max_step=3"], ids=["typo", "abbreviation"])
+def test_unknown_option_fails_naming_it(option):
+    """A misspelt option is an error, a shortened one too (argparse would take `max_step` for `max_steps`)."""
+    result = run_tartan("fit", f"--config={CONFIGS / 'quickstart.yaml'}", option)
     assert result.returncode != 0
-    assert "--model.encoder_lrr" in result.stderr.splitlines()[-1]
+    assert option.split("=")[0] in result.stderr.splitlines()[-1]
 
 
 def test_missing_data_dir_fails_naming_it(tiny_encoder, tmp_path):

@@ -5,6 +5,7 @@ import logging
 import math
 import re
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -860,14 +861,20 @@ def test_a_byte_order_mark_is_not_part_of_the_first_text(make, tmp_path, monkeyp
     assert dm.tokenizer.unk_token_id not in tokenized["plain"][2][0]  # the check can see an unknown token
 
 
-def test_missing_files_are_one_error_naming_the_path_and_option(make, tmp_path, monkeypatch):
+def test_missing_files_are_one_error_naming_the_path_and_option(make, tmp_path, monkeypatch, no_network):
     """A missing split, corpus or predict file stops with a `DataFormatError` (the `tartan` command's one-line
-    errors) that says which option put it there; a relative predict file is looked for where the user is first."""
+    errors) that says which option put it there; a relative predict file is looked for where the user is first.
+    A task with published splits does not download the one missing beside a user's own."""
     monkeypatch.chdir(tmp_path)
     folder = write_task(tmp_path / "task")
     (folder / "test.jsonl").unlink()
     with pytest.raises(DataFormatError, match=re.escape(f"{folder / 'test.jsonl'} does not exist") + ".*`test_file`"):
         make(data_dir=folder).prepare_data()
+    beside = re.escape(f"{folder / 'test.jsonl'} does not exist beside")  # no_network: no download is tried
+    with pytest.raises(DataFormatError, match=beside):
+        make(CitationIntentDataModule, folder).label_names  # what the model reads, before Lightning's prepare_data
+    with pytest.raises(DataFormatError, match=beside):
+        make(CitationIntentDataModule, folder).prepare_data()
     folder = write_task(tmp_path / "task")
     missing_corpus = make(data_dir=folder, aux_corpora={"tapt": "train.txt", "web": "web.txt"})
     with pytest.raises(DataFormatError, match=re.escape("web.txt") + ".*`aux_corpora\\['web'\\]`"):
@@ -882,6 +889,16 @@ def test_missing_files_are_one_error_naming_the_path_and_option(make, tmp_path, 
     dm = make(data_dir=folder, aux_corpora={}, predict_file="gone.txt")
     with pytest.raises(DataFormatError, match=f"neither {re.escape(str(tmp_path / 'gone.txt'))} nor"):
         dm.setup("predict")
+
+
+def test_a_failed_download_is_one_error_naming_the_file_and_url(make, tmp_path, monkeypatch):
+    def offline(url, timeout=None):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    folder = tmp_path / "citation_intent"
+    with pytest.raises(DataFormatError, match=re.escape(f"{folder / 'train.jsonl'} does not exist and downloading")):
+        make(CitationIntentDataModule, folder).prepare_data()
 
 
 def test_max_length_beyond_the_tokenizers_is_cut_to_it(make, tmp_path):
