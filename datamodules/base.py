@@ -166,8 +166,8 @@ class EndTaskDataModule(LightningDataModule):
             train_file: the labeled training split, relative to ``data_dir`` (or absolute), in a format its suffix
                 names: ``.jsonl``/``.json`` (JSON lines, one object per line), ``.csv`` (standard quoting) or ``.tsv``
                 (tab-separated, no quoting: IANA TSV), both with a header row naming the columns, or ``.parquet``.
-                Each example has a string text (``text_field``) and a label (``label_field``: a class name or an
-                integer id; a decimal number such as ``1.0`` is an error). Its labels, sorted (integers as numbers),
+                Each example has a string text (``text_field``) and a label (``label_field``: a class name, an
+                integer id or a boolean; a decimal number such as ``1.0`` is an error). Its labels, sorted (integers as numbers),
                 are the classes; a Parquet label column of type ``ClassLabel`` gives them by its names instead.
             dev_file: the dev split, in any of these formats; a label the train split lacks is an error.
             test_file: the test split, likewise; its labels are checked before a fit, too.
@@ -322,7 +322,7 @@ class EndTaskDataModule(LightningDataModule):
         """The classes; index = class id. The sorted train-split labels (integer labels sort as numbers, so labels
         0..n-1 keep their ids), or the names of a ``ClassLabel`` label column, ids kept. Read once, before any
         tokenisation."""
-        if self.dataset is None:
+        if self.dataset is None and not self._path(self.files["train"]).exists():
             self._fetch_splits()  # the model needs the classes before Lightning calls prepare_data
         train = self._split("train")
         if train.class_names is not None:

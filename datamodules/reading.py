@@ -215,7 +215,8 @@ def _example(
     require_label: bool,
     numbers_as_text: bool = False,
 ) -> Example:
-    """One checked example: string texts, and a label that is a non-empty string or an integer (kept as its digits).
+    """One checked example: string texts, and a label that is a non-empty string, an integer (kept as its digits)
+    or a boolean (``true``/``false``, as JSON spells them; a Parquet or Hub column of booleans, say).
     ``numbers_as_text``: labels are text (CSV, TSV), where a decimal number such as ``1.0`` is an error."""
     texts = []
     for field in fields.inputs():
@@ -227,11 +228,13 @@ def _example(
     label = record.get(fields.label)
     if label is None and not require_label:
         return Example(line, texts[0], None, pair)
-    if isinstance(label, int) and not isinstance(label, bool):
+    if isinstance(label, bool):
+        label = "true" if label else "false"
+    elif isinstance(label, int):
         label = str(label)  # class ids as labels: their names are the numbers
     if not isinstance(label, str) or not label:
         raise DataFormatError(
-            f"{where}: {fields.label!r} must be a non-empty string or an integer, got {_show(label)}"
+            f"{where}: {fields.label!r} must be a non-empty string, an integer or a boolean, got {_show(label)}"
         )
     if numbers_as_text and _DECIMAL.fullmatch(label.strip()):
         raise DataFormatError(

@@ -720,8 +720,8 @@ BAD_SPLITS = [
     ("train", ['{"text": "", "label": "a"}', '{"text": " ", "label": "b"}'], "holds no example with text"),
     ("dev", ['{"text": "fine", "label": "a"}', '{"text": "unseen", "label": "zzz"}'], ":2: label 'zzz' never occurs"),
     ("test", ["", "  "], "holds no examples"),
-    ("train", ['{"text": "fine", "label": 1.5}'], ":1: 'label' must be a non-empty string or an integer, got 1.5"),
-    ("dev", ['{"text": "fine", "label": true}'], ":1: 'label' must be a non-empty string or an integer, got true"),
+    ("train", ['{"text": "fine", "label": 1.5}'], ":1: 'label' must be a non-empty string, an integer or a boolean"),
+    ("dev", ['{"text": "fine", "label": true}'], ":1: label 'true' never occurs in the train split"),
 ]
 
 
@@ -870,10 +870,13 @@ def test_missing_files_are_one_error_naming_the_path_and_option(make, tmp_path, 
     (folder / "test.jsonl").unlink()
     with pytest.raises(DataFormatError, match=re.escape(f"{folder / 'test.jsonl'} does not exist") + ".*`test_file`"):
         make(data_dir=folder).prepare_data()
-    beside = re.escape(f"{folder / 'test.jsonl'} does not exist beside")  # no_network: no download is tried
+    beside = re.escape(f"{folder / 'train.jsonl'} does not exist beside")  # no_network: no download is tried
+    (folder / "train.jsonl").unlink()
     with pytest.raises(DataFormatError, match=beside):
         make(CitationIntentDataModule, folder).label_names  # what the model reads, before Lightning's prepare_data
-    with pytest.raises(DataFormatError, match=beside):
+    write_task(folder)
+    (folder / "test.jsonl").unlink()
+    with pytest.raises(DataFormatError, match=re.escape(f"{folder / 'test.jsonl'} does not exist beside")):
         make(CitationIntentDataModule, folder).prepare_data()
     folder = write_task(tmp_path / "task")
     missing_corpus = make(data_dir=folder, aux_corpora={"tapt": "train.txt", "web": "web.txt"})
@@ -966,6 +969,15 @@ def test_derived_tapt_corpus_goes_to_the_cache_and_leaves_the_data_folder_alone(
     changed.setup("fit")
     assert changed.corpus_file("tapt") != tapt and len(changed.corpora["tapt"]) == 8
     assert make(data_dir=folder, cache_dir=str(cache)).corpus_file("tapt") == changed.corpus_file("tapt")
+
+
+def test_boolean_labels_are_two_classes(make, tmp_path):
+    """A yes/no task labelled with JSON (or Parquet) booleans: classes "false" and "true", as JSON spells them."""
+    train = [{"text": f"example number {i}", "label": i % 2 == 0} for i in range(6)]
+    folder = write_task(tmp_path / "task", train=train, dev=train[:3], test=train[3:])
+    dm = make(data_dir=folder, aux_corpora={})
+    dm.setup()
+    assert dm.label_names == ["false", "true"] and dm.splits["train"]["labels"] == [1, 0, 1, 0, 1, 0]
 
 
 def test_integer_labels_keep_their_ids(make, tmp_path):
