@@ -9,7 +9,7 @@ from datamodules import CitationIntentDataModule
 from lightning_tartan import TartanModule
 from lightning_tartan.packing import PACKED, first_fit, pack, unpack
 from synthetic import make_batches
-from test_architectures import CONFIGS, tiny_encoder_of
+from test_architectures import tiny_encoder_of
 from test_module import HostReads, fit, make_module, reads_per_step
 
 PACKABLE = ["bert", "roberta", "xlm-roberta", "albert", "electra", "distilbert"]
