@@ -6,14 +6,21 @@ its loss differentiated through the encoder gives the dev gradient, and after ea
 that objective's gradient with the dev gradient is read off `.grad`. After the optimizer step, the weights' logits
 take one SGD step along the step's mean cosines.
 """
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from lightning_tartan.dev_head import DevHead
 from lightning_tartan.task_gradients import TaskGradientCosines
-from lightning_tartan.weighting import META_DEV, META_DEV_GRAD, EncoderAccess, Weighting, batch_source
+from lightning_tartan.weighting import (
+    META_DEV,
+    META_DEV_GRAD,
+    EncoderAccess,
+    Weighting,
+    batch_source,
+    one_process_mean,
+)
 
 
 class MetaWeighting(Weighting):
@@ -76,6 +83,7 @@ class MetaWeighting(Weighting):
             init_std=init_std,
         )
         self.cosines = TaskGradientCosines(params, keep_copies=per_task_grad_copies)
+        self._mean_over_ranks: Callable[[Tensor], Tensor] = one_process_mean  # each step's from its EncoderAccess
 
     def weights(self) -> dict[str, Tensor]:
         return dict(zip(self.objectives, torch.softmax(self.logits, dim=0)))
@@ -85,6 +93,7 @@ class MetaWeighting(Weighting):
     def start_micro_batch(self, micro_batch: dict[str, Any], model: EncoderAccess, first: bool) -> None:
         if first:
             self.cosines.start_step()
+            self._mean_over_ranks = model.mean_over_ranks
         dev_grad = self.dev_gradient(micro_batch, model, new_step=first)
         if dev_grad is not None:
             self.cosines.set_dev_gradient(dev_grad)
@@ -100,6 +109,9 @@ class MetaWeighting(Weighting):
         decided on the device: reading the check on the host would make it wait for the step to finish."""
         step_cosines = self.cosines.finish_step()
         cosines = torch.stack([step_cosines[name] for name in self.objectives]).to(self.logits)
+        # Each rank's cosines compare the (global) objective gradients with its own dev gradient: one all-reduce of
+        # these few numbers keeps the task weights equal on every rank, whatever dev samples the ranks drew.
+        cosines = self._mean_over_ranks(cosines)
         finite = cosines.isfinite().all()
         self.logits.sub_(self.meta_lr * torch.where(finite, -cosines, 0.0))
         logs = {f"cos_{name}": torch.where(finite, cosine, torch.nan) for name, cosine in zip(self.objectives, cosines)}

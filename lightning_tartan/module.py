@@ -314,7 +314,15 @@ class TartanModule(pl.LightningModule):
         """What a weighting strategy may read from the model at this step."""
         # the run's seed and the step fix what the strategy draws: the same on every rank, new across seeds
         seed = self.run_seed * 1_000_003 + self.global_step
-        return EncoderAccess(self.encoder, self._cls_features, self._loss_scaler(), seed)
+        return EncoderAccess(self.encoder, self._cls_features, self._loss_scaler(), seed, self._mean_over_ranks)
+
+    def _mean_over_ranks(self, tensor: Tensor) -> Tensor:
+        # torch's all_reduce, not the strategy's `reduce`, which first waits at a barrier: a host sync on GPUs
+        if not (self._trainer_attached() and self.trainer.world_size > 1):
+            return tensor
+        summed = tensor.clone()
+        torch.distributed.all_reduce(summed)
+        return summed / self.trainer.world_size
 
     def _cls_features(self, sample: dict[str, Tensor]) -> Tensor:
         return self.encode(sample)[:, 0]

@@ -34,6 +34,11 @@ def batch_source(batch: dict[str, Any], name: str, why: str) -> dict[str, Tensor
     return batch[name]
 
 
+def one_process_mean(tensor: Tensor) -> Tensor:
+    """The mean of `tensor` over the ranks of a run in one process: itself."""
+    return tensor
+
+
 @dataclass
 class EncoderAccess:
     """What a strategy may read from the model at a micro-batch (META-TARTAN's dev gradient), handed over
@@ -48,6 +53,9 @@ class EncoderAccess:
     scale_loss: Callable[[Tensor], Tensor]
     #: a seed for what the strategy draws at this step: the same on every rank and after a resume, new every step
     seed: int
+    #: the mean of a tensor over the DDP ranks (itself in one process), so that what a strategy decides from its
+    #: rank's samples is decided alike on every rank
+    mean_over_ranks: Callable[[Tensor], Tensor] = one_process_mean
 
 
 class Weighting(nn.Module):

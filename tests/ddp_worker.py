@@ -2,7 +2,7 @@
 how many backward passes all-reduced gradients.
 
 Lightning's DDP launcher re-runs this script for every rank, so it is a script rather than a pytest test.
-Usage: python tests/ddp_worker.py ENCODER_DIR WEIGHTING DEVICES OUT_DIR [STRATEGY]
+Usage: python tests/ddp_worker.py ENCODER_DIR WEIGHTING DEVICES OUT_DIR [STRATEGY [DEV_SAMPLES_PER_RANK]]
 """
 import json
 import os
@@ -40,7 +40,7 @@ class SyncCounter(pl.Callback):
         return allreduce_hook(process_group, bucket)
 
 
-def main(encoder: str, weighting: str, devices: int, out_dir: str, strategy: str) -> None:
+def main(encoder: str, weighting: str, devices: int, out_dir: str, strategy: str, dev_per_rank: bool) -> None:
     pl.seed_everything(0)
     module = TartanModule(encoder, num_labels=3, aux_objectives=["tapt", "dapt"], weighting=weighting, dropout=0.0)
     counter = SyncCounter()
@@ -58,7 +58,7 @@ def main(encoder: str, weighting: str, devices: int, out_dir: str, strategy: str
         use_distributed_sampler=False,  # the batches are sharded by hand above
     )
     rank = int(os.environ.get("LOCAL_RANK", 0))
-    batches = [shard(batch, rank, devices) for batch in make_batches(STEPS, batch_size=4)]
+    batches = [shard(batch, rank, devices, dev_per_rank) for batch in make_batches(STEPS, batch_size=4)]
     trainer.fit(module, train_dataloaders=loader(batches))
     state = {name: value.detach().clone() for name, value in module.state_dict().items()}
     torch.save(state, Path(out_dir) / f"rank{trainer.global_rank}.pt")
@@ -68,4 +68,4 @@ def main(encoder: str, weighting: str, devices: int, out_dir: str, strategy: str
 
 if __name__ == "__main__":
     strategy = sys.argv[5] if len(sys.argv) > 5 else "ddp_find_unused_parameters_true"
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], strategy)
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], strategy, len(sys.argv) > 6 and sys.argv[6] == "1")

@@ -48,13 +48,17 @@ def with_padding(batch: dict) -> dict:
     return {name: padded(source) for name, source in batch.items()}
 
 
-def shard(batch: dict, rank: int, world_size: int) -> dict:
-    """Rows of every source but the dev samples split across ranks; the dev samples are the same everywhere."""
+def shard(batch: dict, rank: int, world_size: int, dev_samples_too: bool = False) -> dict:
+    """Rows of every source split across ranks, but the dev samples, which are the same everywhere (as the data
+    modules draw them) unless `dev_samples_too` (as a `DistributedSampler` of one's own would split them)."""
     def part(source: dict) -> dict:
         rows = len(source["input_ids"]) // world_size
         return {key: value[rank * rows : (rank + 1) * rows] for key, value in source.items()}
 
-    return {name: source if name.startswith("meta_dev") else part(source) for name, source in batch.items()}
+    def kept(name: str) -> bool:
+        return name.startswith("meta_dev") and not dev_samples_too
+
+    return {name: source if kept(name) else part(source) for name, source in batch.items()}
 
 
 def group(batches: list[dict], accumulate: int) -> list[dict]:

@@ -639,6 +639,19 @@ def test_ddp_two_ranks_match_one_process(tiny_encoder, tmp_path, weighting):
     assert stats["synced_backwards"] == 3 * (3 if weighting == "meta" else 1)
 
 
+def test_meta_task_weights_agree_across_ranks_that_drew_their_own_dev_samples(tiny_encoder, tmp_path):
+    """A data module of one's own may give each rank its own dev samples (a `DistributedSampler` does): the ranks'
+    cosines are averaged, so every rank keeps the same task weights, and so the same losses, step after step."""
+    worker = Path(__file__).with_name("ddp_worker.py")
+    command = [sys.executable, str(worker), tiny_encoder, "meta", "2", str(tmp_path), "ddp_find_unused_parameters_true"]
+    result = subprocess.run([*command, "1"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
+    assert not torch.equal(rank0["weighting.logits"], torch.zeros(3))
+    for name in rank0:
+        torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0, msg=name)
+
+
 def test_plain_ddp_is_refused_with_the_strategy_that_works(tiny_encoder, tmp_path):
     worker = Path(__file__).with_name("ddp_worker.py")
     command = [sys.executable, str(worker), tiny_encoder, "equal", "2", str(tmp_path), "ddp"]
