@@ -23,7 +23,7 @@ from transformers import AutoConfig
 
 from datamodules import DataFormatError, EndTaskDataModule  # the import registers every task for `--data <Name>`
 from lightning_tartan.checkpoints import ResumableCheckpoint
-from lightning_tartan.module import DATAMODULE_OPTIONS, WEIGHTINGS, CheckpointMismatch, TartanModule
+from lightning_tartan.module import DATAMODULE_OPTIONS, CheckpointMismatch, TartanModule, weighting_class
 from lightning_tartan.packaged_encoders import local_copy
 from lightning_tartan.posthoc import PostHocSelection
 from lightning_tartan.predictions import PredictionWriter
@@ -43,7 +43,10 @@ def dev_metric_key(monitor_metric: str) -> str:
 
 def needs_dev_samples(weighting: str) -> bool:
     """Whether the `weighting` strategy reads the `meta_dev` samples of a training batch (META-TARTAN)."""
-    return WEIGHTINGS[weighting].needs_dev_samples if weighting in WEIGHTINGS else False
+    try:
+        return weighting_class(weighting).needs_dev_samples
+    except ValueError:
+        return False  # the model refuses it, naming the option
 
 
 def is_hub_model_id(name: str) -> bool:
@@ -96,6 +99,10 @@ class TartanCLI(LightningCLI):
                 "TartanModule optimizes manually: set --model.accumulate_grad_batches instead of "
                 f"--trainer.accumulate_grad_batches (got {config.trainer.accumulate_grad_batches})"
             )
+        try:
+            weighting_class(config.model.weighting)  # before the data is read: a typo is the error to report
+        except ValueError as err:
+            error(f"--model.{err}")
         if config.trainer.strategy in DDP_STRATEGIES:
             # each objective's backward leaves the other objectives' heads unused, which DDP must be told
             config.trainer.strategy = f"{config.trainer.strategy}_find_unused_parameters_true"

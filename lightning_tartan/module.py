@@ -7,6 +7,7 @@ strategy trains its forward, loss and `manual_backward` (weighted, divided by th
 the strategy's `after_backward`. Then gradient clipping, the optimizer and LR-scheduler steps, and the strategy's
 `end_step` (META-TARTAN's weight update).
 """
+import importlib
 import math
 import os
 from contextlib import nullcontext
@@ -59,13 +60,34 @@ DATAMODULE_OPTIONS = {
     "tokenizer_name_or_path": "tokenizer_name_or_path",
     "accumulate_grad_batches": "accumulate_grad_batches",
 }
-#: the `weighting` option's names; a new strategy is its class (one file) and a line here
+#: the `weighting` option's names; any other strategy is given by its class's import path (`weighting_class`)
 WEIGHTINGS: dict[str, type[Weighting]] = {
     "none": NoWeighting,
     "equal": EqualWeighting,
     "meta": MetaWeighting,
     "aux_only": AuxOnlyWeighting,
 }
+
+
+def weighting_class(weighting: str) -> type[Weighting]:
+    """The strategy a `weighting` option names: one of `WEIGHTINGS`, or the import path of a `Weighting` subclass
+    of one's own (``"my_package.weighting.FixedWeighting"``), built from the objective names, as `equal` is. A path
+    keeps checkpoints loadable wherever that module imports."""
+    if weighting in WEIGHTINGS:
+        return WEIGHTINGS[weighting]
+    module_name, _, class_name = weighting.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module_name), class_name) if module_name else None
+    except (ImportError, AttributeError) as err:
+        raise ValueError(
+            f"weighting={weighting!r} is not one of {sorted(WEIGHTINGS)} and does not import: {err}"
+        ) from None
+    if not (isinstance(found, type) and issubclass(found, Weighting)):
+        raise ValueError(
+            f"weighting={weighting!r} is not one of {sorted(WEIGHTINGS)} nor the import path of a "
+            "lightning_tartan.Weighting subclass"
+        )
+    return found
 
 
 class CheckpointMismatch(ValueError):
@@ -79,7 +101,8 @@ class TartanModule(pl.LightningModule):
         encoder_name_or_path: any masked-LM checkpoint the HF Auto classes load (hub name or folder).
         num_labels: end-task classes (a datamodule's `num_labels`).
         aux_objectives: names of the auxiliary MLM batches in a training batch (e.g. `["tapt", "dapt"]`).
-        weighting: `none` (fine-tuning), `equal` (MT-TARTAN), `meta` (META-TARTAN) or `aux_only` (TAPT/DAPT).
+        weighting: `none` (fine-tuning), `equal` (MT-TARTAN), `meta` (META-TARTAN) or `aux_only` (TAPT/DAPT), or
+            the import path of a `Weighting` subclass of one's own (`weighting_class`).
         label_names: the class names, index = class id (a datamodule's `label_names`); exports and predictions
             show them instead of ids.
         tokenizer_name_or_path: saved beside exports so they load as a whole; `None`: the encoder's.
@@ -131,7 +154,7 @@ class TartanModule(pl.LightningModule):
         encoder_name_or_path: str = "roberta-base",
         num_labels: int = 2,
         aux_objectives: Sequence[str] = ("tapt",),
-        weighting: Literal["none", "equal", "meta", "aux_only"] = "equal",
+        weighting: str = "equal",
         label_names: Optional[Sequence[str]] = None,
         tokenizer_name_or_path: Optional[str] = None,
         encoder_lr: float = 1e-4,
@@ -263,7 +286,8 @@ class TartanModule(pl.LightningModule):
         labels = batch["labels"]
         if not self.hparams.sparse_mlm:
             logits = self.mlm_head(hidden)
-            return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+            summed = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+            return summed / labels.ne(-100).sum().clamp(min=1)  # 0, not NaN, for a micro-batch with nothing masked
         if MASKED_POSITIONS in batch:  # found on the host before the batch moved: no wait for the device here
             positions = batch[MASKED_POSITIONS]
         else:  # a batch that bypassed `on_before_batch_transfer` (a direct call): this waits for the device
@@ -279,8 +303,9 @@ class TartanModule(pl.LightningModule):
         `sparse_mlm`, each MLM micro-batch's masked positions (selecting them on the device has a data-dependent
         size). On a GPU each such read would make the host wait for the device mid-step. With `pack_sequences`, each
         padded micro-batch's packed rows (`packing.pack`), which are also found from its mask."""
-        if not isinstance(batch, dict):
+        if not isinstance(batch, Mapping):
             return batch
+        batch = dict(batch)  # transformers' collators give a `BatchEncoding`, a mapping but no dict
         if "input_ids" in batch:  # an evaluation or prediction batch
             return self._on_host(batch, mlm=False)
         mlm = set(self.weighting.active) - {END_TASK}  # the MLM objectives this step trains
@@ -290,8 +315,9 @@ class TartanModule(pl.LightningModule):
         """One source of a batch, a micro-batch or a list of them, with what `on_before_batch_transfer` adds."""
         if isinstance(source, (list, tuple)):
             return [self._on_host(part, mlm) for part in source]
-        if not isinstance(source, dict):
+        if not isinstance(source, Mapping):
             return source
+        source = dict(source)
         if self.ready_attention_masks:
             source = mark_padding(source)
         if self._packing is not None:
@@ -439,8 +465,10 @@ class TartanModule(pl.LightningModule):
         return {"fused": True, "foreach": None} if fused else {"fused": None, "foreach": True}
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """Learning rates go to the run's loggers once per optimizer step, wherever the module is trained."""
-        return [LearningRateMonitor(logging_interval="step")] if self.trainer.loggers else []
+        """Learning rates go to the run's loggers once per optimizer step, wherever the module is trained, unless the
+        trainer has a `LearningRateMonitor` of its own (Lightning would replace that one with this)."""
+        own = any(isinstance(callback, LearningRateMonitor) for callback in self.trainer.callbacks)
+        return [LearningRateMonitor(logging_interval="step")] if self.trainer.loggers and not own else []
 
     def num_optimizer_steps(self) -> int:
         """Optimizer steps in the whole fit; `Trainer.max_steps` counts optimizer steps in manual optimization."""
@@ -671,10 +699,11 @@ def _build_weighting(
 ) -> Weighting:
     """The strategy named by the `weighting` option, given what it needs: META-TARTAN the encoder's parameters, the
     dev head's shape and its options; the others the objective names alone."""
-    if name == "aux_only" and len(objectives) < 2:
-        raise ValueError("weighting='aux_only' needs at least one entry in aux_objectives")
+    if name in ("aux_only", "meta") and len(objectives) < 2:
+        # META-TARTAN alone with the end task would fit a dev head and take a dev gradient each step to weigh nothing
+        raise ValueError(f"weighting={name!r} needs at least one entry in aux_objectives ('none' fine-tunes alone)")
     if name != "meta":
-        return WEIGHTINGS[name](objectives)
+        return weighting_class(name)(objectives)
     meta_options = (
         "meta_lr",
         "dev_head_lr",
@@ -724,8 +753,7 @@ def _check_options(options: dict[str, Any]) -> None:
     for name, choices in (("lr_schedule", ("linear", "constant")), ("dev_gradient", ("held_out", "in_sample"))):
         if options[name] not in choices:
             raise ValueError(f"{name}={options[name]!r} is not one of {choices}")
-    if options["weighting"] not in WEIGHTINGS:
-        raise ValueError(f"weighting={options['weighting']!r} is not one of {sorted(WEIGHTINGS)}")
+    weighting_class(options["weighting"])  # a name, or a strategy of one's own that imports
     if options["weighting"] == "meta" and options["freeze_encoder"]:
         raise ValueError("weighting='meta' weighs objectives by their encoder gradients: freeze_encoder=True has none")
     if options["monitor_metric"] not in MONITOR_METRICS:

@@ -525,6 +525,18 @@ def test_ctrl_c_then_ckpt_path_last_finishes_like_an_uninterrupted_run(
     assert best == [state["best_model_score"] for key, state in actual["callbacks"].items() if "Checkpoint" in key]
 
 
+def test_a_weighting_strategy_of_ones_own_from_the_command_line(tiny_encoder, data_root, cache_dir, tmp_path):
+    """`--model.weighting <import path>`, as the README shows it: the run trains with those weights and logs them."""
+    cli = tartan_cli(
+        ["fit", *config_args("citation_intent", "mt_tartan"), f"--model.encoder_name_or_path={tiny_encoder}"]
+        + [f"--data.data_dir={data_root / 'citation_intent'}", f"--data.cache_dir={cache_dir}", *SMALL]
+        + ["--model.weighting=own_weighting.EndTaskHeavy", "--trainer.max_steps=1", "--trainer.limit_val_batches=1"]
+        + [f"--trainer.default_root_dir={tmp_path}"]
+    )
+    assert cli.trainer.logged_metrics["train/weight_end_task"] == 0.5 == cli.trainer.logged_metrics["train/weight_tapt"]
+    assert type(cli.model.weighting).__name__ == "EndTaskHeavy"
+
+
 def test_runs_log_to_csv_unless_told_otherwise(tiny_encoder, data_root, cache_dir, tmp_path, monkeypatch):
     """metrics.csv in every run folder, whether or not tensorboard is installed (Lightning would switch to it)."""
     monkeypatch.chdir(tmp_path)
@@ -655,8 +667,8 @@ def test_missing_data_dir_fails_naming_it(tiny_encoder, tmp_path):
         # post-hoc fine-tuning without the checkpoint it starts from
         (["tasks/chemprot", "methods/posthoc"], [], "--model.init_checkpoint is required for post-hoc fine-tuning"),
         (["tasks/sciie", "methods/posthoc"], ["--model.init_checkpoint=gone.ckpt"], "--model.init_checkpoint gone.ckpt"),
-        # a typo in a choice: refused at parse time, listing the choices, before the encoder loads
-        (["quickstart"], ["--model.weighting=metaa"], "Got value: metaa"),
+        # a typo in a choice: refused, listing the choices, before the encoder loads
+        (["quickstart"], ["--model.weighting=metaa"], "--model.weighting='metaa' is not one of ['aux_only', 'equal'"),
     ],
 )
 def test_mistakes_fail_before_anything_loads(configs, options, message, tmp_path, monkeypatch, capsys):

@@ -135,6 +135,30 @@ def test_sparse_mlm_equals_dense(tiny_encoder):
     torch.testing.assert_close(flat_grad(loss_sparse, params[0]), flat_grad(loss_dense, params[1]))
 
 
+def test_batches_straight_from_transformers_collators_are_prepared_on_the_host(tiny_encoder):
+    """`DataCollatorWithPadding` and `DataCollatorForLanguageModeling` return `BatchEncoding`s, mappings but not
+    dicts: the masked positions and padding marks are still found before the batch moves (else each would be a wait
+    for the GPU mid-step, and packing would silently not happen)."""
+    from transformers import BatchEncoding
+
+    batch = {name: BatchEncoding(dict(source)) for name, source in make_batches(1)[0].items()}
+    prepared = make_module(tiny_encoder, weighting="equal").on_before_batch_transfer(batch, 0)
+    assert all("masked_positions" in prepared[name] for name in AUX)
+    assert "masked_positions" not in prepared["end_task"]
+
+
+@pytest.mark.parametrize("sparse_mlm", [True, False])
+def test_a_micro_batch_with_nothing_masked_has_a_zero_mlm_loss(tiny_encoder, sparse_mlm):
+    """A short document can draw no masked token: its loss is 0 with no gradient, not NaN in the logs."""
+    batch = make_batches(1)[0]["tapt"]
+    batch["labels"].fill_(-100)
+    module = make_module(tiny_encoder, sparse_mlm=sparse_mlm)
+    loss = module.mlm_loss(module.on_before_batch_transfer(batch, 0))
+    assert loss.item() == 0.0
+    assert all(g is None or not g.any() for g in torch.autograd.grad(loss, list(module.mlm_head.parameters()),
+                                                                        allow_unused=True))
+
+
 def test_dev_head_on_cached_features_matches_fitting_through_encoder(tiny_encoder):
     batch = make_batches(1)[0]
     cached = make_module(tiny_encoder, weighting="meta", dev_head_on_cached_features=True)
@@ -597,12 +621,42 @@ def test_exported_classifier_carries_a_model_card_and_pushes_that_folder(tiny_en
         ({"monitor_metric": "f1"}, "monitor_metric"),
         ({"aux_objectives": ["end_task"]}, "aux_objectives"),
         ({"weighting": "aux_only", "aux_objectives": []}, "aux_objectives"),
+        ({"weighting": "meta", "aux_objectives": []}, "aux_objectives"),
         ({"label_names": ["a"]}, "label_names"),
     ],
 )
 def test_bad_options_name_the_option(tiny_encoder, options, option_name):
     with pytest.raises(ValueError, match=option_name):
         make_module(tiny_encoder, **options)
+
+
+def test_a_weighting_strategy_of_ones_own_trains_and_reloads_by_its_import_path(tiny_encoder, tmp_path):
+    """`weighting="own_weighting.EndTaskHeavy"` (tests/own_weighting.py, outside the library): its weights scale the
+    losses, and a checkpoint loads back with the same strategy; a path that is no strategy is refused by name."""
+    module = make_module(tiny_encoder, weighting="own_weighting.EndTaskHeavy")
+    trainer = fit(module, make_batches(1))
+    assert {name: float(weight) for name, weight in module.weighting.weights().items()} == {
+        "end_task": 0.5, "tapt": 0.25, "dapt": 0.25
+    }
+    trainer.save_checkpoint(tmp_path / "own.ckpt")
+    reloaded = TartanModule.load_from_checkpoint(tmp_path / "own.ckpt")
+    assert type(reloaded.weighting).__name__ == "EndTaskHeavy"
+    with pytest.raises(ValueError, match="weighting='own_weighting.torch' is not one of .* nor the import path"):
+        make_module(tiny_encoder, weighting="own_weighting.torch")
+
+
+def test_a_learning_rate_monitor_of_ones_own_is_kept(tiny_encoder, tmp_path):
+    """The module adds a LearningRateMonitor for the loggers; a trainer's own (with its options) stays in its place."""
+    from pytorch_lightning.callbacks import LearningRateMonitor
+    from pytorch_lightning.loggers import CSVLogger
+
+    own = LearningRateMonitor(logging_interval="step", log_momentum=True)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=1, logger=CSVLogger(tmp_path), callbacks=[own], enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(make_module(tiny_encoder), train_dataloaders=loader(make_batches(1)))
+    assert [callback for callback in trainer.callbacks if isinstance(callback, LearningRateMonitor)] == [own]
 
 
 def test_batch_without_end_task_names_it(tiny_encoder):
