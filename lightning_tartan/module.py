@@ -671,10 +671,16 @@ def micro_batches(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
     if not any(grouped.values()):
         return [dict(batch)]
     counts = {name: len(source) for name, source in batch.items() if grouped[name]}
-    if not all(grouped.values()) or len(set(counts.values())) != 1:
-        shapes = {name: counts.get(name, "a single micro-batch") for name in batch}
+    if not all(grouped.values()):
+        single = sorted(name for name, is_list in grouped.items() if not is_list)
         raise ValueError(
-            f"every source of a training batch needs the same number of micro-batches, got {shapes}: a source whose "
+            f"with gradient accumulation every source of a training batch is a list of micro-batches, but {single} "
+            f"{'is' if len(single) == 1 else 'are'} a single one (the dev samples too: META-TARTAN reads one pair per "
+            f"micro-batch); the others hold {counts}"
+        )
+    if len(set(counts.values())) != 1:
+        raise ValueError(
+            f"every source of a training batch needs the same number of micro-batches, got {counts}: a source whose "
             "loader ran out and restarted (CombinedLoader's max_size_cycle) brings its short last batch mid-epoch; "
             "give every source's DataLoader drop_last=True"
         )

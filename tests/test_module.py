@@ -868,8 +868,12 @@ def test_micro_batches_that_do_not_match_the_accumulation_fail_naming_both_optio
         )
     uneven = group(make_batches(2), 2)[0]
     uneven["tapt"] = uneven["tapt"][:1]
-    with pytest.raises(ValueError, match="the same number of micro-batches"):
+    with pytest.raises(ValueError, match="the same number of micro-batches.*drop_last=True"):
         micro_batches(uneven)
+    once_per_step = group(make_batches(2), 2)[0]
+    once_per_step["meta_dev"] = once_per_step["meta_dev"][0]
+    with pytest.raises(ValueError, match=r"but \['meta_dev'\] is a single one \(the dev samples too"):
+        micro_batches(once_per_step)
 
 
 def test_from_datamodule_takes_what_the_task_knows(tiny_encoder):
