@@ -55,7 +55,13 @@ def test_notebook_is_stored_without_outputs():
 
 
 @pytest.fixture(scope="module")
-def executed(data_root, tmp_path_factory):
+def output_dir(tmp_path_factory) -> Path:
+    """Where the short run's notebook writes its tiny encoder and plots (`TARTAN_NOTEBOOK_OUTPUT_DIR`)."""
+    return tmp_path_factory.mktemp("notebook_outputs")
+
+
+@pytest.fixture(scope="module")
+def executed(data_root, tmp_path_factory, output_dir):
     """The notebook executed once, in its own folder, with the short-run parameters."""
     # A stand-in package that fails to import hides the installed offline extra from the kernel only.
     shadow = tmp_path_factory.mktemp("no_offline_extra")
@@ -65,6 +71,7 @@ def executed(data_root, tmp_path_factory):
     for name, value in SHORT_RUN.items():
         patch.setenv(name, value)
     patch.setenv("TARTAN_NOTEBOOK_CACHE_DIR", str(tmp_path_factory.mktemp("notebook_datasets_cache")))
+    patch.setenv("TARTAN_NOTEBOOK_OUTPUT_DIR", str(output_dir))
     patch.delenv("TARTAN_NOTEBOOK_DATA_DIR", raising=False)  # the default must find ../shared on its own
     patch.delenv("TARTAN_NOTEBOOK_META_LR", raising=False)
     patch.setenv("PYTHONPATH", str(shadow), prepend=":")
@@ -88,7 +95,7 @@ def test_every_cell_runs(executed):
     assert all(cell.execution_count is not None for cell in code_cells)
     errors = [out for cell in code_cells for out in cell.outputs if out["output_type"] == "error"]
     assert errors == []
-    encoder_cell = next(cell for cell in code_cells if "build_tiny_encoder(WORK_DIR" in cell.source)
+    encoder_cell = next(cell for cell in code_cells if "build_tiny_encoder(OUTPUT_DIR" in cell.source)
     assert "task-trained WordPiece tokenizer" in stream_text(encoder_cell)
 
 
@@ -97,6 +104,12 @@ def test_weight_trajectories_are_displayed_as_png(executed):
     images = [out["data"]["image/png"] for out in plot_cell.outputs if "image/png" in out.get("data", {})]
     assert len(images) == 1
     assert base64.b64decode(images[0]).startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_outputs_land_in_the_output_dir(executed, output_dir):
+    names = {path.name for path in output_dir.iterdir()}
+    assert names == {"tiny_bert", "task_weights_meta.png", "task_weights_none.png"}
+    assert (output_dir / "task_weights_meta.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
 def test_comparison_prints_both_runs_dev_metric(executed):
