@@ -3,8 +3,11 @@
 META-TARTAN moves a task's weight by cos(g_task, g_dev). If the estimate of g_dev is mostly noise, the weights
 cannot learn anything; this measures the cosines META-TARTAN would see, on the same batches, for each estimator:
 
-    python reproduce/gradient_alignment.py --task citation_intent --batches 20
-    python reproduce/gradient_alignment.py --task citation_intent --init-checkpoint runs/cpu/.../best.ckpt
+    python reproduce/gradient_alignment.py --task citation_intent \
+        --out docs/results/gradient_alignment_citation_intent_start
+    python reproduce/gradient_alignment.py --task citation_intent \
+        --init-checkpoint runs/cpu/citation_intent/seed0/mt_tartan/checkpoints/best.ckpt \
+        --out docs/results/gradient_alignment_citation_intent_after_mt
 
 For each of `--batches` training batches it takes the gradient, over the encoder's parameters, of the end task's
 loss and of each MLM objective's loss, and the dev gradient of every estimator, all at the same weights. As a
@@ -77,7 +80,8 @@ def measure(
                 cosines[name].setdefault(objective, []).append(cosine(grad, dev))
         yardstick = cosines["yardstick"]
         for aux in base.objectives[1:]:
-            yardstick.setdefault(f"{aux} vs end_task, same batch", []).append(cosine(task_grads[aux], task_grads[END_TASK]))
+            same_batch = cosine(task_grads[aux], task_grads[END_TASK])
+            yardstick.setdefault(f"{aux} vs end_task, same batch", []).append(same_batch)
         if previous_end_task is not None:
             agreement = cosine(task_grads[END_TASK], previous_end_task)
             yardstick.setdefault("end_task vs the previous batch's end_task", []).append(agreement)
@@ -121,15 +125,20 @@ def main() -> None:
     parser.add_argument("--task", default="citation_intent", choices=list(TASKS))
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data" / "dsp")
     parser.add_argument("--encoder", default="sentence-transformers/all-MiniLM-L6-v2")
-    parser.add_argument("--init-checkpoint", help="a TartanModule checkpoint to measure at (default: the encoder as loaded)")
-    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--init-checkpoint", help="a TartanModule checkpoint to measure at (default: the encoder)")
+    parser.add_argument("--batches", type=int, default=20, help="at least 3: a spread needs 2 pairs of batches")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "gradient_alignment")
+    parser.add_argument("--out", type=Path, help="<out>.json and <out>.md (default: runs/gradient_alignment_<task>)")
     args = parser.parse_args()
+    if args.batches < 3:
+        parser.error(f"--batches {args.batches}: at least 3 (the batch-to-batch yardstick's sd needs 2 pairs)")
+    args.out = args.out or REPO / "runs" / f"gradient_alignment_{args.task}"
 
     torch.set_num_threads(1)
     data = TASKS[args.task](
-        data_dir=str(args.data_root / args.task), tokenizer_name_or_path=args.encoder, aux_corpora={"tapt": "train.txt"},
+        data_dir=str(args.data_root / args.task),
+        tokenizer_name_or_path=args.encoder,
+        aux_corpora={"tapt": "train.txt"},
         max_length=64, batch_size=16, aux_batch_size=16, dev_batch_size=16, dev_grad_batch_size=32, seed=args.seed,
     )
     cosines = measure(args.encoder, data, args.batches, args.init_checkpoint, args.seed)

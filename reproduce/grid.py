@@ -2,7 +2,7 @@
 
     python reproduce/grid.py --profile reproduce/profiles/cpu.yaml --jobs 2
     python reproduce/grid.py --profile reproduce/profiles/gpu.yaml --gpus 0 1 --jobs 4
-    python reproduce/grid.py --profile reproduce/profiles/cpu.yaml --aggregate-only
+    python reproduce/grid.py --profile reproduce/profiles/cpu.yaml --aggregate-only --results docs/results
     python reproduce/grid.py --profile reproduce/profiles/smoke.yaml -- --data.init_args.cache_dir /tmp/cache
 
 A method is a chain of stages (`tartan fit` of a shipped config, then `tartan test` of its checkpoint). Methods
@@ -10,10 +10,13 @@ that share a stage (MT-TARTAN and its post-hoc fine-tuning share the MT-TARTAN f
 seed; chains run concurrently, up to `--jobs` at once. Every stage has its own folder,
 `<out>/<task>/seed<seed>/<stage>/`, holding its `log.txt`, its Lightning logs (`logs/`), checkpoints and, once
 it succeeded, `done.json`. A rerun skips stages with `done.json` and (task, method, seed) results already
-recorded, and starts again any stage that was interrupted or failed, so the grid resumes after a kill.
+recorded, and starts again any stage that was interrupted or failed, so the grid resumes after a kill. A folder's
+runs share one profile, encoder and set of options after `--`, kept in `<out>/grid.json`: a rerun with others is
+refused rather than mixed into the same table.
 
 Each finished (task, method, seed) is one JSON record under `<out>/records/`; the tables (`runs.json`,
-`results.json`, `results.md`, `results.png` in `--results`) are always rebuilt from all records.
+`results.json`, `results.md`, `results.png` in `--results`, by default `<out>/results`) are rebuilt from all
+records at the end of every run, an interrupted one included.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
@@ -42,6 +45,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 PAPER_RESULTS = REPO / "reproduce" / "paper_results.json"
+TASKS = sorted(path.stem for path in (CONFIGS / "tasks").glob("*.yaml"))
+#: in an output folder: what all its runs share (`grid_settings`)
+GRID_SETTINGS = "grid.json"
 LOG_TAIL_LINES = 15
 #: task -> method -> {"metric", "mean", "sd", "n", "seeds"}
 Table = dict[str, dict[str, dict[str, Any]]]
@@ -187,6 +193,48 @@ def resolve_encoder(profile: Profile, override: Optional[str]) -> tuple[str, str
             return profile.encoder, profile.encoder
         return profile.encoder, str(package.get_model_path())
     return profile.encoder, profile.encoder
+
+
+def grid_settings(profile: Profile, encoder_name: str, passthrough: tuple[str, ...]) -> dict[str, Any]:
+    """What every run in one output folder must share for its records to be one table's: what a stage computes,
+    not which cells of the grid are asked for or how many run at once."""
+    shared = {
+        "profile": {key: value for key, value in asdict(profile).items() if key != "description"},
+        "encoder": encoder_name,
+        "tartan_options": list(passthrough),
+    }
+    return json.loads(json.dumps(shared))
+
+
+def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as dotted keys, so that a difference is named down to the option."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def claim_output_folder(out: Path, settings: dict[str, Any]) -> None:
+    """Record the folder's settings on its first run; refuse a later run whose stages would compute other things
+    (another encoder, profile option or tartan option), since its records would join the earlier ones' table."""
+    path = out / GRID_SETTINGS
+    if not path.exists():
+        write_json(path, settings)
+        return
+    before, now = flatten(read_json(path)), flatten(settings)
+    differences = [
+        f"  {key}: {before.get(key, '(unset)')!r} there, {now.get(key, '(unset)')!r} now"
+        for key in dict.fromkeys([*before, *now])
+        if before.get(key) != now.get(key)
+    ]
+    if differences:
+        raise SystemExit(
+            f"--out {out} holds runs made with other settings ({path}):\n" + "\n".join(differences) + "\n"
+            "Rerun with the same profile, --encoder and options after `--`, or give another --out."
+        )
 
 
 # ---- the plan: chains of stages per (task, seed, family) ---------------------------------------------------
@@ -583,6 +631,8 @@ def build_record(settings: Settings, chain: Chain, method: str) -> dict[str, Any
         "seed": chain.seed,
         "metric": metric,
         "dev_score": dev_score(fit_logs, final, metric),
+        # every dev evaluation of the tested fit, in order: whether it was still improving when it stopped
+        "dev_evaluations": read_metrics(fit_logs / "metrics.csv")[f"val/{metric}"],
         "test_score": test[f"test/{metric}"][-1],
         "test_f1_macro": test["test/f1_macro"][-1],
         "test_accuracy": test["test/accuracy"][-1],
@@ -669,6 +719,7 @@ def percent(cell: dict[str, Any]) -> str:
 def markdown(table: Table, meta: dict[str, Any], paper: dict[str, dict[str, str]]) -> str:
     tasks = list(table)
     methods = methods_in(table)
+    paper = {task: paper[task] for task in tasks if set(paper.get(task, {})) & set(methods)}  # a column with numbers
     header = ["Method"]
     for task in tasks:
         metric = next(iter(table[task].values()))["metric"]
@@ -764,7 +815,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         epilog="Options after a literal `--` are appended to every tartan command.",
     )
     parser.add_argument("--profile", type=Path, required=True, help="reproduce/profiles/{gpu,cpu,smoke}.yaml")
-    parser.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS)
+    parser.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, choices=TASKS, metavar="TASK",
+                        help=f"default: {' '.join(DEFAULT_TASKS)}; any of: {' '.join(TASKS)} (configs/tasks/)")
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS), metavar="METHOD",
                         help=f"default: {' '.join(DEFAULT_METHODS)}; any of: {' '.join(METHODS)}")
     parser.add_argument("--seeds", nargs="+", type=int, default=DEFAULT_SEEDS)
@@ -775,7 +827,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data" / "dsp",
                         help="folder holding one folder per task (default: ../shared/data/dsp)")
     parser.add_argument("--out", type=Path, help="run folders and records (default: runs/<profile name>)")
-    parser.add_argument("--results", type=Path, default=REPO / "docs" / "results", help="where the tables go")
+    parser.add_argument("--results", type=Path,
+                        help="where the tables go (default: <out>/results; the published ones are in docs/results)")
     parser.add_argument("--aggregate-only", action="store_true", help="rebuild the tables from existing records")
     args = parser.parse_args(argv)
     if args.jobs < 1:
@@ -802,6 +855,7 @@ def run_grid(
     if not chains:
         return 0
     encoder_name, encoder = resolve_encoder(profile, args.encoder)
+    claim_output_folder(out, grid_settings(profile, encoder_name, passthrough))
     gpus = tuple(args.gpus)
     settings = Settings(
         profile=profile,
@@ -835,15 +889,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (OSError, TypeError, ValueError) as error:
         raise SystemExit(f"--profile {args.profile}: {error}") from error
     out = (args.out or REPO / "runs" / profile.name).resolve()
+    results = args.results or out / "results"
     command_line = shlex.join(["python", "reproduce/grid.py", *argv])
-    failed = 0 if args.aggregate_only else run_grid(args, profile, out, passthrough, command_line)
+    try:
+        failed = 0 if args.aggregate_only else run_grid(args, profile, out, passthrough, command_line)
+    except KeyboardInterrupt:
+        tabulate(out, results)  # what finished before the interrupt
+        raise
+    return 1 if tabulate(out, results) == 0 or failed else 0
+
+
+def tabulate(out: Path, results: Path) -> int:
+    """The tables rebuilt from every record under `out`; the number of records."""
     records = load_records(out)
     if not records:
         print(f"no records under {out / 'records'}: nothing to tabulate")
-        return 1
-    write_results(records, args.results)
-    print(f"{len(records)} records -> {args.results / 'results.md'} (and runs.json, results.json, results.png)")
-    return 1 if failed else 0
+        return 0
+    write_results(records, results)
+    print(f"{len(records)} records -> {results / 'results.md'} (and runs.json, results.json, results.png)")
+    return len(records)
 
 
 if __name__ == "__main__":

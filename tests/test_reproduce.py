@@ -68,6 +68,8 @@ def test_summary_is_mean_sample_sd_and_n_per_task_and_method():
     assert "| Method | sciie (f1_macro) | sciie, paper | chemprot (accuracy) |" in text
     assert "| mt_tartan | 80.0 ± 10.0 (3) | 81.2 (0.5) | 60.0 (1) |" in text
     assert "| fine_tuning | 50.0 (1) | – | – |" in text
+    only_other_methods = grid.markdown(table, meta, paper={"sciie": {"tapt_fine_tuning": "79.3 (1.5)"}})
+    assert "| Method | sciie (f1_macro) | chemprot (accuracy) |" in only_other_methods  # no column of dashes
 
 
 def test_methods_sharing_a_stage_form_one_chain_in_dependency_order(tmp_path):
@@ -122,7 +124,7 @@ def test_smoke_grid_end_to_end(tiny_encoder, data_root, cache_dir, tmp_path):
     seed_dir = out / "citation_intent" / "seed0"
     with (seed_dir / "baseline" / "logs" / "metrics.csv").open() as stream:
         dev = [float(row["val/f1_macro"]) for row in csv.DictReader(stream) if row["val/f1_macro"]]
-    assert by_method["fine_tuning"]["dev_score"] == max(dev)
+    assert by_method["fine_tuning"]["dev_score"] == max(dev) and by_method["fine_tuning"]["dev_evaluations"] == dev
     for method in ("mt_tartan_posthoc", "meta_tartan_posthoc"):
         selection = by_method[method]["selection"]
         assert selection["selected"] in ("start", "fine_tuned")
@@ -168,6 +170,20 @@ def test_smoke_grid_end_to_end(tiny_encoder, data_root, cache_dir, tmp_path):
     assert not (seed_dir / "mt_tartan_posthoc" / "done.json").exists()
     assert len(json.loads((results / "runs.json").read_text())) == 5  # tables rebuilt from what is recorded
 
+    # ---- a rerun with another encoder or tartan option is refused, not mixed into the same table ----
+    (out / "records" / "citation_intent-fine_tuning-seed0.json").unlink()
+    other_encoder = [str(tmp_path / "another_encoder") if arg == tiny_encoder else arg for arg in common]
+    refused = run_script(*other_encoder, "--methods", "fine_tuning", *passthrough)
+    other_options = run_script(*common, "--methods", "fine_tuning", *passthrough, "--trainer.max_steps=40")
+    for mixed in (refused, other_options):
+        assert mixed.returncode != 0 and started(mixed.stdout) == []
+        assert f"--out {out} holds runs made with other settings" in mixed.stderr
+    assert f"encoder: {tiny_encoder!r} there, {str(tmp_path / 'another_encoder')!r} now" in refused.stderr
+    assert "tartan_options" in other_options.stderr and "--trainer.max_steps=40" in other_options.stderr
+    assert not (out / "records" / "citation_intent-fine_tuning-seed0.json").exists()
+    assert run_script(*common, "--methods", "fine_tuning", *passthrough).returncode == 0  # the same settings go on
+    assert (out / "records" / "citation_intent-fine_tuning-seed0.json").is_file()
+
     # ---- the tables alone, from the records, running nothing even though a result is missing ----
     recorded = (results / "runs.json").read_text()
     shutil.rmtree(results)
@@ -176,6 +192,34 @@ def test_smoke_grid_end_to_end(tiny_encoder, data_root, cache_dir, tmp_path):
     assert started(tables.stdout) == [] and len(list((out / "records").iterdir())) == 5
     assert (results / "runs.json").read_text() == recorded
     assert {path.name for path in results.iterdir()} == {"runs.json", "results.json", "results.md", "results.png"}
+
+
+def test_an_interrupted_grid_tabulates_what_finished_into_its_own_folder(tmp_path, monkeypatch):
+    """Ctrl-C still rebuilds the tables from the records written so far, and by default they go beside the runs,
+    never over the published ones in docs/results."""
+    out = tmp_path / "runs"
+    provenance = {"grid_command": "python reproduce/grid.py", "profile": "smoke", "encoder": "e"}
+    provenance |= {"precision": "32-true", "hardware": "h", "date": "2026-11-28T00:00:00+00:00"}
+    finished = record("sciie", "fine_tuning", 0, 0.5) | provenance
+    grid.write_json(grid.record_path(out, "sciie", "fine_tuning", 0), finished)
+    published = (REPO / "docs" / "results" / "runs.json").read_text()
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(grid, "run_grid", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        grid.main(["--profile", str(SMOKE), "--out", str(out)])
+    assert [r["method"] for r in json.loads((out / "results" / "runs.json").read_text())] == ["fine_tuning"]
+    assert "| fine_tuning | 50.0 (1) |" in (out / "results" / "results.md").read_text()
+    assert (REPO / "docs" / "results" / "runs.json").read_text() == published
+
+
+def test_unknown_task_is_refused_before_anything_runs(tmp_path):
+    result = run_script("--profile", str(SMOKE), "--tasks", "acl_arc", "--out", str(tmp_path / "runs"))
+    assert result.returncode == 2 and started(result.stdout) == []
+    assert "invalid choice: 'acl_arc'" in result.stderr and "citation_intent" in result.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_gradient_alignment_reports_every_estimator(tiny_encoder, data_root, tmp_path):
@@ -200,3 +244,12 @@ def test_gradient_alignment_reports_every_estimator(tiny_encoder, data_root, tmp
     table = out.with_suffix(".md").read_text()
     mean = statistics.fmean(cosines[estimators[0]]["end_task"])
     assert f"| {estimators[0]} | {mean:+.3f} ±" in table
+
+
+def test_gradient_alignment_refuses_too_few_batches_before_measuring(tmp_path):
+    script = REPO / "reproduce" / "gradient_alignment.py"
+    out = tmp_path / "alignment"
+    result = subprocess.run([sys.executable, str(script), "--batches", "2", "--out", str(out)],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 2 and "--batches 2: at least 3" in result.stderr
+    assert not out.with_suffix(".json").exists()
