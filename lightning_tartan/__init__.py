@@ -1,5 +1,6 @@
 """End-task aware training (TARTAN) for PyTorch Lightning."""
 from lightning_tartan.callbacks import TaskWeightPlot
+from lightning_tartan.heads import EncoderInputMismatch
 from lightning_tartan.meta_tartan import MetaWeighting
 from lightning_tartan.module import CheckpointMismatch, TartanModule
 from lightning_tartan.posthoc import PostHocSelection
@@ -9,6 +10,7 @@ from lightning_tartan.weighting import EncoderAccess, Weighting
 __all__ = [
     "CheckpointMismatch",
     "EncoderAccess",
+    "EncoderInputMismatch",
     "MetaWeighting",
     "PostHocSelection",
     "PredictionWriter",

@@ -23,6 +23,7 @@ from transformers import AutoConfig
 
 from datamodules import DataFormatError, EndTaskDataModule  # the import registers every task for `--data <Name>`
 from lightning_tartan.checkpoints import ResumableCheckpoint
+from lightning_tartan.heads import EncoderInputMismatch
 from lightning_tartan.module import DATAMODULE_OPTIONS, CheckpointMismatch, TartanModule, weighting_class
 from lightning_tartan.packaged_encoders import local_copy
 from lightning_tartan.posthoc import PostHocSelection
@@ -58,6 +59,11 @@ def is_hub_model_id(name: str) -> bool:
     return True
 
 
+def the_tokenizer(encoder_name_or_path: str, tokenizer_name_or_path: Optional[str]) -> str:
+    """The tokenizer a run uses: the one named, else the encoder's."""
+    return tokenizer_name_or_path or encoder_name_or_path
+
+
 class TartanCLI(LightningCLI):
     """`LightningCLI` with TARTAN's links and its default callbacks: keep the best dev checkpoint and an always
     current `last.ckpt` (`--ckpt_path last` resumes the newest one), stop early, write predictions."""
@@ -67,11 +73,19 @@ class TartanCLI(LightningCLI):
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
         parser.add_lightning_class_args(PredictionWriter, "predictions")  # what `tartan predict` writes
         parser.set_defaults({"checkpoint.mode": "max", "checkpoint.save_last": True, "early_stopping.mode": "max"})
+        # the monitored metric is a dev metric: check it after each dev evaluation, not at the end of a training
+        # epoch, which a run of fewer steps than an epoch (a TAPT stage on a big corpus) ends before any evaluation
+        parser.set_defaults({"early_stopping.check_on_train_epoch_end": False})
         # metrics.csv (or any logger) gets every optimizer step's losses and task weights, not every 50th
         parser.set_defaults({"trainer.log_every_n_steps": 1})
-        # The tokenizer is the encoder's: the data tokenizes with it and the model saves it with exports.
-        for target in ("data.init_args.tokenizer_name_or_path", "model.tokenizer_name_or_path"):
-            parser.link_arguments("model.encoder_name_or_path", target, apply_on="parse")
+        # The data tokenizes with the tokenizer the model saves with its exports: --model.tokenizer_name_or_path,
+        # by default the encoder's.
+        parser.link_arguments(
+            ("model.encoder_name_or_path", "model.tokenizer_name_or_path"),
+            "data.init_args.tokenizer_name_or_path",
+            compute_fn=the_tokenizer,
+            apply_on="parse",
+        )
         # What the model trains decides what the data builds: the dev samples only for a strategy that reads them.
         parser.link_arguments(
             "model.weighting", "data.init_args.include_meta_dev", compute_fn=needs_dev_samples, apply_on="parse"
@@ -90,6 +104,10 @@ class TartanCLI(LightningCLI):
             parser.link_arguments(
                 "data.monitor_metric", f"{callback}.monitor", compute_fn=dev_metric_key, apply_on="instantiate"
             )
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        self._subcommand_config().model.tokenizer_name_or_path = self.tokenizer_given
 
     def before_instantiate_classes(self) -> None:
         """Name the option behind mistakes that Lightning or transformers would report late or obscurely."""
@@ -129,17 +147,37 @@ class TartanCLI(LightningCLI):
             # its checkpoint folder, which must equal the stored one for the best dev score to be restored
             save_dir = str(Path(config.trainer.default_root_dir or ".").resolve())
             config.trainer.logger = Namespace(class_path=CSV_LOGGER, init_args=Namespace(save_dir=save_dir))
+        loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+        for logger in loggers:
+            init_args = getattr(logger, "init_args", None)
+            if isinstance(getattr(init_args, "save_dir", None), str):  # a logger's own --trainer.logger.save_dir too
+                init_args.save_dir = str(Path(init_args.save_dir).resolve())
+        # The model records the tokenizer the data (linked at parse time) tokenizes with; the run's config.yaml
+        # keeps the option as given (`after_instantiate_classes`), so that reused with another encoder it takes
+        # that encoder's tokenizer.
+        self.tokenizer_given = config.model.tokenizer_name_or_path
+        config.model.tokenizer_name_or_path = the_tokenizer(
+            config.model.encoder_name_or_path, config.model.tokenizer_name_or_path
+        )
         _fill_task(config)
-        self._check_encoder(config.model.encoder_name_or_path)
+        self._check_encoder(config.model.encoder_name_or_path, config.get("ckpt_path"))
         ckpt_path = config.get("ckpt_path")  # absent without a subcommand (`run=False`)
         if ckpt_path == "last" or (self.subcommand != "fit" and ckpt_path == "best"):
             self._find_run_checkpoint(config)
 
-    def _check_encoder(self, encoder: str) -> None:
+    def _check_encoder(self, encoder: str, ckpt_path: Optional[str]) -> None:
         encoder = local_copy(encoder)
         if Path(encoder).exists():
             return
         if not is_hub_model_id(encoder):
+            if ckpt_path is not None and Path(ckpt_path).is_file():
+                # LightningCLI gives a checkpoint's model options precedence over the command line's
+                self.parser.error(
+                    f"--model.encoder_name_or_path {encoder}: no such folder. It is the encoder {ckpt_path} was "
+                    "trained from, which the checkpoint records and `tartan` reads over the command line: put the "
+                    "folder back, or load the checkpoint from Python with TartanModule.load_from_checkpoint("
+                    "path, encoder_name_or_path=<folder>, tokenizer_name_or_path=<folder>)"
+                )
             self.parser.error(
                 f"--model.encoder_name_or_path {encoder}: no such folder (a TAPT/DAPT export exists once its "
                 "stage-1 config, e.g. configs/methods/tapt.yaml, has been fit)"
@@ -323,13 +361,14 @@ def _log_root(trainer: Namespace) -> Path:
 
 
 def main(args: ArgsType = None) -> None:
-    """Entry point of the `tartan` console script: a data file that cannot be used, or a checkpoint of another task,
-    is reported as the CLI's own errors are, in one line naming the file and line or what differs (from Python,
-    `DataFormatError` and `CheckpointMismatch` are raised as usual). A run stopped by Ctrl-C exits with 130, as
+    """Entry point of the `tartan` console script: a data file that cannot be used, a checkpoint of another task, or
+    a tokenizer or max_length the encoder cannot take, is reported as the CLI's own errors are, in one line naming
+    the file and line or what differs (from Python, `DataFormatError`, `CheckpointMismatch` and
+    `EncoderInputMismatch` are raised as usual). A run stopped by Ctrl-C exits with 130, as
     an interrupted shell command does."""
     try:
         cli = tartan_cli(args)
-    except (DataFormatError, CheckpointMismatch) as err:
+    except (DataFormatError, CheckpointMismatch, EncoderInputMismatch) as err:
         print(f"tartan: error: {err}", file=sys.stderr)
         sys.exit(2)
     callback = cli.trainer.checkpoint_callback

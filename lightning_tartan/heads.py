@@ -149,12 +149,54 @@ def load_encoder_and_mlm_head(
             raise
         raise ValueError(f"attn_implementation={attn_implementation!r} for {name_or_path!r}: {err}") from None
     mlm_model.train()  # from_pretrained returns eval mode, which would silently disable dropout
+    # a checkpoint saved in bf16 or fp16 loads in that dtype (transformers >= 5); training keeps fp32 weights and
+    # lets `trainer.precision` choose what the matrix products run in
+    mlm_model.float()
     try:
         head = masked_lm_head(mlm_model)
     except ValueError as err:
         raise ValueError(f"encoder_name_or_path={name_or_path!r}: {err}") from None
     _warn_about_new_encoder_weights(name_or_path, mlm_model, loading["missing_keys"])
     return mlm_model.base_model, head, config, RandomMLMHead.of(name_or_path, mlm_model, loading["missing_keys"])
+
+
+class EncoderInputMismatch(ValueError):
+    """A tokenizer or `max_length` the encoder cannot take."""
+
+
+def check_inputs_fit_encoder(
+    encoder: PreTrainedModel, tokenizer: Any, tokenizer_name_or_path: str, max_length: Optional[int]
+) -> None:
+    """Refuse a tokenizer or `max_length` the encoder cannot take, naming the option, before a step runs: ids past
+    its embedding table and rows past its positions fail deep inside it, and a tokenizer far smaller than the
+    table is a folder without its tokenizer files (transformers then builds one that reads every word as unknown).
+    """
+    rows = encoder.get_input_embeddings().num_embeddings
+    size = len(tokenizer)
+    choose = "name the encoder's own tokenizer with --model.tokenizer_name_or_path (TartanModule's and the data's)"
+    if size > rows:
+        raise EncoderInputMismatch(
+            f"the tokenizer {tokenizer_name_or_path!r} has {size} tokens but the encoder's embedding table {rows} "
+            f"rows: {choose}"
+        )
+    if size < rows // 2:
+        raise EncoderInputMismatch(
+            f"the tokenizer {tokenizer_name_or_path!r} has {size} tokens for the encoder's {rows} embeddings: is the "
+            f"folder missing its tokenizer files (tokenizer.json, vocab.txt, ...)? Save the tokenizer beside the "
+            f"encoder, or {choose}"
+        )
+    config = encoder.config
+    positions = getattr(config, "max_position_embeddings", None)
+    if max_length is None or positions is None or not getattr(config, "position_biased_input", True):
+        return  # no absolute positions to run past (DeBERTa's relative ones, say)
+    # RoBERTa-style embeddings number positions on from the padding index
+    padding_idx = getattr(getattr(encoder, "embeddings", None), "padding_idx", None)
+    limit = positions - (padding_idx + 1 if isinstance(padding_idx, int) else 0)
+    if max_length > limit:
+        raise EncoderInputMismatch(
+            f"max_length={max_length} is longer than the {limit} positions of the encoder (max_position_embeddings="
+            f"{positions}): set --data.init_args.max_length {limit} or less"
+        )
 
 
 @dataclass(frozen=True)

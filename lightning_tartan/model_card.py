@@ -66,7 +66,7 @@ def end_task_model_card(
         "from transformers import pipeline",
         "",
         'classifier = pipeline("text-classification", model="<this folder or Hub repo>")',
-        'classifier(["a text to label"], truncation=True)  # texts past the encoder\'s length are cut, as in training',
+        'classifier(["a text to label"], truncation=True)  # cut at the training max_length, as in training',
         "```",
     ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")

@@ -32,7 +32,12 @@ from transformers import AutoTokenizer, PreTrainedModel
 
 from lightning_tartan.attention_masks import READY_MASK_ARCHITECTURES, encoder_mask, mark_padding, takes_ready_masks
 from lightning_tartan.export import check_exportable, classification_model, masked_lm_model
-from lightning_tartan.heads import ClassificationHead, classification_head_options, load_encoder_and_mlm_head
+from lightning_tartan.heads import (
+    ClassificationHead,
+    check_inputs_fit_encoder,
+    classification_head_options,
+    load_encoder_and_mlm_head,
+)
 from lightning_tartan.meta_tartan import MetaWeighting
 from lightning_tartan.model_card import end_task_model_card
 from lightning_tartan.packaged_encoders import local_copy
@@ -231,6 +236,9 @@ class TartanModule(pl.LightningModule):
         self.test_metrics = metrics.clone(prefix="test/")
         self._rng_to_restore: Optional[dict[str, Any]] = None
         self._run_seed: Optional[int] = None
+        #: the data's truncation length, once a data module set it up; checkpoints keep it, and end-task exports
+        #: save it as their tokenizer's `model_max_length`, so `pipeline(..., truncation=True)` cuts as training did
+        self.max_length: Optional[int] = None
         if init_checkpoint is not None:
             self.load_weights(init_checkpoint)
 
@@ -369,6 +377,12 @@ class TartanModule(pl.LightningModule):
         return self._run_seed
 
     def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule if self._trainer_attached() else None
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        if tokenizer is not None:  # an EndTaskDataModule's, set up just before: its ids and lengths must fit
+            name = getattr(datamodule, "tokenizer_name_or_path", self.hparams.tokenizer_name_or_path)
+            self.max_length = getattr(datamodule, "max_length", None)
+            check_inputs_fit_encoder(self.encoder, tokenizer, str(name), self.max_length)
         if stage == "fit":
             self._run_seed = _run_seed()  # a checkpoint being resumed replaces it after setup
 
@@ -514,12 +528,14 @@ class TartanModule(pl.LightningModule):
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
         checkpoint["run_seed"] = self.run_seed
+        checkpoint["max_length"] = self.max_length
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._check_checkpoint_fits(checkpoint.get("hyper_parameters", {}))
         self._random_mlm_head = replace(self._random_mlm_head, missing=())
         self._rng_to_restore = checkpoint.get("rng_states")
         self._run_seed = checkpoint.get("run_seed", self._run_seed)
+        self.max_length = self.max_length or checkpoint.get("max_length")
         # torch would restore the saved param groups' AdamW kernels too; Lightning and the fp16 loss scaler treat the
         # optimizer as what it was built as (a checkpoint made before fused became the GPU default failed in fp16)
         if self._trainer_attached():
@@ -592,7 +608,7 @@ class TartanModule(pl.LightningModule):
         (README.md: task, labels, method, task weights, `metrics`), and upload that folder to the Hub repo
         `push_to_hub` (created if missing) when one is given."""
         names = self.hparams.label_names or [str(i) for i in range(self.hparams.num_labels)]
-        self._save_with_tokenizer(classification_model(self.encoder, self.end_task_head, names), path)
+        self._save_with_tokenizer(classification_model(self.encoder, self.end_task_head, names), path, self.max_length)
         card = end_task_model_card(
             encoder=self.hparams.encoder_name_or_path,
             label_names=names,
@@ -612,9 +628,14 @@ class TartanModule(pl.LightningModule):
         """Write encoder + MLM head as an HF masked-LM folder: the input of a later fine-tuning run (TAPT/DAPT)."""
         self._save_with_tokenizer(masked_lm_model(self.encoder, self.mlm_head), path)
 
-    def _save_with_tokenizer(self, model: PreTrainedModel, path: str | Path) -> None:
+    def _save_with_tokenizer(self, model: PreTrainedModel, path: str | Path, max_length: Optional[int] = None) -> None:
+        """`max_length`: what the tokenizer's `model_max_length` becomes (an encoder for further training keeps its
+        own)."""
         model.save_pretrained(path)
-        AutoTokenizer.from_pretrained(local_copy(self.hparams.tokenizer_name_or_path)).save_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(local_copy(self.hparams.tokenizer_name_or_path))
+        if max_length is not None:
+            tokenizer.model_max_length = min(max_length, tokenizer.model_max_length)
+        tokenizer.save_pretrained(path)
 
 
 def _unique(params, module: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -13,10 +13,10 @@ import pytest
 import torch
 import yaml
 from pytorch_lightning.callbacks import TQDMProgressBar
-from transformers import AutoModelForMaskedLM
+from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM
 
 from datamodules import EndTaskDataModule
-from lightning_tartan import PostHocSelection, TartanModule
+from lightning_tartan import EncoderInputMismatch, PostHocSelection, TartanModule
 from lightning_tartan.callbacks import TaskWeightPlot
 from lightning_tartan.cli import tartan_cli
 from lightning_tartan.export import ExportEncoder
@@ -216,6 +216,20 @@ def test_config_trains(task, method, tiny_encoder, data_dir_for, multitask_check
         assert (tmp_path / "exports" / task / method / "config.json").is_file()
     if method == "posthoc":
         assert (tmp_path / "posthoc_selection.json").is_file()
+
+
+@pytest.mark.parametrize("method", ["tapt", "mlm_head_warmup"])
+def test_a_stage_shorter_than_an_epoch_exports(method, tiny_encoder, data_root, cache_dir, tmp_path, monkeypatch):
+    """`max_steps` reached before the first dev evaluation (a TAPT corpus bigger than the step budget): early
+    stopping has no dev metric yet, which must not stop the stage from finishing and writing its export."""
+    monkeypatch.chdir(tmp_path)
+    cli = tartan_cli(
+        ["fit", *config_args("citation_intent", method), "--model.encoder_name_or_path", tiny_encoder]
+        + ["--data.data_dir", str(data_root / "citation_intent"), "--data.cache_dir", cache_dir, *SMALL]
+        + ["--trainer.max_steps=2", "--trainer.limit_val_batches=1"]
+    )
+    assert cli.trainer.state.finished and cli.trainer.global_step == 2
+    assert (tmp_path / "exports" / "citation_intent" / method / "config.json").is_file()
 
 
 def test_tapt_export_is_the_encoder_of_tapt_finetune(tiny_encoder, data_root, cache_dir, tmp_path, monkeypatch):
@@ -678,3 +692,81 @@ def test_mistakes_fail_before_anything_loads(configs, options, message, tmp_path
         tartan_cli(["fit", *config_files, *options])
     assert exit_info.value.code != 0
     assert message in capsys.readouterr().err.splitlines()[-1]
+
+
+# ---- encoders of one's own ----------------------------------------------------------------------------------
+
+
+def save_tiny_bert(folder: Path, tokenizer_from: str | None, dtype: torch.dtype = torch.float32, **config) -> str:
+    """A 2-layer, 32-wide random BERT saved in `dtype`, with the tokenizer of `tokenizer_from` (None: no tokenizer
+    files, as a bare `model.save_pretrained` leaves)."""
+    options = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(**{**options, **config})).to(dtype).save_pretrained(folder)
+    if tokenizer_from is not None:
+        AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(folder)
+    return str(folder)
+
+
+def test_an_encoder_folder_without_its_tokenizer_is_one_line(tiny_encoder, data_root, tmp_path):
+    """transformers would build a 5-token tokenizer that reads every word as unknown, and the run would train on it."""
+    encoder = save_tiny_bert(tmp_path / "no_tokenizer", None)
+    result = run_tartan(
+        "fit", f"--config={CONFIGS / 'quickstart.yaml'}", f"--model.encoder_name_or_path={encoder}",
+        f"--data.data_dir={data_root / 'citation_intent'}", f"--trainer.default_root_dir={tmp_path}", *SMALL,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last_line = result.stderr.splitlines()[-1]
+    assert f"tartan: error: the tokenizer '{encoder}' has 5 tokens for the encoder's 30522 embeddings" in last_line
+    assert "--model.tokenizer_name_or_path" in last_line
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"vocab_size": 1000}, "has 30522 tokens but the encoder's embedding table 1000 rows"),
+        ({"max_position_embeddings": 16}, "max_length=32 is longer than the 16 positions of the encoder"),
+    ],
+    ids=["vocabulary", "positions"],
+)
+def test_a_tokenizer_or_max_length_the_encoder_cannot_take_is_refused_before_a_step(
+    config, message, tiny_encoder, data_root, cache_dir, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    encoder = save_tiny_bert(tmp_path / "encoder", tiny_encoder, **config)
+    with pytest.raises(EncoderInputMismatch, match=re.escape(message)):
+        tartan_cli(
+            ["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--model.encoder_name_or_path", encoder]
+            + ["--data.data_dir", str(data_root / "citation_intent"), "--data.cache_dir", cache_dir, *SMALL]
+        )
+
+
+def test_a_separate_tokenizer_and_a_bf16_checkpoint_train_and_export(tiny_encoder, data_root, cache_dir, tmp_path,
+                                                                     monkeypatch):
+    """An encoder saved in bf16 without its tokenizer: the tokenizer comes from --model.tokenizer_name_or_path, the
+    weights train in fp32, and the export cuts texts at the training max_length."""
+    monkeypatch.chdir(tmp_path)
+    encoder = save_tiny_bert(tmp_path / "bf16_encoder", None, dtype=torch.bfloat16)
+    cli = tartan_cli(
+        ["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--model.encoder_name_or_path", encoder]
+        + ["--model.tokenizer_name_or_path", tiny_encoder, "--data.data_dir", str(data_root / "citation_intent")]
+        + ["--data.cache_dir", cache_dir, "--trainer.fast_dev_run=true", *SMALL]
+    )
+    assert cli.trainer.state.finished and cli.datamodule.tokenizer_name_or_path == tiny_encoder
+    assert {parameter.dtype for parameter in cli.model.parameters()} == {torch.float32}
+    cli.model.save_end_task_model(tmp_path / "classifier")
+    exported = AutoTokenizer.from_pretrained(tmp_path / "classifier")
+    assert exported.model_max_length == 32 and len(exported) == len(AutoTokenizer.from_pretrained(tiny_encoder))
+
+
+def test_a_relative_logger_save_dir_is_made_absolute_so_resumes_keep_the_best_checkpoint(data_root, tmp_path,
+                                                                                          monkeypatch):
+    """ModelCheckpoint compares its folder with the resumed checkpoint's (absolute): a relative one makes it forget
+    the best dev score and keep a worse checkpoint as `best`."""
+    monkeypatch.chdir(tmp_path)
+    cli = tartan_cli(
+        ["--config", str(CONFIGS / "quickstart.yaml"), "--data.data_dir", str(data_root / "citation_intent")]
+        + ["--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", "runs"],
+        run=False,
+    )
+    assert cli.trainer.logger.save_dir == str(tmp_path / "runs")
