@@ -388,7 +388,9 @@ class TartanModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         trains_mlm = any(name != END_TASK for name in self.weighting.active)
-        if trains_mlm and self._random_mlm_head.missing:  # a checkpoint or init_checkpoint brings a trained one
+        # a checkpoint or init_checkpoint brings a trained head; with the encoder frozen (the head warm-up itself)
+        # the random head's gradients reach no encoder weight
+        if trains_mlm and self._random_mlm_head.missing and not self.hparams.freeze_encoder:
             rank_zero_warn(self._random_mlm_head.warning())
         wrapped = self.trainer.strategy.model
         if isinstance(wrapped, DistributedDataParallel) and not wrapped.find_unused_parameters:
@@ -522,11 +524,18 @@ class TartanModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Dropout draws from torch's generators; restoring them makes a resumed run exact. (The data module seeds
-        # MLM masks per batch and its loaders' positions ride in the checkpoint on their own.)
-        checkpoint["rng_states"] = {
+        # MLM masks per batch and its loaders' positions ride in the checkpoint on their own.) Under DDP every rank
+        # saves (Lightning dumps the checkpoint on all ranks and rank 0 writes it): each rank's stream is its own,
+        # as dropout advances it by the size of that rank's batches, so the checkpoint holds all of them.
+        states = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
+        if self._trainer_attached() and self.trainer.world_size > 1:
+            by_rank: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(by_rank, states)
+            states = {**states, "by_rank": by_rank}
+        checkpoint["rng_states"] = states
         checkpoint["run_seed"] = self.run_seed
         checkpoint["max_length"] = self.max_length
 
@@ -573,6 +582,9 @@ class TartanModule(pl.LightningModule):
         if self._rng_to_restore is None:
             return
         states, self._rng_to_restore = self._rng_to_restore, None
+        by_rank = states.get("by_rank") or []
+        if len(by_rank) == self.trainer.world_size:  # saved by as many ranks as resume it
+            states = by_rank[self.trainer.global_rank]
         torch.set_rng_state(states["torch"])
         if states["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(states["cuda"])

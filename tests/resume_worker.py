@@ -46,16 +46,20 @@ def train(
     kill_after: Optional[int] = None,
     ckpt_path: Optional[str] = None,
     max_epochs: Optional[int] = None,
+    devices: int = 1,
+    max_length: int = 32,
 ) -> dict[str, torch.Tensor]:
     """The module's final state; a resumed run is seeded differently, so all it continues comes from the checkpoint.
-    The run lasts `MAX_STEPS` optimizer steps, or `max_epochs` epochs when given (as the shipped configs count)."""
+    The run lasts `MAX_STEPS` optimizer steps, or `max_epochs` epochs when given (as the shipped configs count).
+    With `devices` 2, two DDP processes (gloo): Lightning re-runs this script for the second, and each rank kills
+    itself after the checkpoint, as a pre-empted job loses all its processes."""
     pl.seed_everything(123 if ckpt_path else 0)
     data = CitationIntentDataModule(
         data_dir=data_dir,
         tokenizer_name_or_path=encoder,
         # the short corpus wraps around several times within an epoch
         aux_corpora={"tapt": "train.txt", "dapt": "domain.1xTAPT.txt", "short": short_corpus},
-        max_length=32,
+        max_length=max_length,
         batch_size=4,
         aux_batch_size=4,
         dev_batch_size=4,
@@ -72,6 +76,8 @@ def train(
         callbacks = [every, KillAfterCheckpoint(Path(out_dir) / "mid.ckpt")]
     trainer = pl.Trainer(
         accelerator="cpu",
+        devices=devices,
+        strategy="ddp_find_unused_parameters_true" if devices > 1 else "auto",
         max_steps=MAX_STEPS if max_epochs is None else -1,
         max_epochs=max_epochs,
         limit_train_batches=EPOCH_BATCHES,
@@ -84,7 +90,8 @@ def train(
     )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     state = {name: value.detach().clone() for name, value in module.state_dict().items()}
-    torch.save(state, Path(out_dir) / "final.pt")
+    if trainer.is_global_zero:
+        torch.save(state, Path(out_dir) / "final.pt")
     return state
 
 

@@ -799,12 +799,15 @@ def without_head_tensors(tiny_encoder: str, folder: Path, dropped: str) -> str:
 @pytest.mark.parametrize(("dropped", "count"), [("cls.", "6 of its 7"), ("cls.predictions.transform.dense", "2 of its 7")])
 def test_missing_mlm_head_is_reported_in_one_line(tiny_encoder, tmp_path, dropped, count, capfd, recwarn):
     """Said once a fit trains an MLM objective with the random head: not for fine-tuning, which never uses it, nor
-    when a checkpoint brings a trained head (a resumed run, `load_from_checkpoint` before an export)."""
+    for the head's warm-up with the encoder frozen, nor when a checkpoint brings a trained head (a resumed run,
+    `load_from_checkpoint` before an export)."""
     encoder = without_head_tensors(tiny_encoder, tmp_path / "headless", dropped)
     module = make_module(encoder)
     assert "LOAD REPORT" not in "".join(capfd.readouterr())  # transformers' own multi-line report stays silent
     fine_tuning = make_module(encoder, weighting="none")
     fit(fine_tuning, make_batches(1))
+    warm_up = make_module(encoder, weighting="aux_only", freeze_encoder=True)  # what the warning recommends
+    fit(warm_up, make_batches(1))
     assert not [w for w in recwarn if "masked-LM head" in str(w.message)]
     with pytest.warns(UserWarning, match=f"has no pretrained masked-LM head: {count} tensors") as warned:
         trainer = fit(module, make_batches(1))

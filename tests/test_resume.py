@@ -68,3 +68,33 @@ def test_run_killed_after_mid_epoch_checkpoint_resumes_bit_for_bit(
     assert any(not torch.equal(saved["state_dict"][name], value) for name, value in uninterrupted.items())
     if weighting == "meta":
         assert not torch.equal(uninterrupted["weighting.logits"], torch.zeros(4))
+
+
+def test_a_ddp_run_killed_mid_epoch_resumes_bit_for_bit(tiny_encoder, data_root, cache_dir, tmp_path):
+    """Two CPU ranks (gloo): each rank's dropout must continue its own random stream, not rank 0's. The ranks' batches
+    are padded to different lengths, so their streams part after the first step (dropout draws one number per
+    position)."""
+    short = tmp_path / "short.txt"
+    short.write_text("".join(f"a short document, number {i}, about citing earlier work\n" for i in range(10)))
+    spec = {
+        "encoder": tiny_encoder,
+        "data_dir": str(data_root / "citation_intent"),
+        "cache_dir": cache_dir,
+        "short_corpus": str(short),
+        "weighting": "meta",
+        "num_workers": 0,
+        "devices": 2,
+        "max_length": 128,
+    }
+    returncode, log = run_worker({**spec, "kill_after": KILL_AFTER}, tmp_path / "killed")
+    assert returncode == -signal.SIGKILL, log
+    returncode, log = run_worker({**spec, "ckpt_path": str(tmp_path / "killed" / "mid.ckpt")}, tmp_path / "resumed")
+    assert returncode == 0, log
+    returncode, log = run_worker(spec, tmp_path / "uninterrupted")
+    assert returncode == 0, log
+
+    resumed = torch.load(tmp_path / "resumed" / "final.pt")
+    uninterrupted = torch.load(tmp_path / "uninterrupted" / "final.pt")
+    assert resumed.keys() == uninterrupted.keys()
+    for name, value in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
