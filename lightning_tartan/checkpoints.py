@@ -16,7 +16,9 @@ from pytorch_lightning.utilities import rank_zero_info
 class ResumableCheckpoint(ModelCheckpoint):
     """`ModelCheckpoint` (best dev checkpoints as configured) whose `last.ckpt` is the run's latest state.
 
-    `last.ckpt` is rewritten after every dev evaluation and at the end of fit. The first Ctrl-C during fit asks
+    `last.ckpt` is rewritten after every dev evaluation and at the end of fit; a fit that reaches `max_steps`
+    inside an epoch writes it at that step instead, inside the epoch, so that the same run continued with a larger
+    `max_steps` goes on with the rest of the epoch. The first Ctrl-C during fit asks
     training to stop at the end of the current optimizer step, and `last.ckpt` is written right then, inside the
     epoch, as a step-based checkpoint is: it resumes exactly, whether the run counts steps or epochs. (Once told to
     stop, Lightning counts the epoch as complete and may evaluate on dev once more; a checkpoint written after that
@@ -29,6 +31,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         self.keep_last = bool(save_last)
         self._stop_requested = False
         self._stopped_at: Optional[int] = None  # the optimizer step a Ctrl-C stopped the run after
+        self._saved_inside_epoch = False  # last.ckpt was written where max_steps ended the run, inside an epoch
         self._steps_before_batch = 0
         self._sigint_handler_replaced = False
         self._previous_sigint_handler: Any = None
@@ -54,7 +57,7 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
-        if self.keep_last and self._stopped_at is None:
+        if self.keep_last and self._stopped_at is None and not self._saved_inside_epoch:
             self.save_latest(trainer)
         elif self._stopped_at is not None:
             rank_zero_info(f"Stopped after optimizer step {self._stopped_at}: resume with --ckpt_path last")
@@ -63,6 +66,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         super().on_fit_start(trainer, pl_module)
         self._stop_requested = False
         self._stopped_at = None
+        self._saved_inside_epoch = False
         if self.keep_last:
             self._replace_sigint_handler()
 
@@ -88,6 +92,10 @@ class ResumableCheckpoint(ModelCheckpoint):
                 self.save_latest(trainer)
                 self._stopped_at = trainer.global_step
                 trainer.should_stop = True
+            elif 0 < trainer.max_steps <= trainer.global_step and not trainer.is_last_batch:
+                # once fit ends, Lightning counts this epoch as complete; a dev evaluation due now rewrites it
+                self.save_latest(trainer)
+                self._saved_inside_epoch = True
 
     def _request_stop(self, signum: int, frame: Any) -> None:
         if self._stop_requested:

@@ -539,6 +539,27 @@ def test_ctrl_c_then_ckpt_path_last_finishes_like_an_uninterrupted_run(
     assert best == [state["best_model_score"] for key, state in actual["callbacks"].items() if "Checkpoint" in key]
 
 
+def test_a_finished_run_extended_with_more_max_steps_goes_on_with_its_epoch(tiny_encoder, data_root, cache_dir,
+                                                                           tmp_path):
+    """`--ckpt_path last` with a larger `max_steps` after a run that ended by `max_steps` mid-epoch: the rest of the
+    epoch follows, as in one run of the larger budget (a constant learning rate, so the schedule is the same)."""
+    command = [
+        "fit", f"--config={CONFIGS / 'quickstart.yaml'}", f"--model.encoder_name_or_path={tiny_encoder}",
+        f"--data.data_dir={data_root / 'citation_intent'}", f"--data.cache_dir={cache_dir}",
+        "--model.lr_schedule=constant", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
+        "--seed_everything=4", *SMALL,
+    ]
+    for folder, steps, extra in (("whole", 6, []), ("extended", 4, []), ("extended", 6, ["--ckpt_path=last"])):
+        result = run_tartan(*command, f"--trainer.default_root_dir={tmp_path / folder}", f"--trainer.max_steps={steps}",
+                            *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+    whole, extended = (torch.load(next((tmp_path / name).rglob("last.ckpt")), weights_only=True)
+                       for name in ("whole", "extended"))
+    assert (extended["epoch"], extended["global_step"]) == (whole["epoch"], whole["global_step"]) == (0, 6)
+    for name, value in whole["state_dict"].items():
+        torch.testing.assert_close(extended["state_dict"][name], value, rtol=0, atol=0, msg=name)
+
+
 def test_a_weighting_strategy_of_ones_own_from_the_command_line(tiny_encoder, data_root, cache_dir, tmp_path):
     """`--model.weighting <import path>`, as the README shows it: the run trains with those weights and logs them."""
     cli = tartan_cli(
