@@ -16,9 +16,9 @@ from pytorch_lightning.utilities import rank_zero_info
 class ResumableCheckpoint(ModelCheckpoint):
     """`ModelCheckpoint` (best dev checkpoints as configured) whose `last.ckpt` is the run's latest state.
 
-    `last.ckpt` is rewritten after every dev evaluation and at the end of fit; a fit that reaches `max_steps`
-    inside an epoch writes it at that step instead, inside the epoch, so that the same run continued with a larger
-    `max_steps` goes on with the rest of the epoch. The first Ctrl-C during fit asks
+    `last.ckpt` is rewritten after every dev evaluation and at the end of fit; a fit that `max_steps` ends writes
+    it at that step instead, inside the epoch, so that the same run continued with a larger `max_steps` goes on
+    where it stopped (Lightning would count the epoch complete). The first Ctrl-C during fit asks
     training to stop at the end of the current optimizer step, and `last.ckpt` is written right then, inside the
     epoch, as a step-based checkpoint is: it resumes exactly, whether the run counts steps or epochs. (Once told to
     stop, Lightning counts the epoch as complete and may evaluate on dev once more; a checkpoint written after that
@@ -31,7 +31,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         self.keep_last = bool(save_last)
         self._stop_requested = False
         self._stopped_at: Optional[int] = None  # the optimizer step a Ctrl-C stopped the run after
-        self._saved_inside_epoch = False  # last.ckpt was written where max_steps ended the run, inside an epoch
+        self._saved_inside_epoch = False  # last.ckpt was written at the step max_steps ended the run at
         self._steps_before_batch = 0
         self._sigint_handler_replaced = False
         self._previous_sigint_handler: Any = None
@@ -92,7 +92,7 @@ class ResumableCheckpoint(ModelCheckpoint):
                 self.save_latest(trainer)
                 self._stopped_at = trainer.global_step
                 trainer.should_stop = True
-            elif 0 < trainer.max_steps <= trainer.global_step and not trainer.is_last_batch:
+            elif 0 < trainer.max_steps <= trainer.global_step:
                 # once fit ends, Lightning counts this epoch as complete; a dev evaluation due now rewrites it
                 self.save_latest(trainer)
                 self._saved_inside_epoch = True

@@ -170,13 +170,14 @@ class TartanCLI(LightningCLI):
         if Path(encoder).exists():
             return
         if not is_hub_model_id(encoder):
-            if ckpt_path is not None and Path(ckpt_path).is_file():
-                # LightningCLI gives a checkpoint's model options precedence over the command line's
+            if ckpt_path is not None:
+                # LightningCLI gives a checkpoint file's model options precedence over the command line's, and a
+                # run found by best/last must be trained from the encoder given
                 self.parser.error(
-                    f"--model.encoder_name_or_path {encoder}: no such folder. It is the encoder {ckpt_path} was "
-                    "trained from, which the checkpoint records and `tartan` reads over the command line: put the "
-                    "folder back, or load the checkpoint from Python with TartanModule.load_from_checkpoint("
-                    "path, encoder_name_or_path=<folder>, tokenizer_name_or_path=<folder>)"
+                    f"--model.encoder_name_or_path {encoder}: no such folder. It is the encoder the checkpoint "
+                    f"({ckpt_path}) was trained from, which `tartan` takes from the run: put the folder back, or "
+                    "load the checkpoint from Python with TartanModule.load_from_checkpoint(path, "
+                    "encoder_name_or_path=<folder>, tokenizer_name_or_path=<folder>)"
                 )
             self.parser.error(
                 f"--model.encoder_name_or_path {encoder}: no such folder (a TAPT/DAPT export exists once its "

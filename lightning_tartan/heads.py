@@ -152,6 +152,7 @@ def load_encoder_and_mlm_head(
     # a checkpoint saved in bf16 or fp16 loads in that dtype (transformers >= 5); training keeps fp32 weights and
     # lets `trainer.precision` choose what the matrix products run in
     mlm_model.float()
+    mlm_model.config.dtype = torch.float32  # what exports record: the weights as trained
     try:
         head = masked_lm_head(mlm_model)
     except ValueError as err:
@@ -176,10 +177,10 @@ def check_inputs_fit_encoder(
     choose = "name the encoder's own tokenizer with --model.tokenizer_name_or_path (TartanModule's and the data's)"
     if size > rows:
         raise EncoderInputMismatch(
-            f"the tokenizer {tokenizer_name_or_path!r} has {size} tokens but the encoder's embedding table {rows} "
-            f"rows: {choose}"
+            f"the tokenizer {tokenizer_name_or_path!r} has {size} tokens but the encoder's embedding table has "
+            f"{rows} rows: {choose}"
         )
-    if size < rows // 2:
+    if size * 8 < rows:  # far smaller than any padding of a table to a round size
         raise EncoderInputMismatch(
             f"the tokenizer {tokenizer_name_or_path!r} has {size} tokens for the encoder's {rows} embeddings: is the "
             f"folder missing its tokenizer files (tokenizer.json, vocab.txt, ...)? Save the tokenizer beside the "

@@ -195,15 +195,32 @@ def resolve_encoder(profile: Profile, override: Optional[str]) -> tuple[str, str
     return profile.encoder, profile.encoder
 
 
-def grid_settings(profile: Profile, encoder_name: str, passthrough: tuple[str, ...]) -> dict[str, Any]:
+def grid_settings(
+    profile: Profile, encoder_name: str, encoder: str, data_root: Path, passthrough: tuple[str, ...]
+) -> dict[str, Any]:
     """What every run in one output folder must share for its records to be one table's: what a stage computes,
-    not which cells of the grid are asked for or how many run at once."""
+    not which cells of the grid are asked for or how many run at once. Folders are compared resolved, and options
+    after `--` as `--key=value` whichever way they were spelt."""
     shared = {
         "profile": {key: value for key, value in asdict(profile).items() if key != "description"},
-        "encoder": encoder_name,
-        "tartan_options": list(passthrough),
+        # a folder given with --encoder, resolved; the profile's encoder by name (its packaged copy's folder is
+        # another on every machine)
+        "encoder": encoder if Path(encoder).is_absolute() and encoder_name != profile.encoder else encoder_name,
+        "data_root": str(data_root),
+        "tartan_options": joined_options(passthrough),
     }
     return json.loads(json.dumps(shared))
+
+
+def joined_options(options: tuple[str, ...]) -> list[str]:
+    """`--key value` as `--key=value`, so two spellings of one option compare equal."""
+    joined: list[str] = []
+    for option in options:
+        if joined and joined[-1].startswith("--") and "=" not in joined[-1] and not option.startswith("--"):
+            joined[-1] = f"{joined[-1]}={option}"
+        else:
+            joined.append(option)
+    return joined
 
 
 def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -218,10 +235,11 @@ def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def claim_output_folder(out: Path, settings: dict[str, Any]) -> None:
-    """Record the folder's settings on its first run; refuse a later run whose stages would compute other things
-    (another encoder, profile option or tartan option), since its records would join the earlier ones' table."""
+    """Record the folder's settings; refuse a run whose stages would compute other things (another encoder, data,
+    profile option or tartan option) once the folder holds a record, since its records would join those in one
+    table. Before any record, a run's settings replace the last ones (a first try that failed on a typo, say)."""
     path = out / GRID_SETTINGS
-    if not path.exists():
+    if not path.exists() or not any((out / "records").glob("*.json")):
         write_json(path, settings)
         return
     before, now = flatten(read_json(path)), flatten(settings)
@@ -233,7 +251,8 @@ def claim_output_folder(out: Path, settings: dict[str, Any]) -> None:
     if differences:
         raise SystemExit(
             f"--out {out} holds runs made with other settings ({path}):\n" + "\n".join(differences) + "\n"
-            "Rerun with the same profile, --encoder and options after `--`, or give another --out."
+            "Rerun with the same profile, --encoder, --data-root and options after `--`, or give another --out (or "
+            "delete this folder's records/ to start its table over)."
         )
 
 
@@ -855,7 +874,7 @@ def run_grid(
     if not chains:
         return 0
     encoder_name, encoder = resolve_encoder(profile, args.encoder)
-    claim_output_folder(out, grid_settings(profile, encoder_name, passthrough))
+    claim_output_folder(out, grid_settings(profile, encoder_name, encoder, args.data_root.resolve(), passthrough))
     gpus = tuple(args.gpus)
     settings = Settings(
         profile=profile,

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors import safe_open
 from pytorch_lightning.callbacks import TQDMProgressBar
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM
 
@@ -539,15 +540,17 @@ def test_ctrl_c_then_ckpt_path_last_finishes_like_an_uninterrupted_run(
     assert best == [state["best_model_score"] for key, state in actual["callbacks"].items() if "Checkpoint" in key]
 
 
-def test_a_finished_run_extended_with_more_max_steps_goes_on_with_its_epoch(tiny_encoder, data_root, cache_dir,
-                                                                           tmp_path):
-    """`--ckpt_path last` with a larger `max_steps` after a run that ended by `max_steps` mid-epoch: the rest of the
-    epoch follows, as in one run of the larger budget (a constant learning rate, so the schedule is the same)."""
+@pytest.mark.parametrize("epoch", [[], ["--trainer.limit_train_batches=4"]], ids=["mid-epoch", "at-epoch-end"])
+def test_a_finished_run_extended_with_more_max_steps_goes_on_where_it_stopped(epoch, tiny_encoder, data_root,
+                                                                              cache_dir, tmp_path):
+    """`--ckpt_path last` with a larger `max_steps` after a run that `max_steps` ended, mid-epoch or on an epoch's
+    last batch: training goes on as in one run of the larger budget (a constant learning rate, so the schedule is
+    the same)."""
     command = [
         "fit", f"--config={CONFIGS / 'quickstart.yaml'}", f"--model.encoder_name_or_path={tiny_encoder}",
         f"--data.data_dir={data_root / 'citation_intent'}", f"--data.cache_dir={cache_dir}",
         "--model.lr_schedule=constant", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
-        "--seed_everything=4", *SMALL,
+        "--seed_everything=4", *SMALL, *epoch,
     ]
     for folder, steps, extra in (("whole", 6, []), ("extended", 4, []), ("extended", 6, ["--ckpt_path=last"])):
         result = run_tartan(*command, f"--trainer.default_root_dir={tmp_path / folder}", f"--trainer.max_steps={steps}",
@@ -555,7 +558,8 @@ def test_a_finished_run_extended_with_more_max_steps_goes_on_with_its_epoch(tiny
         assert result.returncode == 0, result.stderr[-3000:]
     whole, extended = (torch.load(next((tmp_path / name).rglob("last.ckpt")), weights_only=True)
                        for name in ("whole", "extended"))
-    assert (extended["epoch"], extended["global_step"]) == (whole["epoch"], whole["global_step"]) == (0, 6)
+    assert (extended["epoch"], extended["global_step"]) == (whole["epoch"], whole["global_step"])
+    assert (whole["epoch"], whole["global_step"]) == ((1, 6) if epoch else (0, 6))
     for name, value in whole["state_dict"].items():
         torch.testing.assert_close(extended["state_dict"][name], value, rtol=0, atol=0, msg=name)
 
@@ -745,7 +749,7 @@ def test_an_encoder_folder_without_its_tokenizer_is_one_line(tiny_encoder, data_
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"vocab_size": 1000}, "has 30522 tokens but the encoder's embedding table 1000 rows"),
+        ({"vocab_size": 1000}, "has 30522 tokens but the encoder's embedding table has 1000 rows"),
         ({"max_position_embeddings": 16}, "max_length=32 is longer than the 16 positions of the encoder"),
     ],
     ids=["vocabulary", "positions"],
@@ -776,8 +780,14 @@ def test_a_separate_tokenizer_and_a_bf16_checkpoint_train_and_export(tiny_encode
     assert cli.trainer.state.finished and cli.datamodule.tokenizer_name_or_path == tiny_encoder
     assert {parameter.dtype for parameter in cli.model.parameters()} == {torch.float32}
     cli.model.save_end_task_model(tmp_path / "classifier")
+    cli.model.save_mlm_model(tmp_path / "masked_lm")
     exported = AutoTokenizer.from_pretrained(tmp_path / "classifier")
     assert exported.model_max_length == 32 and len(exported) == len(AutoTokenizer.from_pretrained(tiny_encoder))
+    # an encoder for further training keeps its tokenizer's own limit
+    assert AutoTokenizer.from_pretrained(tmp_path / "masked_lm").model_max_length == 512
+    for export in ("classifier", "masked_lm"):  # saved as trained, in fp32, not cast back to the encoder's bf16
+        with safe_open(tmp_path / export / "model.safetensors", "pt") as weights:
+            assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"F32"}, export
 
 
 def test_a_relative_logger_save_dir_is_made_absolute_so_resumes_keep_the_best_checkpoint(data_root, tmp_path,
@@ -791,3 +801,28 @@ def test_a_relative_logger_save_dir_is_made_absolute_so_resumes_keep_the_best_ch
         run=False,
     )
     assert cli.trainer.logger.save_dir == str(tmp_path / "runs")
+
+
+def test_a_run_whose_encoder_folder_moved_says_how_to_load_it(tiny_encoder, data_root, cache_dir, tmp_path):
+    """The checkpoint holds the weights but the model is built from the encoder's folder first: gone, the command
+    says so in one line, and the Python route it names loads the run from the folder's new place."""
+    encoder = shutil.copytree(tiny_encoder, tmp_path / "encoder")
+    fitted = run_tartan(
+        "fit", f"--config={CONFIGS / 'quickstart.yaml'}", f"--model.encoder_name_or_path={encoder}",
+        f"--data.data_dir={data_root / 'citation_intent'}", f"--data.cache_dir={cache_dir}", "--trainer.max_steps=2",
+        "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}",
+        *SMALL,
+    )
+    assert fitted.returncode == 0, fitted.stderr[-3000:]
+    run = tmp_path / "lightning_logs" / "version_0"
+    moved = encoder.rename(tmp_path / "moved_encoder")
+    result = run_tartan("test", f"--config={run / 'config.yaml'}", "--ckpt_path=best")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last_line = result.stderr.splitlines()[-1]
+    assert f"--model.encoder_name_or_path {encoder}: no such folder. It is the encoder the checkpoint" in last_line
+    assert "TartanModule.load_from_checkpoint(path, encoder_name_or_path=<folder>" in last_line
+    module = TartanModule.load_from_checkpoint(
+        run / "checkpoints" / "last.ckpt", encoder_name_or_path=str(moved), tokenizer_name_or_path=str(moved)
+    )
+    module.save_end_task_model(tmp_path / "classifier")
+    assert AutoTokenizer.from_pretrained(tmp_path / "classifier").model_max_length == 32

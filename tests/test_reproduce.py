@@ -215,6 +215,22 @@ def test_an_interrupted_grid_tabulates_what_finished_into_its_own_folder(tmp_pat
     assert (REPO / "docs" / "results" / "runs.json").read_text() == published
 
 
+def test_a_folder_is_claimed_by_its_first_record_and_compares_what_stages_compute(tmp_path):
+    profile = grid.load_profile(SMOKE)
+    spelt_apart = grid.grid_settings(profile, "../x/enc", "/abs/enc", tmp_path, ("--opt", "4"))
+    assert spelt_apart == grid.grid_settings(profile, "/abs/enc", "/abs/enc", tmp_path, ("--opt=4",))
+    out = tmp_path / "runs"
+    typo = grid.grid_settings(profile, "/abs/enc", "/abs/enc", tmp_path, ("--opt=5",))
+    grid.claim_output_folder(out, typo)
+    grid.claim_output_folder(out, spelt_apart)  # nothing recorded yet: a corrected rerun takes the folder over
+    grid.write_json(grid.record_path(out, "sciie", "fine_tuning", 0), {})
+    with pytest.raises(SystemExit, match=re.escape("tartan_options: ['--opt=4'] there, ['--opt=5'] now")):
+        grid.claim_output_folder(out, typo)
+    with pytest.raises(SystemExit, match="data_root"):
+        grid.claim_output_folder(out, grid.grid_settings(profile, "/abs/enc", "/abs/enc", tmp_path / "b", ("--opt=4",)))
+    grid.claim_output_folder(out, spelt_apart)
+
+
 def test_unknown_task_is_refused_before_anything_runs(tmp_path):
     result = run_script("--profile", str(SMOKE), "--tasks", "acl_arc", "--out", str(tmp_path / "runs"))
     assert result.returncode == 2 and started(result.stdout) == []
