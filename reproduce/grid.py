@@ -11,8 +11,8 @@ seed; chains run concurrently, up to `--jobs` at once. Every stage has its own f
 `<out>/<task>/seed<seed>/<stage>/`, holding its `log.txt`, its Lightning logs (`logs/`), checkpoints and, once
 it succeeded, `done.json`. A rerun skips stages with `done.json` and (task, method, seed) results already
 recorded, and starts again any stage that was interrupted or failed, so the grid resumes after a kill. A folder's
-runs share one profile, encoder and set of options after `--`, kept in `<out>/grid.json`: a rerun with others is
-refused rather than mixed into the same table.
+runs share one profile, encoder, data root and set of options after `--`, kept in `<out>/grid.json`: once the
+folder holds a record, a rerun with others is refused rather than mixed into the same table.
 
 Each finished (task, method, seed) is one JSON record under `<out>/records/`; the tables (`runs.json`,
 `results.json`, `results.md`, `results.png` in `--results`, by default `<out>/results`) are rebuilt from all
