@@ -14,6 +14,14 @@ WORKER = Path(__file__).with_name("resume_worker.py")
 KILL_AFTER = 6  # epoch 1, batch 2 of 4: mid-epoch, after an epoch boundary; the resumed run crosses another
 
 
+def worker_spec(tiny_encoder: str, data_root: Path, cache_dir: str, tmp_path: Path, **options) -> dict:
+    """`resume_worker.train`'s keyword arguments for ACL-ARC and a short corpus that wraps around within an epoch."""
+    short = tmp_path / "short.txt"
+    short.write_text("".join(f"a short document, number {i}, about citing earlier work\n" for i in range(10)))
+    paths = {"encoder": tiny_encoder, "data_dir": str(data_root / "citation_intent"), "cache_dir": cache_dir}
+    return {**paths, "short_corpus": str(short), **options}
+
+
 def run_worker(spec: dict, out_dir: Path) -> tuple[int, str]:
     out_dir.mkdir()
     log = out_dir / "log.txt"
@@ -32,17 +40,8 @@ def test_run_killed_after_mid_epoch_checkpoint_resumes_bit_for_bit(
     tiny_encoder, data_root, cache_dir, tmp_path, weighting, num_workers, max_epochs
 ):
     """Also for a run counted in epochs, whose learning-rate schedule reads the run's length from Lightning."""
-    short = tmp_path / "short.txt"
-    short.write_text("".join(f"a short document, number {i}, about citing earlier work\n" for i in range(10)))
-    spec = {
-        "encoder": tiny_encoder,
-        "data_dir": str(data_root / "citation_intent"),
-        "cache_dir": cache_dir,
-        "short_corpus": str(short),
-        "weighting": weighting,
-        "num_workers": num_workers,
-        "max_epochs": max_epochs,
-    }
+    spec = worker_spec(tiny_encoder, data_root, cache_dir, tmp_path, weighting=weighting, num_workers=num_workers)
+    spec["max_epochs"] = max_epochs
 
     returncode, log = run_worker({**spec, "kill_after": KILL_AFTER}, tmp_path / "killed")
     assert returncode == -signal.SIGKILL, log
@@ -74,18 +73,8 @@ def test_a_ddp_run_killed_mid_epoch_resumes_bit_for_bit(tiny_encoder, data_root,
     """Two CPU ranks (gloo): each rank's dropout must continue its own random stream, not rank 0's. The ranks' batches
     are padded to different lengths, so their streams part after the first step (dropout draws one number per
     position)."""
-    short = tmp_path / "short.txt"
-    short.write_text("".join(f"a short document, number {i}, about citing earlier work\n" for i in range(10)))
-    spec = {
-        "encoder": tiny_encoder,
-        "data_dir": str(data_root / "citation_intent"),
-        "cache_dir": cache_dir,
-        "short_corpus": str(short),
-        "weighting": "meta",
-        "num_workers": 0,
-        "devices": 2,
-        "max_length": 128,
-    }
+    spec = worker_spec(tiny_encoder, data_root, cache_dir, tmp_path, weighting="meta", num_workers=0)
+    spec |= {"devices": 2, "max_length": 128}
     returncode, log = run_worker({**spec, "kill_after": KILL_AFTER}, tmp_path / "killed")
     assert returncode == -signal.SIGKILL, log
     returncode, log = run_worker({**spec, "ckpt_path": str(tmp_path / "killed" / "mid.ckpt")}, tmp_path / "resumed")
