@@ -7,6 +7,7 @@ What the data module knows (number of classes, label names, auxiliary corpora, t
 by) is linked into the model and the default callbacks, so it is never typed twice.
 """
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 from urllib.error import URLError
@@ -361,17 +362,30 @@ def _log_root(trainer: Namespace) -> Path:
     return Path(save_dir) / (name or "")
 
 
+#: warnings every `tartan` run would print that its user can do nothing about: Lightning noting that the model
+#: prepares its batches itself (`TartanModule.on_before_batch_transfer`, by design, whatever the data module), and a
+#: torch deprecation inside Lightning's own code
+QUIET_WARNINGS = (
+    (r"You have overridden `on_before_batch_transfer` in `LightningModule`", UserWarning),
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+)
+
+
 def main(args: ArgsType = None) -> None:
     """Entry point of the `tartan` console script: a data file that cannot be used, a checkpoint of another task, or
     a tokenizer or max_length the encoder cannot take, is reported as the CLI's own errors are, in one line naming
     the file and line or what differs (from Python, `DataFormatError`, `CheckpointMismatch` and
     `EncoderInputMismatch` are raised as usual). A run stopped by Ctrl-C exits with 130, as
     an interrupted shell command does."""
+    for message, category in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
     try:
         cli = tartan_cli(args)
     except (DataFormatError, CheckpointMismatch, EncoderInputMismatch) as err:
         print(f"tartan: error: {err}", file=sys.stderr)
         sys.exit(2)
+    if torch.distributed.is_initialized():  # else gloo's threads may outlive the interpreter: "terminate called ..."
+        torch.distributed.destroy_process_group()
     callback = cli.trainer.checkpoint_callback
     if isinstance(callback, ResumableCheckpoint) and callback.stopped_at is not None:
         sys.exit(130)  # a Ctrl-C'd run did not finish: `tartan fit ... && tartan test ...` must not go on
