@@ -384,7 +384,7 @@ def main(args: ArgsType = None) -> None:
     except (DataFormatError, CheckpointMismatch, EncoderInputMismatch) as err:
         print(f"tartan: error: {err}", file=sys.stderr)
         sys.exit(2)
-    if torch.distributed.is_initialized():  # else gloo's threads may outlive the interpreter: "terminate called ..."
+    if torch.distributed.is_initialized():  # torch asks for this before a process that joined a group exits
         torch.distributed.destroy_process_group()
     callback = cli.trainer.checkpoint_callback
     if isinstance(callback, ResumableCheckpoint) and callback.stopped_at is not None:
