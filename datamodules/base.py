@@ -40,6 +40,7 @@ import torch
 from datasets import Dataset, load_dataset
 from datasets.exceptions import DatasetGenerationError
 from datasets.fingerprint import Hasher
+from huggingface_hub.utils import HFValidationError
 from pytorch_lightning import LightningDataModule
 from pytorch_lightning.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
@@ -59,6 +60,7 @@ from datamodules.reading import (
     MissingDataFile,
     Source,
     Split,
+    check_distinct_labels,
     check_file,
     check_known_labels,
     check_utf8,
@@ -91,6 +93,8 @@ FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 HUB_CORPUS_KEYS = ("dataset", "config", "split", "text_field")
 #: a tokenizer's `model_max_length` this large means no known limit (transformers sets 1e30 when none is saved)
 NO_MODEL_MAX_LENGTH = 1_000_000
+#: the ``tapt`` corpus file that, when missing, stands for the task's training texts and is derived from them
+DERIVED_TAPT_FILE = "train.txt"
 DSP_URL = "https://allennlp.s3-us-west-2.amazonaws.com/dont_stop_pretraining/data/{task}/{split}.jsonl"
 
 
@@ -167,8 +171,9 @@ class EndTaskDataModule(LightningDataModule):
                 names: ``.jsonl``/``.json`` (JSON lines, one object per line), ``.csv`` (standard quoting) or ``.tsv``
                 (tab-separated, no quoting: IANA TSV), both with a header row naming the columns, or ``.parquet``.
                 Each example has a string text (``text_field``) and a label (``label_field``: a class name, an
-                integer id or a boolean; a decimal number such as ``1.0`` is an error). Its labels, sorted (integers as numbers),
-                are the classes; a Parquet label column of type ``ClassLabel`` gives them by its names instead.
+                integer id or a boolean; a decimal number such as ``1.0`` is an error). Its labels, sorted (integers
+                as numbers), are the classes (two that differ only in case or spaces are an error); a Parquet label
+                column of type ``ClassLabel`` gives them by its names instead.
             dev_file: the dev split, in any of these formats; a label the train split lacks is an error.
             test_file: the test split, likewise; its labels are checked before a fit, too.
             predict_file: what ``tartan predict`` labels: a file in any of these formats whose examples need only the
@@ -179,8 +184,9 @@ class EndTaskDataModule(LightningDataModule):
                 absolute), or a Hub dataset as ``{dataset: <name or folder>, config: <its configuration>, split:
                 <default "train">, text_field: <default "text">}``, read with ``datasets.load_dataset``; blank texts
                 are skipped, with a report. ``None`` uses the task's defaults, ``{}`` trains without auxiliary
-                corpora. A ``tapt`` corpus file missing from ``data_dir`` is derived from the train split's texts
-                into the cache (see ``cache_dir``).
+                corpora. The corpus ``tapt: train.txt``, when the file is missing from ``data_dir``, is derived
+                from the train split's texts into the cache (see ``cache_dir``); any other missing file is an error,
+                so a mistyped path is never silently replaced.
             max_length: truncation length in tokens; ``None`` uses the task's default.
             batch_size: end-task examples per training batch (per process under DDP).
             aux_batch_size: documents per training batch from each auxiliary corpus (per process under DDP).
@@ -327,6 +333,7 @@ class EndTaskDataModule(LightningDataModule):
         train = self._split("train")
         if train.class_names is not None:
             return list(train.class_names)
+        check_distinct_labels(train.source, train.examples)
         labels = sorted({example.label for example in train.examples}, key=label_order)
         if len(labels) < 2:
             raise DataFormatError(
@@ -351,17 +358,18 @@ class EndTaskDataModule(LightningDataModule):
             self._fetch_splits()
         else:
             for option, split in self.hub_splits.items():
-                self._load_hub(self.dataset, self.dataset_config, split, f"`{option}_split`")
+                self._load_hub(self.dataset, self.dataset_config, split, f"`{option}_split`", "`dataset`")
         self._derive_tapt_corpus()
         for name, corpus in self.aux_corpora.items():
             if isinstance(corpus, dict):
                 split, option = corpus.get("split", "train"), f"`aux_corpora[{name!r}]`"
                 self._load_hub(corpus["dataset"], corpus.get("config"), split, option)
             elif self.corpus_file(name) == self._path(corpus):
-                self._fetch(corpus, f"aux_corpora[{name!r}]")
+                derived = f"; only `tapt: {DERIVED_TAPT_FILE}` is derived from the train split"
+                self._fetch(corpus, f"aux_corpora[{name!r}]", derived if name == "tapt" else "")
 
     def corpus_file(self, name: str) -> Path:
-        """The text file corpus ``name`` is read from: its file in ``data_dir``, except for a ``tapt`` corpus missing
+        """The text file corpus ``name`` is read from: its file in ``data_dir``, except for ``tapt: train.txt`` missing
         there (and from ``urls``), which is derived from the train split into the cache. A Hub corpus has none."""
         corpus = self.aux_corpora[name]
         if isinstance(corpus, dict):
@@ -386,13 +394,14 @@ class EndTaskDataModule(LightningDataModule):
         for split, file in missing.items():
             self._fetch(file, f"{split}_file")
 
-    def _fetch(self, file: str, option: str) -> None:
+    def _fetch(self, file: str, option: str, hint: str = "") -> None:
         path = self._path(file)
         if path.exists():
             return
         if file not in self.urls:
             raise MissingDataFile(
-                f"{path} does not exist and {type(self).__name__} has no URL for it (check `data_dir` and `{option}`)"
+                f"{path} does not exist and {type(self).__name__} has no URL for it (check `data_dir` and `{option}`"
+                f"{hint})"
             )
         rank_zero_only(log.info)(f"Downloading {self.urls[file]} to {path}")
         try:
@@ -403,12 +412,22 @@ class EndTaskDataModule(LightningDataModule):
                 f"{path} does not exist and downloading it from {self.urls[file]} failed ({err.reason})"
             ) from None
 
-    def _load_hub(self, name: str, config: Optional[str], split: str, option: str) -> Dataset:
-        """``load_dataset(name, config, split=split)``; a split it lacks (or a bad slice) names ``option``."""
+    def _load_hub(
+        self, name: str, config: Optional[str], split: str, option: str, dataset_option: Optional[str] = None
+    ) -> Dataset:
+        """``load_dataset(name, config, split=split)``; a split it lacks (or a bad slice) names ``option``, a dataset
+        that cannot be found (a mistyped folder, say) names ``dataset_option`` (by default ``option``)."""
         try:
             return load_dataset(name, config, split=split, cache_dir=self.cache_dir)
+        except (FileNotFoundError, ConnectionError, HFValidationError) as err:
+            where, reason = dataset_option or option, str(err).splitlines()[0]
+            if Path(name).expanduser().exists():
+                raise MissingDataFile(f"{where}: {name!r} holds nothing `load_dataset` can read ({reason})") from None
+            raise MissingDataFile(
+                f"{where}: {name!r} is neither a folder nor a dataset reachable on the Hugging Face Hub ({reason})"
+            ) from None
         except ValueError as err:
-            raise ValueError(f"{option}: split {split!r} of {name!r}: {err}") from err
+            raise DataFormatError(f"{option}: split {split!r} of {name!r}: {err}") from None
 
     def _cache_root(self) -> Path:
         return Path(self.cache_dir).expanduser() if self.cache_dir else Path(datasets.config.HF_DATASETS_CACHE)
@@ -418,7 +437,7 @@ class EndTaskDataModule(LightningDataModule):
         task's training texts; derived data belongs in the cache, keyed by a hash of the derived text itself (so an
         edited split, or another Hub revision, derives a new corpus), and the data folder is never written."""
         file = self.aux_corpora.get("tapt")
-        if not isinstance(file, str) or file in self.urls or self._path(file).exists():
+        if file != DERIVED_TAPT_FILE or file in self.urls or self._path(file).exists():
             return None
         if self.dataset is None and not self._path(self.files["train"]).is_file():
             return None
@@ -452,7 +471,7 @@ class EndTaskDataModule(LightningDataModule):
                 read = read_file(self._path(self.files[split]), self.fields, True, option, self.cache_dir)
             else:
                 option, name = f"{split}_split", self.hub_splits[split]
-                table = self._load_hub(self.dataset, self.dataset_config, name, f"`{option}`")
+                table = self._load_hub(self.dataset, self.dataset_config, name, f"`{option}`", "`dataset`")
                 read = read_table(table, Source(f"{self.dataset}[{name}]", rows=True), self.fields, True, option)
             examples = read.examples
             empty = [example.line for example in examples if is_empty(example)]

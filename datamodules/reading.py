@@ -262,11 +262,37 @@ def label_order(label: str) -> tuple[int, int, str]:
     return (0, int(label), label) if number else (1, 0, label)
 
 
+def label_key(label: str) -> str:
+    """What a person reads as the same label: ``"Positive"``, ``"positive "`` and ``"positive"`` alike."""
+    return " ".join(label.split()).casefold()
+
+
+def check_distinct_labels(source: Source, examples: list[Example]) -> None:
+    """No two labels differ only in case or spaces: a stray ``"positive "`` would silently be a class of its own,
+    trained and scored apart from ``"positive"``."""
+    first_line: dict[str, int] = {}
+    for example in examples:
+        first_line.setdefault(example.label, example.line)
+    spellings: dict[str, list[str]] = {}
+    for label in first_line:
+        spellings.setdefault(label_key(label), []).append(label)
+    for variants in spellings.values():
+        if len(variants) > 1:
+            listed = ", ".join(f"{label!r} ({source.at(first_line[label])})" for label in variants)
+            raise DataFormatError(
+                f"{source.name}: the labels {listed} differ only in case or spaces, so they would be separate classes;"
+                " write each class one way"
+            )
+
+
 def check_known_labels(source: Source, examples: list[Example], classes: set[str]) -> None:
+    keys = {label_key(label): label for label in classes}
     for example in examples:
         if example.label not in classes:
+            similar = keys.get(label_key(example.label))
+            hint = f" (the train split has {similar!r}: write each class one way)" if similar else ""
             raise DataFormatError(
-                f"{source.at(example.line)}: label {example.label!r} never occurs in the train split"
+                f"{source.at(example.line)}: label {example.label!r} never occurs in the train split{hint}"
             )
 
 

@@ -241,6 +241,8 @@ class TartanCLI(LightningCLI):
         except (FileNotFoundError, URLError) as err:
             init_args = self._subcommand_config().data.init_args
             dataset = getattr(init_args, "dataset", None)
+            if dataset and isinstance(err, DataFormatError):
+                self.parser.error(str(err))  # names `dataset`, and whether it is a folder
             option = f"--data.dataset {dataset}" if dataset else f"--data.data_dir {init_args.data_dir}"
             reason = str(err)
             if isinstance(err, URLError):

@@ -942,6 +942,36 @@ def test_test_label_unseen_in_train_stops_fit_before_any_tokenisation(make, tmp_
     assert not dm.splits
 
 
+def test_labels_differing_only_in_case_or_spaces_are_refused_naming_their_lines(make, tmp_path):
+    """A spreadsheet's "Positive" and a stray "negative " would silently be classes of their own: the error names
+    each spelling with the line it first occurs on."""
+    labels = ["positive", "negative", "Positive", "negative", "negative "]
+    train = [{"text": f"text {i}", "label": label} for i, label in enumerate(labels)]
+    folder = write_task(tmp_path / "task", train=train)
+    with pytest.raises(DataFormatError) as caught:
+        make(data_dir=folder).label_names
+    message, train_file = str(caught.value), folder / "train.jsonl"
+    assert f"'positive' ({train_file}:1), 'Positive' ({train_file}:3) differ only in case or spaces" in message
+    # a dev label spelt unlike the train label says which one the train split has
+    dev = [{"text": "fine", "label": "a"}, {"text": "typo", "label": "B "}]
+    dm = make(data_dir=write_task(tmp_path / "dev_typo", dev=dev), aux_corpora={})
+    hint = ":2: label 'B ' never occurs in the train split (the train split has 'b'"
+    with pytest.raises(DataFormatError, match=re.escape(hint)):
+        dm.setup("validate")
+
+
+def test_a_missing_tapt_corpus_named_by_the_user_is_an_error_not_the_training_texts(make, tmp_path, no_network):
+    """Only the default `tapt: train.txt` stands for the training texts; a mistyped path to one's own TAPT text is
+    reported, not silently replaced."""
+    folder = write_task(tmp_path / "task")
+    dm = make(data_dir=folder, aux_corpora={"tapt": "tapt_corpus.txt"})
+    with pytest.raises(DataFormatError, match=re.escape(f"{folder / 'tapt_corpus.txt'} does not exist")) as caught:
+        dm.prepare_data()
+    assert "only `tapt: train.txt` is derived from the train split" in str(caught.value)
+    with pytest.raises(DataFormatError, match=re.escape(f"{folder / 'tapt_corpus.txt'} does not exist")):
+        dm.setup("fit")  # from Python, without prepare_data
+
+
 def test_derived_tapt_corpus_goes_to_the_cache_and_leaves_the_data_folder_alone(make, tmp_path, caplog, no_network):
     folder = write_task(tmp_path / "task")
     (folder / "train.txt").unlink()

@@ -3,6 +3,7 @@ the Hub layout), custom field names, sentence pairs, dataset corpora, the monito
 import csv
 import json
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from datasets import ClassLabel, Dataset, Features, Value
 
 from datamodules import DataFormatError, EndTaskDataModule
 from lightning_tartan import TartanModule
-from lightning_tartan.cli import tartan_cli
+from lightning_tartan.cli import main, tartan_cli
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SMALL = {"max_length": 32, "batch_size": 4, "aux_batch_size": 4, "dev_batch_size": 4, "eval_batch_size": 16}
@@ -291,8 +292,29 @@ def test_an_unlabeled_test_split_is_an_actionable_error(build, tmp_path):
 
 def test_a_missing_split_names_its_option(build, tmp_path):
     folder = sentiment_folder(tmp_path / "sentiment")
-    with pytest.raises(ValueError, match="`dev_split`: split 'dev' of"):
+    with pytest.raises(DataFormatError, match="`dev_split`: split 'dev' of"):
         build(dataset=str(folder), dev_split="dev").prepare_data()
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("--data.dev_split=dev", "`dev_split`: split 'dev' of '{folder}': Unknown split \"dev\""),
+        ("--data.dataset={folder}_typo", "`dataset`: '{folder}_typo' is neither a folder nor a dataset reachable on"),
+    ],
+    ids=["split", "folder"],
+)
+def test_a_wrong_dataset_option_is_one_line_from_tartan(tiny_encoder, cache_dir, tmp_path, capsys, option, message):
+    """As the README promises for bad data: one line naming the option, exit status 2, whether the mistake shows
+    when the model is built (the train split) or when the fit starts (the dev split)."""
+    folder = sentiment_folder(tmp_path / "sentiment")
+    args = ["fit", f"--config={CONFIGS / 'own_task.yaml'}", f"--model.encoder_name_or_path={tiny_encoder}"]
+    args += [f"--data.dataset={folder}", f"--data.cache_dir={cache_dir}", f"--trainer.default_root_dir={tmp_path}"]
+    with warnings.catch_warnings(), pytest.raises(SystemExit) as exit_info:  # main() quiets warnings for its process
+        main([*args, *CLI_SMALL, option.format(folder=folder)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and message.format(folder=folder) in err.splitlines()[-1]
 
 
 @pytest.mark.parametrize(
