@@ -135,6 +135,12 @@ class TartanCLI(LightningCLI):
             )
         if init_checkpoint is not None and not Path(init_checkpoint).is_file():
             error(f"--model.init_checkpoint {init_checkpoint}: no such checkpoint file")
+        if self.subcommand in ("validate", "test", "predict") and not config.ckpt_path and init_checkpoint is None:
+            # the classifier head would be the untrained one the model starts with: scores and labels by chance
+            error(
+                f"tartan {self.subcommand} needs the trained model: --ckpt_path best (or last) with --config "
+                "<run folder>/config.yaml, or the path of a checkpoint file"
+            )
         if config.trainer.enable_progress_bar is not False and not any(
             "ProgressBar" in str(getattr(callback, "class_path", "")) for callback in callbacks
         ):

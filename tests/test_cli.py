@@ -721,6 +721,18 @@ def test_mistakes_fail_before_anything_loads(configs, options, message, tmp_path
     assert message in capsys.readouterr().err.splitlines()[-1]
 
 
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_evaluating_without_a_checkpoint_is_refused(subcommand, tiny_encoder, data_root, tmp_path, capsys):
+    """A forgotten `--ckpt_path` would score (or label with) the untrained classifier head, by chance."""
+    args = [f"--config={CONFIGS / 'quickstart.yaml'}", f"--model.encoder_name_or_path={tiny_encoder}"]
+    args += [f"--data.data_dir={data_root / 'citation_intent'}", f"--trainer.default_root_dir={tmp_path}"]
+    with pytest.raises(SystemExit) as exit_info:
+        tartan_cli([subcommand, *args])
+    assert exit_info.value.code == 2
+    assert f"tartan {subcommand} needs the trained model: --ckpt_path best" in capsys.readouterr().err.splitlines()[-1]
+    assert not list(tmp_path.rglob("*.csv")) and not list(tmp_path.rglob("predictions.jsonl"))
+
+
 # ---- encoders of one's own ----------------------------------------------------------------------------------
 
 
