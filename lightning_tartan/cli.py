@@ -286,10 +286,16 @@ def tartan_cli(args: ArgsType = None, run: bool = True) -> TartanCLI:
 
 
 def task_name(data: Namespace) -> str:
-    """What `{task}` stands for in a method config's paths (`exports/{task}/tapt`): the name of the task's data
-    folder, or of its Hub dataset, so one method config serves every task."""
+    """What `{task}` stands for in a method config's paths (`exports/{task}/tapt`), so one method config serves every
+    task: the name of the task's Hub dataset (and its configuration: `glue_rte`) when it reads one, else of its data
+    folder. A dataset goes first: its `data_dir`, if any, only holds corpora, and may be shared by several."""
     init_args = getattr(data, "init_args", None)
-    source = getattr(init_args, "data_dir", None) or getattr(init_args, "dataset", None) or "task"
+    dataset = getattr(init_args, "dataset", None)
+    if dataset:
+        config = getattr(init_args, "dataset_config", None)
+        name = Path(str(dataset).rstrip("/")).name
+        return f"{name}_{config}" if config else name
+    source = getattr(init_args, "data_dir", None) or "task"
     return Path(str(source).rstrip("/")).name
 
 

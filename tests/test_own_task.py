@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import ClassLabel, Dataset, Features, Value
+from jsonargparse import Namespace
 
 from datamodules import DataFormatError, EndTaskDataModule
 from lightning_tartan import TartanModule
-from lightning_tartan.cli import main, tartan_cli
+from lightning_tartan.cli import main, tartan_cli, task_name
+from lightning_tartan.export import ExportEncoder
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SMALL = {"max_length": 32, "batch_size": 4, "aux_batch_size": 4, "dev_batch_size": 4, "eval_batch_size": 16}
@@ -225,6 +227,21 @@ def test_a_hub_dataset_trains_and_predicts_from_the_shipped_config(tiny_encoder,
     rows = [json.loads(line) for line in written[-1].read_text().splitlines()]
     assert [row["gold"] for row in rows] == ["pos", "neg", "pos", "neg"]  # the test split's ClassLabel names
     assert all(set(row["probabilities"]) == {"pos", "neg"} for row in rows)
+
+
+def test_exports_of_two_hub_datasets_sharing_a_corpus_folder_go_to_two_folders(tiny_encoder, cache_dir, tmp_path):
+    """`{task}` in `exports/{task}/tapt` names the dataset (and its configuration), not the `data_dir` its corpora
+    are read from: two tasks sharing one corpus folder must not overwrite each other's TAPT encoder."""
+    exports = []
+    for name in ("reviews", "tweets"):
+        args = ["--config", str(CONFIGS / "own_task.yaml"), "--config", str(CONFIGS / "methods" / "tapt.yaml")]
+        args += [f"--model.encoder_name_or_path={tiny_encoder}", f"--data.dataset={sentiment_folder(tmp_path / name)}"]
+        args += [f"--data.data_dir={tmp_path}", f"--data.cache_dir={cache_dir}", *CLI_SMALL]
+        callbacks = tartan_cli(args, run=False).trainer.callbacks
+        exports += [callback.dirpath for callback in callbacks if isinstance(callback, ExportEncoder)]
+    assert exports == [Path("exports/reviews/tapt"), Path("exports/tweets/tapt")]
+    glue_rte = Namespace(init_args=Namespace(data_dir=None, dataset="nyu-mll/glue", dataset_config="rte"))
+    assert task_name(glue_rte) == "glue_rte"
 
 
 # ---- the monitored metric ---------------------------------------------------------------------------------
