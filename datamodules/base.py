@@ -385,6 +385,9 @@ class EndTaskDataModule(LightningDataModule):
         """Download the task's labeled splits into a folder that holds none of them. A folder with some is one's
         own data (or an interrupted download), never completed with published splits."""
         missing = {split: file for split, file in self.files.items() if not self._path(file).exists()}
+        if missing and not self.urls:  # one's own task: nothing to download
+            split, file = next(iter(missing.items()))
+            raise MissingDataFile(f"{self._path(file)} does not exist (check `data_dir` and `{split}_file`)")
         if missing and len(missing) < len(self.files):
             split, file = next(iter(missing.items()))
             raise MissingDataFile(

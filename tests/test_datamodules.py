@@ -868,8 +868,11 @@ def test_missing_files_are_one_error_naming_the_path_and_option(make, tmp_path, 
     monkeypatch.chdir(tmp_path)
     folder = write_task(tmp_path / "task")
     (folder / "test.jsonl").unlink()
-    with pytest.raises(DataFormatError, match=re.escape(f"{folder / 'test.jsonl'} does not exist") + ".*`test_file`"):
+    missing_test = re.escape(f"{folder / 'test.jsonl'} does not exist") + ".*`test_file`"
+    with pytest.raises(DataFormatError, match=missing_test) as own:
         make(data_dir=folder).prepare_data()
+    # nothing is downloaded for one's own task, so nothing advises deleting files to download published splits
+    assert "download" not in str(own.value) and "delete" not in str(own.value)
     beside = re.escape(f"{folder / 'train.jsonl'} does not exist beside")  # no_network: no download is tried
     (folder / "train.jsonl").unlink()
     with pytest.raises(DataFormatError, match=beside):
