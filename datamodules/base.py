@@ -23,7 +23,6 @@ file or Hub split) plus ``labels`` when every input has a known label, also in f
 import hashlib
 import inspect
 import json
-import logging
 import math
 import os
 import urllib.request
@@ -43,7 +42,6 @@ from datasets.fingerprint import Hasher
 from huggingface_hub.utils import HFValidationError
 from pytorch_lightning import LightningDataModule
 from pytorch_lightning.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
-from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch.utils.data import Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import (
@@ -84,8 +82,6 @@ from datamodules.sampling import (
 from lightning_tartan.module import MONITOR_METRICS
 from lightning_tartan.packaged_encoders import local_copy
 from lightning_tartan.weighting import END_TASK, META_DEV, META_DEV_GRAD, RESERVED_SOURCES
-
-log = logging.getLogger(__name__)
 
 #: labeled-split formats, by file suffix (``predict_file`` also reads ``.txt``: one text per line)
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
@@ -406,7 +402,7 @@ class EndTaskDataModule(LightningDataModule):
                 f"{path} does not exist and {type(self).__name__} has no URL for it (check `data_dir` and `{option}`"
                 f"{hint})"
             )
-        rank_zero_only(log.info)(f"Downloading {self.urls[file]} to {path}")
+        rank_zero_info(f"Downloading {self.urls[file]} to {path}")
         try:
             with urllib.request.urlopen(self.urls[file], timeout=60) as response:
                 _write_atomic(path, response.read())
@@ -633,7 +629,7 @@ class EndTaskDataModule(LightningDataModule):
         if len(docs) == 0:
             raise DataFormatError(f"{path} has no non-blank lines to train on")
         if len(docs) < len(lines):
-            rank_zero_only(log.info)(f"Skipped {len(lines) - len(docs)} blank lines in {path}")
+            rank_zero_info(f"{path}: {_count(range(len(lines) - len(docs)), 'blank line')} skipped")
         return self._tokenize_documents(docs, path.name)
 
     def _tokenize_hub_corpus(self, name: str, corpus: dict[str, str]) -> Dataset:
@@ -652,7 +648,7 @@ class EndTaskDataModule(LightningDataModule):
         if len(docs) == 0:
             raise DataFormatError(f"{where} has no non-blank texts to train on")
         if len(docs) < len(texts):
-            rank_zero_only(log.info)(f"Skipped {len(texts) - len(docs)} blank texts in {where}")
+            rank_zero_info(f"{where}: {_count(range(len(texts) - len(docs)), 'blank text')} skipped")
         return self._tokenize_documents(docs, name)
 
     def _tokenize_documents(self, docs: Dataset, name: str) -> Dataset:
@@ -834,7 +830,7 @@ def _plain_corpus(name: str, corpus: Union[str, Mapping[str, Any]]) -> AuxCorpus
     return {str(key): str(value) for key, value in corpus.items() if value is not None}
 
 
-def _count(items: list, noun: str) -> str:
+def _count(items: Sized, noun: str) -> str:
     return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
 
 
