@@ -6,7 +6,9 @@ nothing reaches ``datasets`` or the tokenizer unchecked.
 """
 import csv
 import json
+import math
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Optional
@@ -76,6 +78,11 @@ class Split:
     class_names: Optional[list[str]] = None
 
 
+#: what a JSON file that is one document (an array of examples, say) is told
+JSON_LINES = (
+    "; .json and .jsonl files are read as JSON Lines, one object per line (`jq -c '.[]' in.json > out.jsonl`"
+    " converts an array)"
+)
 _DECIMAL = re.compile(r"[+-]?(\d+\.\d*|\.\d+)([eE][+-]?\d+)?|[+-]?\d+[eE][+-]?\d+")
 
 
@@ -117,9 +124,12 @@ def _read_jsonl(path: Path, require_label: bool = True, fields: Fields = Fields(
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataFormatError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+                hint = JSON_LINES if line.strip() in ("[", "{") else ""  # a whole file of indented JSON
+                where = f"{path}:{lineno}"
+                raise DataFormatError(f"{where}: malformed JSON ({err.msg} at column {err.colno}){hint}") from None
             if not isinstance(record, dict):
-                raise DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+                hint = JSON_LINES if isinstance(record, list) else ""
+                raise DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}{hint}")
             for key in fields.required(require_label):
                 if key not in record:
                     raise DataFormatError(
@@ -173,7 +183,25 @@ def _read_delimited(path: Path, tsv: bool, fields: Fields, require_label: bool) 
         raise
     if not examples:
         raise DataFormatError(f"{path} holds no examples")
+    if tsv:
+        _warn_quoted_texts(path, examples)
     return examples
+
+
+def _warn_quoted_texts(path: Path, examples: list[Example]) -> None:
+    """A TSV file written with CSV quoting (pandas' ``to_csv(sep="\\t")`` quotes every text holding a quote) keeps
+    its quotes as text; a text may also be a quotation, so this warns rather than fails."""
+    quoted = [
+        example.line
+        for example in examples
+        if any(len(text) > 1 and text[0] == text[-1] == '"' for text in (example.text, example.text_pair or ""))
+    ]
+    if quoted:
+        warnings.warn(
+            f"{path}: {len(quoted)} of {len(examples)} examples have a text wrapped in double quotes"
+            f" ({_lines(quoted)}); a .tsv file is read without quoting (IANA TSV), so the quotes, and any doubled inside, stay in the text."
+            " Write the file without quoting, or as .csv (standard quoting), unless the texts are quotations"
+        )
 
 
 def read_table(table: Dataset, source: Source, fields: Fields, require_label: bool, option: str) -> Split:
@@ -189,6 +217,8 @@ def read_table(table: Dataset, source: Source, fields: Fields, require_label: bo
     class_names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
     present = [field for field in (*fields.inputs(), fields.label) if field in table.column_names]
     data = table.select_columns(present).to_dict()
+    if isinstance(feature, datasets.Value) and feature.dtype.startswith("float"):  # checked as a column
+        data[fields.label] = _float_labels(data[fields.label], source, fields.label, require_label)
     examples = []
     for row in range(len(table)):
         record = {field: data[field][row] for field in present}
@@ -205,6 +235,26 @@ def read_table(table: Dataset, source: Source, fields: Fields, require_label: bo
     if not examples:
         raise DataFormatError(f"{source.name} holds no examples")
     return Split(source, examples, class_names)
+
+
+def _float_labels(labels: list[Optional[float]], source: Source, field: str, require_label: bool) -> list[None]:
+    """A float label column: class ids pandas stored as floats because some are missing (NaN), or no class ids at
+    all. Missing labels are an error in a labeled split, naming their rows (in predict inputs, unknown labels); a
+    float label is an error, as ``1.0`` is in a CSV file."""
+    missing = {row for row, label in enumerate(labels) if label is None or math.isnan(label)}
+    if missing and require_label:
+        raise DataFormatError(
+            f"{source.name}: {field!r} is missing (NaN) in {source.lines(sorted(missing))}; label every example or"
+            " drop those rows (pandas stores an integer column with a missing value as floats)"
+        )
+    present = [row for row in range(len(labels)) if row not in missing]
+    if present:
+        row = present[0]
+        raise DataFormatError(
+            f"{source.at(row)}: {field!r} is a float column ({labels[row]} here): labels are class names or integer"
+            " ids, so store class ids as integers"
+        )
+    return [None] * len(labels)
 
 
 def _example(

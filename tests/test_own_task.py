@@ -6,6 +6,7 @@ import re
 import warnings
 from pathlib import Path
 
+import pandas
 import pytest
 import torch
 from datasets import ClassLabel, Dataset, Features, Value
@@ -127,6 +128,44 @@ def test_tsv_is_read_as_iana_tsv_without_quoting(build, tmp_path):
     assert [example.text for example in examples] == [row[0] for row in rows]  # quotes kept as written
     assert [example.line for example in examples] == list(range(2, 8))
     assert dm.label_names == ["a", "b"]
+
+
+def test_a_tsv_written_with_csv_quoting_warns_naming_the_lines(build, tmp_path):
+    """pandas' `to_csv(sep="\\t")` wraps each text holding a quote in quotes and doubles the ones inside; read as TSV,
+    those stay in the text, so the user is told (a warning: a text may well be a quotation)."""
+    folder = csv_task(tmp_path / "task")
+    frame = pandas.DataFrame({"sentence": ['he said "fine"', "a plain review", 'the "best" one'], "score": [0, 1, 0]})
+    frame.to_csv(folder / "train.tsv", sep="\t", index=False)
+    files = {"train_file": "train.tsv", "dev_file": "dev.csv", "test_file": "test.csv"}
+    dm = build(data_dir=str(folder), **files, text_field="sentence", label_field="score")
+    quoted = "train.tsv: 2 of 3 examples have a text wrapped in double quotes (lines 2, 4)"
+    with pytest.warns(UserWarning, match=re.escape(quoted)):
+        assert dm.label_names == ["0", "1"]
+    assert dm._labeled("train")[0].text == '"he said ""fine"""'  # as the file holds it
+
+
+def test_a_parquet_label_column_with_missing_values_names_their_rows(build, tmp_path):
+    """pandas stores an integer column with a missing value as floats (NaN): the error names the rows without a
+    label, not the first row's `0.0`; a predict file's missing labels are unknown labels."""
+    folder = tmp_path / "task"
+    folder.mkdir()
+    texts = [f"text {WORDS[i % 6]} {i}" for i in range(6)]
+    pandas.DataFrame({"text": texts, "label": [0, 1, None, 1, 0, None]}).to_parquet(folder / "train.parquet")
+    with pytest.raises(DataFormatError, match=re.escape("train.parquet: 'label' is missing (NaN) in rows 2, 5")):
+        build(data_dir=str(folder), train_file="train.parquet").label_names
+    pandas.DataFrame({"text": texts, "label": [0.0, 1.0] * 3}).to_parquet(folder / "floats.parquet")
+    with pytest.raises(DataFormatError, match=re.escape("floats.parquet row 0: 'label' is a float column (0.0 here)")):
+        build(data_dir=str(folder), train_file="floats.parquet").label_names
+
+
+@pytest.mark.parametrize("content", ['[{"text": "a", "label": "x"}, {"text": "b", "label": "y"}]', '[\n  {"text": "a"'])
+def test_a_json_file_holding_one_document_says_json_lines_are_expected(build, tmp_path, content):
+    folder = csv_task(tmp_path / "task")
+    (folder / "train.json").write_text(content + "\n")
+    dm = build(data_dir=str(folder), train_file="train.json", dev_file="dev.csv", test_file="test.csv")
+    expected = re.escape("train.json:1: ") + ".*read as JSON Lines, one object per line"
+    with pytest.raises(DataFormatError, match=expected):
+        dm.label_names
 
 
 def test_parquet_files_and_a_parquet_predict_file_keep_their_rows(build, tmp_path):
