@@ -377,11 +377,12 @@ def _log_root(trainer: Namespace) -> Path:
 
 
 #: warnings every `tartan` run would print that its user can do nothing about: Lightning noting that the model
-#: prepares its batches itself (`TartanModule.on_before_batch_transfer`, by design, whatever the data module), and a
-#: torch deprecation inside Lightning's own code
+#: prepares its batches itself (`TartanModule.on_before_batch_transfer`, by design, whatever the data module), and
+#: torch deprecations inside Lightning's own code and inside torchdata's loader (which Lightning rebuilds to predict)
 QUIET_WARNINGS = (
     (r"You have overridden `on_before_batch_transfer` in `LightningModule`", UserWarning),
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+    (r"'set_vital' is deprecated", UserWarning),
 )
 
 

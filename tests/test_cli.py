@@ -372,6 +372,7 @@ def test_test_subcommand_reports_the_checkpoints_metrics(tiny_encoder, data_root
     # checkpoint's predictions (on the tested examples, as accurate as `tartan test` said)
     result = run_tartan("predict", *common, "--ckpt_path", best)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Warning" not in result.stderr, result.stderr[-3000:]  # nothing the user could act on
     written = sorted(tmp_path.glob("lightning_logs/version_*/predictions.jsonl"))
     assert len(written) == 1 and f"Wrote 139 predictions to {written[0]}" in result.stdout + result.stderr
     rows = [json.loads(line) for line in written[0].read_text().splitlines()]
