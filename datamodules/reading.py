@@ -199,8 +199,9 @@ def _warn_quoted_texts(path: Path, examples: list[Example]) -> None:
     if quoted:
         warnings.warn(
             f"{path}: {len(quoted)} of {len(examples)} examples have a text wrapped in double quotes"
-            f" ({_lines(quoted)}); a .tsv file is read without quoting (IANA TSV), so the quotes, and any doubled inside, stay in the text."
-            " Write the file without quoting, or as .csv (standard quoting), unless the texts are quotations"
+            f" ({_lines(quoted)}); a .tsv file is read without quoting (IANA TSV), so the quotes, and any doubled"
+            " inside, stay in the text. Write the file without quoting, or as .csv (standard quoting), unless the"
+            " texts are quotations"
         )
 
 
