@@ -1,4 +1,5 @@
 """End-task aware training (TARTAN) for PyTorch Lightning."""
+from lightning_tartan.batch_checks import BatchFormatError
 from lightning_tartan.callbacks import TaskWeightPlot
 from lightning_tartan.heads import EncoderInputMismatch
 from lightning_tartan.meta_tartan import MetaWeighting
@@ -8,6 +9,7 @@ from lightning_tartan.predictions import PredictionWriter
 from lightning_tartan.weighting import EncoderAccess, Weighting
 
 __all__ = [
+    "BatchFormatError",
     "CheckpointMismatch",
     "EncoderAccess",
     "EncoderInputMismatch",

@@ -186,18 +186,24 @@ def check_inputs_fit_encoder(
             f"folder missing its tokenizer files (tokenizer.json, vocab.txt, ...)? Save the tokenizer beside the "
             f"encoder, or {choose}"
         )
-    config = encoder.config
-    positions = getattr(config, "max_position_embeddings", None)
-    if max_length is None or positions is None or not getattr(config, "position_biased_input", True):
-        return  # no absolute positions to run past (DeBERTa's relative ones, say)
-    # RoBERTa-style embeddings number positions on from the padding index
-    padding_idx = getattr(getattr(encoder, "embeddings", None), "padding_idx", None)
-    limit = positions - (padding_idx + 1 if isinstance(padding_idx, int) else 0)
-    if max_length > limit:
+    limit = position_limit(encoder)
+    if max_length is not None and limit is not None and max_length > limit:
         raise EncoderInputMismatch(
             f"max_length={max_length} is longer than the {limit} positions of the encoder (max_position_embeddings="
-            f"{positions}): set --data.init_args.max_length {limit} or less"
+            f"{encoder.config.max_position_embeddings}): set --data.init_args.max_length {limit} or less"
         )
+
+
+def position_limit(encoder: PreTrainedModel) -> Optional[int]:
+    """The most tokens a row may hold, or None for an encoder without absolute positions to run past (DeBERTa's
+    relative ones, say)."""
+    config = encoder.config
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is None or not getattr(config, "position_biased_input", True):
+        return None
+    # RoBERTa-style embeddings number positions on from the padding index
+    padding_idx = getattr(getattr(encoder, "embeddings", None), "padding_idx", None)
+    return positions - (padding_idx + 1 if isinstance(padding_idx, int) else 0)
 
 
 @dataclass(frozen=True)

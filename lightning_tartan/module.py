@@ -31,12 +31,14 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoTokenizer, PreTrainedModel
 
 from lightning_tartan.attention_masks import READY_MASK_ARCHITECTURES, encoder_mask, mark_padding, takes_ready_masks
+from lightning_tartan.batch_checks import check_evaluation_batch, check_training_sources, checked_source
 from lightning_tartan.export import check_exportable, classification_model, masked_lm_model
 from lightning_tartan.heads import (
     ClassificationHead,
     check_inputs_fit_encoder,
     classification_head_options,
     load_encoder_and_mlm_head,
+    position_limit,
 )
 from lightning_tartan.meta_tartan import MetaWeighting
 from lightning_tartan.model_card import end_task_model_card
@@ -310,22 +312,36 @@ class TartanModule(pl.LightningModule):
         micro-batch's padding (`attention_masks.mark_padding`, for an encoder that takes ready masks) and, with
         `sparse_mlm`, each MLM micro-batch's masked positions (selecting them on the device has a data-dependent
         size). On a GPU each such read would make the host wait for the device mid-step. With `pack_sequences`, each
-        padded micro-batch's packed rows (`packing.pack`), which are also found from its mask."""
+        padded micro-batch's packed rows (`packing.pack`), which are also found from its mask.
+
+        Each source the step reads is first checked (`batch_checks`), so that a batch from a data module of one's own
+        that is not in the documented format fails naming the source and what to change; the others pass as they
+        are."""
         if not isinstance(batch, Mapping):
             return batch
         batch = dict(batch)  # transformers' collators give a `BatchEncoding`, a mapping but no dict
-        if "input_ids" in batch:  # an evaluation or prediction batch
-            return self._on_host(batch, mlm=False)
+        attached = self._trainer_attached()
+        if "input_ids" in batch or (attached and not self.trainer.training):  # an evaluation or prediction batch
+            if not attached:  # a direct call, which may as well pass one MLM micro-batch: nothing to check it against
+                return self._on_host(batch, "evaluation", labeled=False, mlm=False, check=False)
+            check_evaluation_batch(batch)
+            return self._on_host(batch, "evaluation", labeled=not self.trainer.predicting, mlm=False)
         mlm = set(self.weighting.active) - {END_TASK}  # the MLM objectives this step trains
-        return {name: self._on_host(source, mlm=name in mlm) for name, source in batch.items()}
+        check_training_sources(list(batch), self.hparams.aux_objectives, trains_mlm=bool(mlm))
+        read = {*self.weighting.active, *(RESERVED_SOURCES if self.weighting.needs_dev_samples else ())}
+        return {
+            name: self._on_host(source, name, labeled=name not in mlm, mlm=name in mlm) if name in read else source
+            for name, source in batch.items()
+        }
 
-    def _on_host(self, source: Any, mlm: bool) -> Any:
-        """One source of a batch, a micro-batch or a list of them, with what `on_before_batch_transfer` adds."""
+    def _on_host(self, source: Any, name: str, labeled: bool, mlm: bool, check: bool = True) -> Any:
+        """One source of a batch, a micro-batch or a list of them, checked (`batch_checks.checked_source`), with what
+        `on_before_batch_transfer` adds."""
         if isinstance(source, (list, tuple)):
-            return [self._on_host(part, mlm) for part in source]
+            return [self._on_host(part, name, labeled, mlm, check) for part in source]
         if not isinstance(source, Mapping):
             return source
-        source = dict(source)
+        source = checked_source(name, source, labeled, mlm, position_limit(self.encoder)) if check else dict(source)
         if self.ready_attention_masks:
             source = mark_padding(source)
         if self._packing is not None:

@@ -3,6 +3,7 @@ import copy
 import inspect
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pytorch_lightning.plugins.precision import MixedPrecision
 from torch.overrides import TorchFunctionMode
 from transformers import AutoModelForSequenceClassification
 
-from lightning_tartan import MetaWeighting, TartanModule, dev_head
+from lightning_tartan import BatchFormatError, MetaWeighting, TartanModule, dev_head
 from lightning_tartan.dev_head import DevHead
 from lightning_tartan.module import lr_factors, micro_batches
 from lightning_tartan.task_gradients import TaskGradientCosines
@@ -664,6 +665,73 @@ def test_batch_without_end_task_names_it(tiny_encoder):
     batches = [{"tapt": b["tapt"], "dapt": b["dapt"]} for b in make_batches(1)]
     with pytest.raises(KeyError, match="end_task"):
         fit(module, batches)
+
+
+def test_a_corpus_the_model_was_not_told_about_is_refused_not_left_untrained(tiny_encoder):
+    """A data module of one's own that brings a corpus the model does not name would load it every step and never
+    train it; fine-tuning alone (weighting "none") takes such batches and leaves the corpora out, as documented."""
+    with pytest.raises(BatchFormatError, match=re.escape("holds ['dapt'], which aux_objectives=['tapt'] does not")):
+        fit(make_module(tiny_encoder, weighting="equal", aux_objectives=["tapt"]), make_batches(1))
+    assert fit(make_module(tiny_encoder, weighting="none", aux_objectives=[]), make_batches(1)).global_step == 1
+
+
+def unmasked(batch: dict) -> None:
+    """An MLM source as `DataCollatorForLanguageModeling(mlm=False)` builds it: every token labelled, none masked."""
+    tapt = batch["tapt"]
+    masked = tapt["labels"] != -100
+    tapt["input_ids"][masked] = tapt["labels"][masked]
+    tapt["labels"] = tapt["input_ids"].clone()
+
+
+MALFORMED_BATCHES = {
+    # what a data module of one's own gets wrong -> the error that names the source and the fix
+    "labels as a list": (lambda b: b["end_task"].update(labels=b["end_task"]["labels"].tolist()),
+                         "batch source 'end_task': 'labels' must be a tensor, got list"),
+    "float labels": (lambda b: b["end_task"].update(labels=b["end_task"]["labels"].float()),
+                     "batch source 'end_task': 'labels' must be integer ids, got torch.float32"),
+    "one-hot labels": (lambda b: b["meta_dev"].update(labels=F.one_hot(b["meta_dev"]["labels"], 3)),
+                       "batch source 'meta_dev': 'labels' has shape (4, 3), not (4,) (one class id per row)"),
+    "MLM without labels": (lambda b: b["tapt"].pop("labels"),
+                           "batch source 'tapt' has no 'labels' (transformers' DataCollatorForLanguageModeling"),
+    "MLM not masked": (unmasked, "batch source 'tapt': none of its 48 labelled tokens is masked in input_ids"),
+    "rows past the positions": (
+        lambda b: b["dapt"].update({key: value.repeat(1, 43) for key, value in b["dapt"].items()}),
+        "batch source 'dapt' holds rows of 516 tokens, more than the encoder's 512 positions: truncate them",
+    ),
+}
+
+
+@pytest.mark.parametrize("mistake", list(MALFORMED_BATCHES))
+def test_a_malformed_batch_of_ones_own_names_the_source_and_the_fix(tiny_encoder, mistake):
+    """Instead of torch's or the encoder's own message from deep inside the step, or training the wrong thing."""
+    spoil, message = MALFORMED_BATCHES[mistake]
+    batches = make_batches(1)
+    spoil(batches[0])
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fit(make_module(tiny_encoder, weighting="meta"), batches)
+
+
+def test_integer_labels_of_any_width_train_as_int64_labels_do(tiny_encoder):
+    """torch's losses take int64 class ids only; a collator's int32 labels are widened, not refused."""
+    narrow = make_batches(2)
+    for batch in narrow:
+        batch["end_task"]["labels"] = batch["end_task"]["labels"].int()
+    trained = {}
+    for name, batches in (("int64", make_batches(2)), ("int32", narrow)):
+        torch.manual_seed(0)
+        module = make_module(tiny_encoder, weighting="equal")
+        fit(module, batches)
+        trained[name] = module.state_dict()
+    for key, value in trained["int64"].items():
+        torch.testing.assert_close(trained["int32"][key], value, rtol=0, atol=0, msg=key)
+
+
+def test_evaluation_batches_in_the_training_format_are_named(tiny_encoder):
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1)
+    with pytest.raises(BatchFormatError, match=re.escape("(this one maps sources to batches, as a training batch")):
+        trainer.fit(make_module(tiny_encoder), train_dataloaders=loader(make_batches(1)),
+                    val_dataloaders=loader(make_batches(1)))
 
 
 @pytest.mark.parametrize("weighting", ["equal", "meta"])
