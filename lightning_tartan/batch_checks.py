@@ -47,7 +47,7 @@ def check_evaluation_batch(batch: Mapping[str, Any]) -> None:
 
 
 def checked_source(
-    name: str, source: Mapping[str, Any], labeled: bool, mlm: bool, position_limit: Optional[int]
+    name: str, source: Mapping[str, Any], labeled: bool, mlm: bool, position_limit: Optional[int], num_labels: int
 ) -> dict[str, Any]:
     """One micro-batch of source `name` (or an evaluation batch, `name` "evaluation"), checked, with integer labels
     of any width as int64 (what torch's losses take). `labeled`: it must hold class ids, one per row (a predict
@@ -81,8 +81,13 @@ def checked_source(
     if tuple(labels.shape) != expected:
         what = "one token id or -100 per input token" if mlm else "one class id per row"
         raise BatchFormatError(f"{where}: 'labels' has shape {tuple(labels.shape)}, not {expected} ({what})")
-    if mlm and labels.device.type == "cpu":
+    if labels.device.type != "cpu":  # reading it would make the host wait for the device
+        return source
+    if mlm:
         _check_masked(where, inputs, labels)
+    elif labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < num_labels:
+        outside = sorted({label for label in labels.tolist() if not 0 <= label < num_labels})
+        raise BatchFormatError(f"{where}: class ids {outside} are outside 0..{num_labels - 1} (num_labels={num_labels})")
     return source
 
 

@@ -341,7 +341,10 @@ class TartanModule(pl.LightningModule):
             return [self._on_host(part, name, labeled, mlm, check) for part in source]
         if not isinstance(source, Mapping):
             return source
-        source = checked_source(name, source, labeled, mlm, position_limit(self.encoder)) if check else dict(source)
+        if check:
+            source = checked_source(name, source, labeled, mlm, position_limit(self.encoder), self.hparams.num_labels)
+        else:
+            source = dict(source)
         if self.ready_attention_masks:
             source = mark_padding(source)
         if self._packing is not None:

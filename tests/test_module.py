@@ -691,6 +691,8 @@ MALFORMED_BATCHES = {
                      "batch source 'end_task': 'labels' must be integer ids, got torch.float32"),
     "one-hot labels": (lambda b: b["meta_dev"].update(labels=F.one_hot(b["meta_dev"]["labels"], 3)),
                        "batch source 'meta_dev': 'labels' has shape (4, 3), not (4,) (one class id per row)"),
+    "a class id past num_labels": (lambda b: b["meta_dev_grad"]["labels"].fill_(3),
+                                   "batch source 'meta_dev_grad': class ids [3] are outside 0..2 (num_labels=3)"),
     "MLM without labels": (lambda b: b["tapt"].pop("labels"),
                            "batch source 'tapt' has no 'labels' (transformers' DataCollatorForLanguageModeling"),
     "MLM not masked": (unmasked, "batch source 'tapt': none of its 48 labelled tokens is masked in input_ids"),
