@@ -312,7 +312,7 @@ def real_batches(args: argparse.Namespace, encoder: str, count: int) -> tuple[li
 
 def trained_task(datamodule: CitationIntentDataModule, corpora: tuple[str, ...]) -> CitationIntentDataModule:
     """The task as a variant trains it, for `TartanModule.from_datamodule`: the same data module with only the
-    corpora the variant trains (the shared batches carry every corpus; a variant reads the ones it trains)."""
+    corpora the variant trains."""
     options = {**datamodule.hparams, "aux_corpora": {name: datamodule.aux_corpora[name] for name in corpora}}
     return type(datamodule)(**options)
 
@@ -654,7 +654,9 @@ def fit_variant(
     """A fresh module fitted on `batches`; the same seed for every variant gives the same weights and dropout masks."""
     torch.manual_seed(0)
     options = dict(VARIANTS[name])
-    task = trained_task(datamodule, options.pop("aux_objectives"))
+    corpora = options.pop("aux_objectives")
+    task = trained_task(datamodule, corpora)
+    dropped = set(datamodule.aux_corpora) - set(corpora)
     options.update(
         compile_encoder=args.compile, attn_implementation=args.attn_implementation, fused_optimizer=args.fused_optimizer
     )
@@ -679,6 +681,9 @@ def fit_variant(
         limit_val_batches=0,
         num_sanity_val_steps=0,
     )
+    # the shared batches carry every corpus; a variant is given the ones it trains (a model refuses a corpus it
+    # does not train, which would otherwise be loaded for nothing)
+    batches = [{source: part for source, part in batch.items() if source not in dropped} for batch in batches]
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     if len(meter.seconds["wall"]) != timed:
         raise RuntimeError(f"{name}: timed {len(meter.seconds['wall'])} steps, expected {timed}")
