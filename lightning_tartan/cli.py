@@ -276,6 +276,8 @@ def tartan_cli(args: ArgsType = None, run: bool = True) -> TartanCLI:
         subclass_mode_data=True,
         # TartanModule builds its own optimizer groups and schedule; no `--optimizer` to silently replace them.
         auto_configure_optimizers=False,
+        # the seed Lightning falls back to, given without its warning (and recorded in the run's config.yaml)
+        seed_everything_default=0,
         parser_kwargs={
             "description": "TARTAN: end-task aware training of masked-LM encoders (MT-/META-TARTAN).",
             "allow_abbrev": False,  # `--trainer.max_step 3` is a typo to report, not `max_steps` to guess

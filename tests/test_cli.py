@@ -370,9 +370,11 @@ def test_test_subcommand_reports_the_checkpoints_metrics(tiny_encoder, data_root
 
     # `tartan predict` labels the test split into the run's folder: every example once, in file order, with the
     # checkpoint's predictions (on the tested examples, as accurate as `tartan test` said)
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)  # as in a new shell: the fit above set it in this process
     result = run_tartan("predict", *common, "--ckpt_path", best)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Warning" not in result.stderr, result.stderr[-3000:]  # nothing the user could act on
+    assert "No seed found" not in result.stderr and "Seed set to 0" in result.stderr  # tartan's default seed
     written = sorted(tmp_path.glob("lightning_logs/version_*/predictions.jsonl"))
     assert len(written) == 1 and f"Wrote 139 predictions to {written[0]}" in result.stdout + result.stderr
     rows = [json.loads(line) for line in written[0].read_text().splitlines()]
