@@ -34,6 +34,8 @@ from lightning_tartan.predictions import PredictionWriter
 CSV_LOGGER = "pytorch_lightning.loggers.CSVLogger"
 TQDM_BAR = "pytorch_lightning.callbacks.TQDMProgressBar"
 DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
+#: `--ckpt_path` values that name no file: `best` and `last` (found in a run folder), and Lightning's `hpc`
+LIGHTNING_CKPT_PATHS = ("best", "last", "hpc")
 #: in a method config's paths, the task's name (`task_name`)
 TASK = "{task}"
 
@@ -106,6 +108,13 @@ class TartanCLI(LightningCLI):
                 "data.monitor_metric", f"{callback}.monitor", compute_fn=dev_metric_key, apply_on="instantiate"
             )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Also remember the method the command asks for: LightningCLI next replaces the model's options with those
+        stored in a `--ckpt_path` file, so a fit resumed from another method's checkpoint would train that method."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        self.asked_weighting = (self.config[subcommand] if subcommand else self.config).get("model.weighting")
+
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
         self._subcommand_config().model.tokenizer_name_or_path = self.tokenizer_given
@@ -135,6 +144,17 @@ class TartanCLI(LightningCLI):
             )
         if init_checkpoint is not None and not Path(init_checkpoint).is_file():
             error(f"--model.init_checkpoint {init_checkpoint}: no such checkpoint file")
+        ckpt_path = config.get("ckpt_path")
+        named = ckpt_path in LIGHTNING_CKPT_PATHS or str(ckpt_path).startswith("registry")  # Lightning's model registry
+        if ckpt_path and not named and not Path(ckpt_path).is_file():
+            error(f"--ckpt_path {ckpt_path}: no such checkpoint file (nor one of {', '.join(LIGHTNING_CKPT_PATHS)})")
+        if self.subcommand == "fit" and ckpt_path and Path(ckpt_path).is_file():
+            if config.model.weighting != self.asked_weighting:
+                error(
+                    f"--ckpt_path {ckpt_path} was trained with --model.weighting {config.model.weighting}, not "
+                    f"{self.asked_weighting}: resuming it would train its own method. Resume it with its own config, "
+                    f"or start from its weights with --model.init_checkpoint {ckpt_path}"
+                )
         if self.subcommand in ("validate", "test", "predict") and not config.ckpt_path and init_checkpoint is None:
             # the classifier head would be the untrained one the model starts with: scores and labels by chance
             error(
@@ -167,8 +187,7 @@ class TartanCLI(LightningCLI):
             config.model.encoder_name_or_path, config.model.tokenizer_name_or_path
         )
         _fill_task(config)
-        self._check_encoder(config.model.encoder_name_or_path, config.get("ckpt_path"))
-        ckpt_path = config.get("ckpt_path")  # absent without a subcommand (`run=False`)
+        self._check_encoder(config.model.encoder_name_or_path, ckpt_path)
         if ckpt_path == "last" or (self.subcommand != "fit" and ckpt_path == "best"):
             self._find_run_checkpoint(config)
 

@@ -724,6 +724,25 @@ def test_mistakes_fail_before_anything_loads(configs, options, message, tmp_path
     assert message in capsys.readouterr().err.splitlines()[-1]
 
 
+def test_a_checkpoint_path_of_another_method_or_none_at_all_is_one_line(tiny_encoder, data_root, tmp_path, capsys):
+    """LightningCLI builds the model from a `--ckpt_path` file's options, so resuming a TAPT run's checkpoint with the
+    META-TARTAN config would train TAPT's method without a word; a mistyped path (`bst`) would end in a traceback."""
+    tapt = TartanModule(tiny_encoder, num_labels=6, weighting="aux_only", aux_objectives=["tapt"])
+    checkpoint = tmp_path / "tapt.ckpt"
+    torch.save({"hyper_parameters": dict(tapt.hparams), "state_dict": tapt.state_dict()}, checkpoint)
+    args = [f"--config={CONFIGS / 'quickstart.yaml'}", f"--model.encoder_name_or_path={tiny_encoder}"]
+    args += [f"--data.data_dir={data_root / 'citation_intent'}", f"--trainer.default_root_dir={tmp_path}"]
+    for subcommand, ckpt_path, message in (
+        ("fit", checkpoint, f"--ckpt_path {checkpoint} was trained with --model.weighting aux_only, not meta"),
+        ("fit", tmp_path / "lst.ckpt", f"--ckpt_path {tmp_path / 'lst.ckpt'}: no such checkpoint file"),
+        ("test", "bst", "--ckpt_path bst: no such checkpoint file (nor one of best, last, hpc)"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            tartan_cli([subcommand, *args, f"--ckpt_path={ckpt_path}"])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err.splitlines()[-1]
+    assert not list(tmp_path.rglob("metrics.csv"))  # nothing ran
+
+
 @pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
 def test_evaluating_without_a_checkpoint_is_refused(subcommand, tiny_encoder, data_root, tmp_path, capsys):
     """A forgotten `--ckpt_path` would score (or label with) the untrained classifier head, by chance."""
