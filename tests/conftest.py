@@ -44,3 +44,9 @@ def tiny_encoder(tmp_path_factory) -> str:
 def cache_dir(tmp_path_factory) -> str:
     """One `datasets` cache for the session, so tests that share a configuration tokenise it once."""
     return str(tmp_path_factory.mktemp("hf_datasets_cache"))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `long` first: in a parallel run, one started last would leave the other processes idle while it
+    finishes."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)

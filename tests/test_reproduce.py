@@ -83,6 +83,7 @@ def test_methods_sharing_a_stage_form_one_chain_in_dependency_order(tmp_path):
     ]
 
 
+@pytest.mark.long
 def test_smoke_grid_end_to_end(tiny_encoder, data_root, cache_dir, tmp_path):
     out, results = tmp_path / "runs", tmp_path / "results"
     common = ["--profile", str(SMOKE), "--tasks", "citation_intent", "--seeds", "0", "--encoder", tiny_encoder]

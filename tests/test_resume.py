@@ -69,6 +69,7 @@ def test_run_killed_after_mid_epoch_checkpoint_resumes_bit_for_bit(
         assert not torch.equal(uninterrupted["weighting.logits"], torch.zeros(4))
 
 
+@pytest.mark.long
 def test_a_ddp_run_killed_mid_epoch_resumes_bit_for_bit(tiny_encoder, data_root, cache_dir, tmp_path):
     """Two CPU ranks (gloo): each rank's dropout must continue its own random stream, not rank 0's. The ranks' batches
     are padded to different lengths, so their streams part after the first step (dropout draws one number per
