@@ -155,7 +155,7 @@ class TartanCLI(LightningCLI):
                     f"{self.asked_weighting}: resuming it would train its own method. Resume it with its own config, "
                     f"or start from its weights with --model.init_checkpoint {ckpt_path}"
                 )
-        if self.subcommand in ("validate", "test", "predict") and not config.ckpt_path and init_checkpoint is None:
+        if self.subcommand in ("validate", "test", "predict") and not ckpt_path and init_checkpoint is None:
             # the classifier head would be the untrained one the model starts with: scores and labels by chance
             error(
                 f"tartan {self.subcommand} needs the trained model: --ckpt_path best (or last) with --config "
