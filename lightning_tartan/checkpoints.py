@@ -35,6 +35,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         self._steps_before_batch = 0
         self._sigint_handler_replaced = False
         self._previous_sigint_handler: Any = None
+        self._fitting = True
 
     @property
     def stopped_at(self) -> Optional[int]:
@@ -44,6 +45,18 @@ class ResumableCheckpoint(ModelCheckpoint):
     @property
     def last_checkpoint_path(self) -> str:
         return os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._fitting = stage == "fit"  # Lightning sets callbacks up before it restores their state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._fitting:
+            super().load_state_dict(state_dict)
+        else:
+            # validating, testing or predicting with a checkpoint writes none: its record of the run's checkpoints
+            # goes unused, and Lightning would warn that this new run's folder is not the trained run's
+            self.best_model_path = state_dict["best_model_path"]
 
     def save_latest(self, trainer: pl.Trainer) -> None:
         trainer.save_checkpoint(self.last_checkpoint_path, self.save_weights_only)

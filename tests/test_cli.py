@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -359,13 +360,17 @@ def test_test_subcommand_reports_the_checkpoints_metrics(tiny_encoder, data_root
 
     result = run_tartan("test", *common, "--ckpt_path", best)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Warning" not in result.stderr, result.stderr[-3000:]  # the new run's checkpoint folder is not news
     printed = re.search(r"test/f1_macro\W+([0-9.]+)", result.stdout)
     assert printed, result.stdout[-3000:]
     assert float(printed.group(1)) == pytest.approx(in_process["test/f1_macro"], abs=1e-6)
     # as the README tests it: the run's own config.yaml, and the best checkpoint its last.ckpt records
     run_config = Path(fit.trainer.log_dir) / "config.yaml"
-    by_name = tartan_cli(["test", f"--config={run_config}", "--ckpt_path=best", *limits])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        by_name = tartan_cli(["test", f"--config={run_config}", "--ckpt_path=best", *limits])
     assert by_name.trainer.ckpt_path == best
+    assert not [w for w in caught if "dirpath has changed" in str(w.message)]  # this run's folder is a new one
     assert by_name.trainer.callback_metrics["test/f1_macro"] == pytest.approx(in_process["test/f1_macro"], abs=1e-6)
 
     # `tartan predict` labels the test split into the run's folder: every example once, in file order, with the
