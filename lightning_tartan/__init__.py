@@ -1,6 +1,6 @@
 """End-task aware training (TARTAN) for PyTorch Lightning."""
 from lightning_tartan.batch_checks import BatchFormatError
-from lightning_tartan.callbacks import TaskWeightPlot
+from lightning_tartan.callbacks import ResumableProgressBar, TaskWeightPlot
 from lightning_tartan.heads import EncoderInputMismatch
 from lightning_tartan.meta_tartan import MetaWeighting
 from lightning_tartan.module import CheckpointMismatch, TartanModule
@@ -16,6 +16,7 @@ __all__ = [
     "MetaWeighting",
     "PostHocSelection",
     "PredictionWriter",
+    "ResumableProgressBar",
     "TartanModule",
     "TaskWeightPlot",
     "Weighting",

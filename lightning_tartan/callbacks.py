@@ -1,4 +1,4 @@
-"""Callbacks that make TARTAN's task weighting inspectable."""
+"""Callbacks that make a run inspectable: TARTAN's task weights as a figure, progress that survives a resume."""
 from __future__ import annotations
 
 import copy
@@ -8,9 +8,10 @@ from typing import Any, Dict, List, Optional, Union
 
 import pytorch_lightning as pl
 from matplotlib.figure import Figure
+from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.trainer.states import TrainerFn
 
-__all__ = ["TaskWeightPlot"]
+__all__ = ["ResumableProgressBar", "TaskWeightPlot"]
 
 _PANELS = (
     # (axes label, logged-key prefix, title, y label)
@@ -176,3 +177,19 @@ class TaskWeightPlot(pl.Callback):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self.history = copy.deepcopy(state_dict["history"])
         self.monitor = state_dict["monitor"]
+
+
+class ResumableProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar, which also gives a run resumed inside an epoch its epoch and length.
+
+    Lightning does not start that epoch again, so its bar would read ``Training: 6/?`` for the rest of it. The
+    `tartan` command uses this bar unless the config names another.
+    """
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # the bar goes on from the batches of this epoch done before the resume; Lightning's total counts from 0
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        total = min(trainer.num_training_batches, done + self.total_train_batches)
+        self.train_progress_bar.total = None if math.isinf(total) else total
+        self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch}")

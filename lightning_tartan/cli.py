@@ -32,7 +32,7 @@ from lightning_tartan.predictions import PredictionWriter
 
 
 CSV_LOGGER = "pytorch_lightning.loggers.CSVLogger"
-TQDM_BAR = "pytorch_lightning.callbacks.TQDMProgressBar"
+TQDM_BAR = "lightning_tartan.callbacks.ResumableProgressBar"
 DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
 #: `--ckpt_path` values that name no file: `best` and `last` (found in a run folder), and Lightning's `hpc`
 LIGHTNING_CKPT_PATHS = ("best", "last", "hpc")

@@ -1,4 +1,5 @@
-"""TaskWeightPlot: what it records from a real Trainer run, what it draws, and when it writes nothing."""
+"""TaskWeightPlot: what it records from a real Trainer run, what it draws, and when it writes nothing; the progress
+bar of a resumed run."""
 import math
 from typing import List, Optional
 
@@ -7,7 +8,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_tartan.callbacks import TaskWeightPlot
+from lightning_tartan.callbacks import ResumableProgressBar, TaskWeightPlot
+from lightning_tartan.checkpoints import ResumableCheckpoint
 
 OBJECTIVES = ["end_task", "tapt", "dapt"]
 
@@ -250,3 +252,18 @@ def test_state_dict_round_trip_is_a_copy():
     assert [line.get_label() for line in data_lines(axes_by_label(restored.plot())["weights"])] == ["tapt"]
     restored.history["step"].append(4)
     assert state["history"]["step"] == [1, 2]
+
+
+def test_a_run_resumed_inside_an_epoch_shows_its_epoch_and_length(tmp_path):
+    """32 batches an epoch; stopped after 6 and resumed to 12, the bar reads `Epoch 0: 12/12`, not `Training: 12/?`."""
+    def trainer(max_steps: int) -> pl.Trainer:
+        return pl.Trainer(
+            max_steps=max_steps, limit_val_batches=0, logger=False, enable_model_summary=False, accelerator="cpu",
+            callbacks=[ResumableProgressBar(), ResumableCheckpoint(dirpath=tmp_path)],  # last.ckpt: at step 6
+        )
+
+    trainer(6).fit(StandIn())
+    resumed = trainer(12)
+    resumed.fit(StandIn(), ckpt_path=tmp_path / "last.ckpt")
+    bar = resumed.progress_bar_callback.train_progress_bar
+    assert (bar.n, bar.total, bar.desc.split(":")[0]) == (12, 12, "Epoch 0")  # as a run of 12 from the start

@@ -14,12 +14,11 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
-from pytorch_lightning.callbacks import TQDMProgressBar
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM
 
 from datamodules import EndTaskDataModule
 from lightning_tartan import EncoderInputMismatch, PostHocSelection, TartanModule
-from lightning_tartan.callbacks import TaskWeightPlot
+from lightning_tartan.callbacks import ResumableProgressBar, TaskWeightPlot
 from lightning_tartan.cli import tartan_cli
 from lightning_tartan.export import ExportEncoder
 from lightning_tartan.packing import PACKED
@@ -615,7 +614,7 @@ def test_logs_and_progress_count_optimizer_steps(tiny_encoder, data_root, cache_
     trainer = cli.trainer
     assert trainer.global_step == 6 and cli.model.hparams.accumulate_grad_batches == 2
     bar = trainer.progress_bar_callback
-    assert type(bar) is TQDMProgressBar and (bar.train_progress_bar.n, bar.train_progress_bar.total) == (6, 6)
+    assert type(bar) is ResumableProgressBar and (bar.train_progress_bar.n, bar.train_progress_bar.total) == (6, 6)
     assert {"train/loss_end_task", "train/loss_tapt"} <= set(bar.get_metrics(trainer, cli.model))
     rows = list(csv.DictReader((Path(trainer.logger.log_dir) / "metrics.csv").open()))
     weight_steps = [int(row["step"]) for row in rows if row["train/weight_tapt"]]
