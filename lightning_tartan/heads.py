@@ -132,7 +132,10 @@ def load_encoder_and_mlm_head(
     the MLM loss run the head on masked positions only. `attn_implementation` is transformers' (None: its default).
     """
     files = local_copy(name_or_path)
-    config = AutoConfig.from_pretrained(files)
+    try:
+        config = AutoConfig.from_pretrained(files)
+    except OSError as err:
+        raise OSError(f"encoder_name_or_path={name_or_path!r}: {unreachable(err)}") from None
     if dropout is not None:
         for attr in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if hasattr(config, attr):
@@ -159,6 +162,16 @@ def load_encoder_and_mlm_head(
         raise ValueError(f"encoder_name_or_path={name_or_path!r}: {err}") from None
     _warn_about_new_encoder_weights(name_or_path, mlm_model, loading["missing_keys"])
     return mlm_model.base_model, head, config, RandomMLMHead.of(name_or_path, mlm_model, loading["missing_keys"])
+
+
+def unreachable(err: OSError) -> str:
+    """Why transformers found no files, and what to do when they are a trained run's moved folder."""
+    reason = str(err).splitlines()[0]
+    return (
+        f"neither a local folder nor reachable on the Hugging Face Hub ({reason}). A checkpoint is rebuilt from the "
+        "encoder and tokenizer it was trained from before its weights load: if their folder moved, name its new place, "
+        "TartanModule.load_from_checkpoint(path, encoder_name_or_path=<folder>, tokenizer_name_or_path=<folder>)"
+    )
 
 
 class EncoderInputMismatch(ValueError):

@@ -39,6 +39,7 @@ from lightning_tartan.heads import (
     classification_head_options,
     load_encoder_and_mlm_head,
     position_limit,
+    unreachable,
 )
 from lightning_tartan.meta_tartan import MetaWeighting
 from lightning_tartan.model_card import end_task_model_card
@@ -662,8 +663,12 @@ class TartanModule(pl.LightningModule):
     def _save_with_tokenizer(self, model: PreTrainedModel, path: str | Path, max_length: Optional[int] = None) -> None:
         """`max_length`: what the tokenizer's `model_max_length` becomes (an encoder for further training keeps its
         own)."""
+        name = self.hparams.tokenizer_name_or_path
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(local_copy(name))
+        except OSError as err:
+            raise OSError(f"tokenizer_name_or_path={name!r}: {unreachable(err)}") from None
         model.save_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(local_copy(self.hparams.tokenizer_name_or_path))
         if max_length is not None:
             tokenizer.model_max_length = min(max_length, tokenizer.model_max_length)
         tokenizer.save_pretrained(path)

@@ -856,6 +856,28 @@ def test_encoder_given_as_path_keeps_checkpoints_loadable(tiny_encoder, tmp_path
     torch.load(tmp_path / "run.ckpt", weights_only=True)
 
 
+
+def test_a_checkpoint_whose_encoder_folder_moved_names_the_options_that_load_it(tiny_encoder, tmp_path):
+    """From Python the checkpoint is rebuilt from the folder it was trained from: gone, the error names the option
+    and the call that loads it from the folder's new place; an export writes nothing until its tokenizer loads."""
+    encoder = shutil.copytree(tiny_encoder, tmp_path / "encoder")
+    fit(make_module(str(encoder)), make_batches(1)).save_checkpoint(tmp_path / "run.ckpt")
+    moved = encoder.rename(tmp_path / "moved")
+    gone = re.escape(str(encoder))
+    with pytest.raises(OSError, match=rf"^encoder_name_or_path='{gone}': neither a local folder") as err:
+        TartanModule.load_from_checkpoint(tmp_path / "run.ckpt")
+    hint = "load_from_checkpoint(path, encoder_name_or_path=<folder>, tokenizer_name_or_path=<folder>)"
+    assert hint in str(err.value)
+    only_encoder = TartanModule.load_from_checkpoint(tmp_path / "run.ckpt", encoder_name_or_path=str(moved))
+    with pytest.raises(OSError, match=rf"^tokenizer_name_or_path='{gone}': neither a local folder"):
+        only_encoder.save_end_task_model(tmp_path / "classifier")
+    assert not (tmp_path / "classifier").exists()
+    both = TartanModule.load_from_checkpoint(
+        tmp_path / "run.ckpt", encoder_name_or_path=str(moved), tokenizer_name_or_path=str(moved)
+    )
+    both.save_end_task_model(tmp_path / "classifier")
+    assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "classifier").num_labels == 3
+
 def without_head_tensors(tiny_encoder: str, folder: Path, dropped: str) -> str:
     """A copy of the tiny masked-LM checkpoint whose MLM-head tensors starting with `dropped` are removed."""
     from safetensors.torch import load_file, save_file
