@@ -26,7 +26,8 @@ class TaskWeightPlot(pl.Callback):
 
     META-TARTAN's learned weights are the main thing to look at when a run under- or over-performs, so this
     callback keeps them (and the dev metric they are meant to improve) without needing any logger, and writes
-    one PNG at the end of fit.
+    them as one PNG, rewritten after each dev evaluation (so a long run can be watched, and an interrupted one keeps
+    its picture) and at the end of fit.
 
     ``history`` is a dict of lists, keyed by the names the module logs:
 
@@ -108,10 +109,13 @@ class TaskWeightPlot(pl.Callback):
             return
         self.history["val_step"].append(trainer.global_step)
         self.history.setdefault(self.monitor, []).append(float(trainer.callback_metrics[self.monitor]))
+        self._write(trainer)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.enabled:
-            return
+        if self.enabled:
+            self._write(trainer)
+
+    def _write(self, trainer: pl.Trainer) -> None:
         # `trainer.log_dir` broadcasts, so every rank must resolve the directory, not just rank 0.
         dirpath = self.dirpath or trainer.log_dir or trainer.default_root_dir
         if trainer.is_global_zero:

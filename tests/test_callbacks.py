@@ -188,6 +188,27 @@ def test_default_dirpath_without_logger_is_default_root_dir(tmp_path):
     assert (tmp_path / "weights.png").stat().st_size > 0
 
 
+
+class CrashesAtStep(StandIn):
+    """A run that dies mid-fit (out of memory, a lost node), after some dev evaluations."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.crash_step = step
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step + 1 == self.crash_step:
+            raise RuntimeError("node lost")
+        return super().training_step(batch, batch_idx)
+
+
+def test_the_picture_is_written_at_each_dev_evaluation_so_a_crashed_run_keeps_it(tmp_path):
+    callback = TaskWeightPlot(dirpath=str(tmp_path))
+    with pytest.raises(RuntimeError, match="node lost"):
+        fit(CrashesAtStep(7), callback, tmp_path, max_steps=12)  # dev evaluations after steps 4 and 8
+    assert callback.history["val_step"] == [4] and callback.last_saved_path == str(tmp_path / "task_weights.png")
+    assert (tmp_path / "task_weights.png").stat().st_size > 0
+
 def test_disabled_writes_and_records_nothing(tmp_path):
     callback = TaskWeightPlot(dirpath=str(tmp_path / "plots"), enabled=False)
     fit(StandIn(), callback, tmp_path, max_steps=4)
