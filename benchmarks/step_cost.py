@@ -48,6 +48,9 @@ costs several times a later one (kernel selection and loading, the allocator's p
 once and a short timing would count at every step. On CUDA the same untimed step's kernel time, over the median
 step's wall time, is `busy`: the share of a step the GPU computes (the rest it waits for the host). `--profile N`
 prints each variant's N costliest operations in that step (self device time on CUDA, self CPU time otherwise).
+`prep ms` is the module's own preparation of each batch on the host (`on_before_batch_transfer`: the batch checks,
+padding marks, masked positions and, with `--pack-sequences`, packing), which Lightning runs before each step,
+outside its time; on a GPU it holds up the next step unless the device is still busy with the last.
 
 `--encoder tiny` (hidden 32, 2 layers, random weights, MiniLM's tokenizer) on small batches (the README's 2 x 32)
 makes the arithmetic a small share of the step, so its step time is mostly what a step costs besides the model's
@@ -536,7 +539,9 @@ class StepMeter(pl.Callback):
     after the timed ones is profiled, untimed (the profiler slows every operation on the host): its operations and
     kernels (`OpCounter`; when the encoder is compiled, whose fused kernels are not ATen operations, no operations,
     and kernels only as the device counts them), on CUDA its kernel time, and with `profile_rows` its costliest
-    operations."""
+    operations. It also times, per step, the module's `on_before_batch_transfer` on the host (batch checks, padding
+marks, masked positions, packed rows): Lightning runs it before `on_train_batch_start`, outside the step's time,
+but a step waits for it all the same."""
 
     def __init__(
         self, warmup: int, timed: int, device: str, count_ops: bool = True, profile_rows: int = 0
@@ -554,9 +559,21 @@ class StepMeter(pl.Callback):
         self.seconds: dict[str, list[float]] = {"wall": [], "cpu": []}
         self.flops: list[int] = []
         self.syncs: list[int] = []
+        self.prep_seconds: list[float] = []
+        self.last_prep_s = 0.0
         self.peak_bytes = 0
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # the module's own hook, timed on the instance; FlopMeter's marking wraps it, outside the time
+        module_before_transfer = pl_module.on_before_batch_transfer
+
+        def timed_before_transfer(batch: Any, dataloader_idx: int) -> Any:
+            started = time.perf_counter()
+            prepared = module_before_transfer(batch, dataloader_idx)
+            self.last_prep_s = time.perf_counter() - started
+            return prepared
+
+        pl_module.on_before_batch_transfer = timed_before_transfer
         self.flop_meter = FlopMeter(pl_module)
 
     def _now(self) -> dict[str, float]:
@@ -604,6 +621,7 @@ class StepMeter(pl.Callback):
                 seconds.append(now[clock] - self.started[clock])
             if syncs is not None:
                 self.syncs.append(syncs)
+            self.prep_seconds.append(self.last_prep_s)
             self.flop_meter.add_dev_head(batch, pl_module.end_task_head)
             self.flops.append(self.flop_meter.flops)
         elif batch_idx == self.warmup - 1:
@@ -622,6 +640,7 @@ class Result:
     kernels: Optional[int] = None  # kernels of one step (`OpCounter`): launched on CUDA, leaf operations elsewhere
     device_us: Optional[float] = None  # the device's kernel time in one step (CUDA only)
     top_ops: Optional[str] = None  # the profiler's table of one step's costliest operations (`--profile`)
+    prep_seconds: list[float] = field(default_factory=list)  # the module's host-side batch preparation, per step
     peak_bytes: int = 0
 
     def median_s(self, clock: str) -> float:
@@ -728,6 +747,7 @@ def run(args: argparse.Namespace, encoder: str) -> tuple[dict[str, Result], list
             result.peak_bytes = max(result.peak_bytes, meter.peak_bytes)
             result.flops += sum(meter.flops)
             result.syncs += meter.syncs
+            result.prep_seconds += meter.prep_seconds
             result.ops, result.kernels, result.device_us = meter.ops, meter.kernels, meter.device_us
             result.top_ops = meter.top_ops
             result.tokens += sum(real_tokens(batch, module.weighting.active) for batch in round_batches)
@@ -779,6 +799,7 @@ def summarize(results: dict[str, Result], args: argparse.Namespace, encoder_para
         summary[f"{name}_ops_per_step"] = result.ops
         summary[f"{name}_kernels_per_step"] = result.kernels
         summary[f"{name}_busy"] = result.busy()
+        summary[f"{name}_prep_ms"] = statistics.median(result.prep_seconds) * 1e3
         summary[f"{name}_step_s"] = [round(seconds, 4) for seconds in result.seconds[clock]]
     return summary
 
@@ -807,13 +828,15 @@ def report(results: dict[str, Result], summary: dict[str, Any], batches: list[Ba
           "synchronisations per step (CUDA only); ops: ATen operations "
           "one step dispatches, views excluded (n/a when compiled); kernels: what it launches on a GPU (CUDA: the "
           "device's count; CPU: operations that call no other, autocast's casts included);\nbusy: one step's "
-          "kernel time over the median step time, the share of a step the GPU computes (CUDA only)\n")
+          "kernel time over the median step time, the share of a step the GPU computes (CUDA only);\nprep ms: "
+          "the module's on_before_batch_transfer on the host (checks, masks, packing), run before each step and "
+          "not in its time\n")
     for name, result in results.items():
         if result.top_ops is not None:
             print(f"{name}: the costliest operations of one step\n{result.top_ops}")
     clock = summary["clock"]
     print(f"{'variant':12s} {'wall ms':>9s} {'cpu ms':>9s} {'tokens/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} "
-          f"{'peak MB':>8s} {'syncs':>5s} {'ops':>6s} {'kernels':>7s} {'busy':>6s}")
+          f"{'peak MB':>8s} {'syncs':>5s} {'ops':>6s} {'kernels':>7s} {'busy':>6s} {'prep ms':>7s}")
     for name, result in results.items():
         mfu, syncs, ops, kernels, busy = (
             summary[f"{name}_{key}"] for key in ("mfu", "syncs_per_step", "ops_per_step", "kernels_per_step", "busy")
@@ -823,7 +846,7 @@ def report(results: dict[str, Result], summary: dict[str, Any], batches: list[Ba
               f"{'n/a' if mfu is None else f'{mfu:.1%}':>6s} {result.peak_bytes / MB:8.0f} "
               f"{'n/a' if syncs is None else f'{syncs:.0f}':>5s} {'n/a' if ops is None else ops:>6} "
               f"{'n/a' if kernels is None else kernels:>7} "
-              f"{'n/a' if busy is None else f'{busy:.0%}':>6s}")
+              f"{'n/a' if busy is None else f'{busy:.0%}':>6s} {summary[f'{name}_prep_ms']:7.2f}")
     print()
     for key, (_, _, cpu_target, cuda_target) in RATIOS.items():
         target, issue = (cuda_target, 12) if summary["device"] == "cuda" else (cpu_target, 5)
