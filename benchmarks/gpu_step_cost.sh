@@ -21,6 +21,8 @@
 #                  step is no longer bound by the host issuing kernels
 #   bf16_multi_tensor  (only when named) bf16_real's variants with the multi-tensor AdamW (the default there is
 #                  fused): what the fused optimizer buys
+#   bf16_512_checkpointed  (only when named) bf16, 512 tokens, --gradient-checkpointing: the memory it saves and
+#                  the time it costs at full length, against bf16_512
 #
 # Name settings to run only those, in that order: bash benchmarks/gpu_step_cost.sh bf16_real fp16_real
 #
@@ -81,6 +83,7 @@ declare -A settings=(  # name -> options
     [bf16_512_compiled]="--precision $(precision bf16-mixed) --fixed-length 512 --compile --warmup 4 --variants finetune mt1"
     [bf16_packed_compiled]="--precision $(precision bf16-mixed) --pack-sequences --compile --warmup 4 --variants finetune mt2 meta2"
     [bf16_multi_tensor]="--precision $(precision bf16-mixed) --no-fused-optimizer --variants finetune mt1 mt2 meta1 meta2"
+    [bf16_512_checkpointed]="--precision $(precision bf16-mixed) --fixed-length 512 --gradient-checkpointing --variants finetune mt1"
 )
 chosen=("$@")
 if (( ! ${#chosen[@]} )); then

@@ -171,6 +171,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--pack-sequences", action="store_true", help="TartanModule's pack_sequences: each "
                         "micro-batch's rows packed on the host into fewer rows (block-diagonal attention), so the "
                         "encoder computes less padding; the model FLOPs stay those of the real tokens")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="TartanModule's gradient_checkpointing: "
+                        "each encoder layer recomputed in the backward instead of keeping its activations (less "
+                        "peak memory, more time; the model FLOPs do not count the recomputation)")
     parser.add_argument("--attn-implementation", default=None, help="TartanModule's attn_implementation (transformers' "
                         "attention kernel: sdpa, eager, flash_attention_2 with flash-attn installed); default: "
                         "transformers' choice")
@@ -679,8 +682,11 @@ def fit_variant(
     options.update(
         compile_encoder=args.compile, attn_implementation=args.attn_implementation, fused_optimizer=args.fused_optimizer
     )
-    if args.pack_sequences:  # only when asked: a module without the option runs every other setting
+    # only when asked: a module without these options (an older commit, compared side by side) runs the others
+    if args.pack_sequences:
         options["pack_sequences"] = True
+    if args.gradient_checkpointing:
+        options["gradient_checkpointing"] = True
     module = TartanModule.from_datamodule(task, encoder_name_or_path=encoder, **options)
     if args.stop_on_device and isinstance(module.weighting, MetaWeighting):
         module.weighting.dev_head.stop_on_device = True
@@ -784,7 +790,7 @@ def summarize(results: dict[str, Result], args: argparse.Namespace, encoder_para
     summary.update({"max_length": args.max_length, "fixed_length": args.fixed_length})
     summary.update({"group_by_length": args.group_by_length, "pack_sequences": args.pack_sequences})
     summary.update({"compile": args.compile, "attn_implementation": args.attn_implementation})
-    summary["fused_optimizer"] = args.fused_optimizer
+    summary.update({"fused_optimizer": args.fused_optimizer, "gradient_checkpointing": args.gradient_checkpointing})
     summary.update({"timed_steps": args.steps, "warmup_steps": args.warmup, "rounds": args.rounds})
     summary.update({"primed": args.prime, "stop_on_device": args.stop_on_device})
     for name, result in results.items():

@@ -164,6 +164,20 @@ def load_encoder_and_mlm_head(
     return mlm_model.base_model, head, config, RandomMLMHead.of(name_or_path, mlm_model, loading["missing_keys"])
 
 
+def checkpoint_activations(encoder: PreTrainedModel) -> None:
+    """Turn on transformers' activation (gradient) checkpointing of `encoder`'s layers, with torch's non-reentrant
+    checkpoint: it takes several backward passes per step (META-TARTAN's one per objective) and restores the random
+    state, so dropout's masks are the same when a layer is recomputed."""
+    # transformers renamed `gradient_checkpointing_enable` (deprecated, not yet removed) in its 5.x releases
+    enable = getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
+    try:
+        enable({"use_reentrant": False})
+    except ValueError as err:  # an architecture without it, e.g. ALBERT
+        raise ValueError(f"gradient_checkpointing=True: {err}") from None
+    if getattr(encoder.config, "use_cache", False):  # a decoder's cache, which an encoder never keeps: transformers
+        encoder.config.use_cache = False  # would say at the first step that checkpointing turns it off
+
+
 def unreachable(err: OSError) -> str:
     """Why transformers found no files, and what to do when they are a trained run's moved folder."""
     reason = str(err).splitlines()[0]

@@ -128,3 +128,16 @@ def test_an_architecture_whose_classifier_cannot_be_exported_is_refused_at_const
     AutoModelForMaskedLM.from_config(config).save_pretrained(tmp_path / "bart")
     with pytest.raises(ValueError, match=r"does not know BartForSequenceClassification's classifier layout"):
         TartanModule(str(tmp_path / "bart"), num_labels=3, aux_objectives=["tapt"])
+
+
+@pytest.mark.parametrize("architecture", list(CONFIGS))
+def test_gradient_checkpointing_is_on_or_refused_naming_the_option(architecture, tokenizer, tmp_path):
+    """transformers checkpoints every architecture here but ALBERT, which is refused at construction."""
+    encoder = tiny_encoder_of(architecture, tokenizer, tmp_path / "encoder")
+    if architecture == "albert":
+        with pytest.raises(ValueError, match=r"^gradient_checkpointing=True: AlbertModel does not support"):
+            TartanModule(encoder, num_labels=3, aux_objectives=["tapt"], gradient_checkpointing=True)
+        return
+    module = TartanModule(encoder, num_labels=3, aux_objectives=["tapt"], gradient_checkpointing=True)
+    parts = [part for part in module.encoder.modules() if hasattr(part, "gradient_checkpointing")]
+    assert parts and all(part.gradient_checkpointing for part in parts), architecture

@@ -1029,6 +1029,36 @@ def test_compiled_encoder_trains_like_the_eager_one(tiny_encoder):
         torch.testing.assert_close(compiled.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
+
+@pytest.mark.parametrize(
+    ("options", "precision"),
+    [({"weighting": "meta"}, "32-true"), ({"weighting": "equal", "pack_sequences": True}, "bf16-mixed")],
+    ids=["meta", "packed-bf16"],
+)
+def test_gradient_checkpointing_recomputes_the_layers_and_trains_the_same_weights(tiny_encoder, options, precision):
+    """Memory for time: every encoder layer runs again in each backward, and the run ends at the same weights, bit
+    for bit, dropout's masks included (META-TARTAN takes several backward passes per step)."""
+    batches = [with_padding(batch) for batch in make_batches(2)]
+    runs = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        module = make_module(tiny_encoder, dropout=0.1, gradient_checkpointing=checkpointing, **options)
+        calls = []  # a sublayer of the first layer: the layer's own hooks stay outside the recomputation
+        module.encoder.encoder.layer[0].intermediate.register_forward_hook(lambda *_: calls.append(1))
+        fit(module, batches, precision=precision)
+        runs[checkpointing] = params_of(module), len(calls)
+    (plain, plain_calls), (checkpointed, checkpointed_calls) = runs[False], runs[True]
+    assert checkpointed_calls >= plain_calls + 4  # at least two backward passes in each of the 2 steps recompute it
+    assert all(torch.equal(plain[name], checkpointed[name]) for name in plain)
+
+
+def test_gradient_checkpointing_leaves_a_frozen_encoder_alone(tiny_encoder):
+    """A frozen encoder runs no backward, so there is nothing to recompute (and no gradient to route through it)."""
+    module = make_module(tiny_encoder, weighting="aux_only", freeze_encoder=True, gradient_checkpointing=True)
+    assert not any(getattr(layer, "gradient_checkpointing", False) for layer in module.encoder.encoder.layer)
+    assert not make_module(tiny_encoder).encoder.encoder.layer[0].gradient_checkpointing
+    assert make_module(tiny_encoder, gradient_checkpointing=True).encoder.encoder.layer[0].gradient_checkpointing
+
 @pytest.mark.parametrize("weighting", ["none", "equal", "aux_only", "meta"])
 def test_task_weights_live_on_the_models_device(tiny_encoder, weighting):
     """Weighting a loss copies nothing from the host, which on a GPU would make the host wait for the device."""
