@@ -284,6 +284,17 @@ def test_group_by_length_from_the_command_line(tiny_encoder, cache_dir, monkeypa
     assert all(loaders[name].sampler.grouping is not None for name in ("end_task", "tapt"))
 
 
+
+def test_gradient_checkpointing_from_the_command_line(tiny_encoder, cache_dir, monkeypatch):
+    """`--model.gradient_checkpointing true`, as the README gives it, checkpoints every encoder layer."""
+    monkeypatch.chdir(REPO)
+    cli = tartan_cli(
+        [*config_args("citation_intent", "meta_tartan"), "--model.gradient_checkpointing", "true"]
+        + ["--model.encoder_name_or_path", tiny_encoder, "--data.cache_dir", cache_dir, *SMALL],
+        run=False,
+    )
+    assert all(layer.gradient_checkpointing for layer in cli.model.encoder.encoder.layer)
+
 def test_pack_sequences_from_the_command_line(tiny_encoder, cache_dir, tmp_path, monkeypatch):
     """`--model.pack_sequences true`: META-TARTAN trains on ACL-ARC with every micro-batch of every source packed."""
     monkeypatch.chdir(REPO)
