@@ -2,7 +2,7 @@
 stage (`ExportEncoder`, which hands a continued-pre-training run to a fine-tuning run)."""
 import copy
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -73,12 +73,55 @@ def classifier_layers(model: PreTrainedModel) -> tuple[nn.Linear, Optional[nn.La
     raise NotImplementedError(f"lightning-tartan does not know {type(model).__name__}'s classifier layout")
 
 
-def check_exportable(encoder_config: PretrainedConfig) -> None:
-    """Raise NotImplementedError now, not after training, when the classifier could not be exported; builds the
-    classification model on the meta device, so it costs no memory."""
-    with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(classification_config(encoder_config, ["0", "1"]))
-    classifier_layers(model)
+def check_exportable(encoder_config: PretrainedConfig, head_options: dict[str, Any]) -> None:
+    """Raise NotImplementedError now, not after training, when the architecture's `AutoModelForSequenceClassification`
+    would not compute what the module trains, `ClassificationHead(**head_options)` over the encoder's first token:
+    its classifier layout is unknown, or it computes something else from the same weights (another activation,
+    Longformer's global attention on the first token). Compared on a one-layer copy of the architecture with a
+    small vocabulary and random weights, on the CPU, leaving the caller's random state as it was."""
+    config = classification_config(encoder_config, ["0", "1"])
+    _one_layer(config)
+    _small_vocabulary(config)
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"), torch.no_grad():
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_config(config).eval()
+        head = ClassificationHead(config.hidden_size, 2, 0.0, **head_options).eval()
+        for target, source in zip((head.dense, head.norm, head.out_proj), classifier_layers(model)):
+            if source is not None:
+                target.load_state_dict(source.state_dict())
+        inputs = {"input_ids": torch.randint(config.vocab_size, (2, 16))}
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        expected = head(model.base_model(**inputs).last_hidden_state)
+        actual = model(**inputs).logits
+    if not torch.allclose(actual, expected, rtol=1e-4, atol=1e-6):
+        raise NotImplementedError(
+            f"{type(model).__name__}'s logits differ from those of lightning-tartan's head over the encoder's first "
+            "token with the same weights: its export would not be the model trained"
+        )
+
+
+def _one_layer(config: PretrainedConfig) -> None:
+    """`config` cut to one layer, with its per-layer lists (Longformer's attention windows, ModernBERT's layer types),
+    where the architecture allows it (Funnel counts its layers otherwise): what can differ between the classifier and
+    the module is around the layers, not inside them."""
+    layers = config.num_hidden_layers
+    try:
+        config.num_hidden_layers = 1
+    except NotImplementedError:
+        return
+    for key, value in config.to_dict().items():
+        if isinstance(value, list) and len(value) == layers:
+            setattr(config, key, value[:1])
+
+
+def _small_vocabulary(config: PretrainedConfig, size: int = 16) -> None:
+    """`config` with a vocabulary of `size` tokens, its special token ids renumbered into it in their order (equal ids
+    stay equal): embedding tables of the full vocabulary would take most of the check's time."""
+    special = {key: id_ for key, id_ in config.to_dict().items() if key.endswith("_token_id") and type(id_) is int}
+    renumbered = {value: index for index, value in enumerate(sorted(set(special.values())))}
+    for key, value in special.items():
+        setattr(config, key, renumbered[value])
+    config.vocab_size = max(size, len(renumbered))
 
 
 def _load_encoder(model: PreTrainedModel, encoder: nn.Module) -> None:

@@ -55,12 +55,19 @@ class ClassificationHead(nn.Module):
         return self.out_proj(self.dropout(pooled))
 
 
+#: model types whose sequence-classification head applies the encoder's own activation, `config.hidden_act`
+HIDDEN_ACT_CLASSIFIERS = frozenset({"big_bird", "convbert", "mra", "nystromformer", "roformer", "yoso"})
+
+
 def classification_head_options(config: PretrainedConfig) -> dict[str, Any]:
     """The activation (and norm) of the architecture's own sequence-classification head, for `ClassificationHead`:
-    tanh as BERT's pooler and RoBERTa's head, GELU for ELECTRA, ReLU for DistilBERT, ModernBERT's dense + activation
-    + LayerNorm. DeBERTa's pooler activation is a config field, which the export sets to tanh."""
+    tanh as BERT's pooler and RoBERTa's head, GELU for ELECTRA, ReLU for DistilBERT, `hidden_act` for RoFormer,
+    BigBird and their kind, ModernBERT's dense + activation + LayerNorm. DeBERTa's pooler activation is a config
+    field, which the export sets to tanh. `export.check_exportable` checks the result against the architecture."""
     if config.model_type == "electra":
         return {"activation": "gelu"}
+    if config.model_type in HIDDEN_ACT_CLASSIFIERS:
+        return {"activation": config.hidden_act}
     if config.model_type == "distilbert":
         return {"activation": "relu"}
     if config.model_type == "modernbert":
@@ -172,7 +179,7 @@ def checkpoint_activations(encoder: PreTrainedModel) -> None:
     enable = getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
     try:
         enable({"use_reentrant": False})
-    except ValueError as err:  # an architecture without it, e.g. ALBERT
+    except ValueError as err:  # an architecture without it, e.g. ALBERT or MPNet
         raise ValueError(f"gradient_checkpointing=True: {err}") from None
     if getattr(encoder.config, "use_cache", False):  # a decoder's cache, which an encoder never keeps: transformers
         encoder.config.use_cache = False  # would say at the first step that checkpointing turns it off

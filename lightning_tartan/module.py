@@ -160,7 +160,7 @@ class TartanModule(pl.LightningModule):
             in the backward (`heads.checkpoint_activations`): the activations that bound the batch size or length
             on a GPU shrink to about one layer's, for roughly a third more time per step. Results are unchanged:
             dropout draws the same masks when the layer is recomputed. Any encoder transformers implements it for
-            (ALBERT is not one).
+            (not ALBERT or MPNet).
     """
 
     def __init__(
@@ -228,11 +228,11 @@ class TartanModule(pl.LightningModule):
         if compile_encoder:
             self.encoder.compile()
         init_std = getattr(config, "initializer_range", 0.02)
+        head_options = classification_head_options(config)
         try:
-            check_exportable(config)
+            check_exportable(config, head_options)
         except NotImplementedError as err:
             raise ValueError(f"encoder_name_or_path={encoder_name_or_path!r}: {err}, so it cannot be trained") from None
-        head_options = classification_head_options(config)
         self.end_task_head = ClassificationHead(config.hidden_size, num_labels, dropout, **head_options)
         self.end_task_head.reset_parameters(init_std)
         self.objectives = [END_TASK, *aux_objectives]

@@ -15,7 +15,9 @@ from transformers import (
     DistilBertConfig,
     ElectraConfig,
     ModernBertConfig,
+    MPNetConfig,
     RobertaConfig,
+    RoFormerConfig,
     XLMRobertaConfig,
     pipeline,
 )
@@ -37,6 +39,8 @@ CONFIGS = {
     "electra": lambda vocab: ElectraConfig(vocab_size=vocab, embedding_size=16, **SMALL),
     "distilbert": lambda vocab: DistilBertConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=2, hidden_dim=64),
     "modernbert": lambda vocab: ModernBertConfig(vocab_size=vocab, **SMALL, **SPECIAL_IDS),
+    "mpnet": lambda vocab: MPNetConfig(vocab_size=vocab, **SMALL),  # sentence-transformers' all-mpnet-base-v2
+    "roformer": lambda vocab: RoFormerConfig(vocab_size=vocab, **SMALL),  # its head applies hidden_act, not tanh
 }
 LABELS = ["background", "method", "result"]
 
@@ -91,9 +95,10 @@ def test_trains_exports_and_reloads_with_the_same_logits(architecture, weighting
 def test_the_encoder_computes_the_same_with_its_mask_made_on_the_host(architecture, tokenizer, tmp_path):
     """Where the module hands the encoder a ready attention mask, so that it reads nothing back from the device, the
     encoder computes what it does from the 2D mask, bit for bit, with and without padding. Architectures that build
-    another mask (ModernBERT's sliding window, DeBERTa's own) keep the 2D one."""
+    another mask (ModernBERT's sliding window, DeBERTa's own) or that lightning-tartan does not hand one (MPNet,
+    RoFormer) keep the 2D one."""
     module = TartanModule(tiny_encoder_of(architecture, tokenizer, tmp_path), num_labels=3, dropout=0.0).eval()
-    assert module.ready_attention_masks == (architecture not in ("deberta-v2", "modernbert"))
+    assert module.ready_attention_masks == (architecture not in ("deberta-v2", "modernbert", "mpnet", "roformer"))
     batch = make_batches(1)[0]
     for source in (batch["end_task"], with_padding(batch)["end_task"]):
         marked = module.on_before_batch_transfer(source, 0)
@@ -130,12 +135,25 @@ def test_an_architecture_whose_classifier_cannot_be_exported_is_refused_at_const
         TartanModule(str(tmp_path / "bart"), num_labels=3, aux_objectives=["tapt"])
 
 
+def test_an_architecture_whose_classifier_computes_something_else_is_refused_at_construction(tokenizer, tmp_path):
+    """Longformer's classifier puts global attention on the first token, which the module's encoder pass does not:
+    an export would score other logits than the trained model did, so the module refuses it before training."""
+    from transformers import LongformerConfig
+
+    config = LongformerConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=514, attention_window=8, **SMALL)
+    AutoModelForMaskedLM.from_config(config).save_pretrained(tmp_path / "longformer")
+    with pytest.raises(ValueError, match=r"LongformerForSequenceClassification's logits differ from those of"):
+        TartanModule(str(tmp_path / "longformer"), num_labels=3, aux_objectives=["tapt"])
+
+
 @pytest.mark.parametrize("architecture", list(CONFIGS))
 def test_gradient_checkpointing_is_on_or_refused_naming_the_option(architecture, tokenizer, tmp_path):
-    """transformers checkpoints every architecture here but ALBERT, which is refused at construction."""
+    """transformers checkpoints every architecture here but ALBERT and MPNet, which are refused at construction."""
     encoder = tiny_encoder_of(architecture, tokenizer, tmp_path / "encoder")
-    if architecture == "albert":
-        with pytest.raises(ValueError, match=r"^gradient_checkpointing=True: AlbertModel does not support"):
+    without = {"albert": "AlbertModel", "mpnet": "MPNetModel"}
+    if architecture in without:
+        refused = rf"^gradient_checkpointing=True: {without[architecture]} does not support"
+        with pytest.raises(ValueError, match=refused):
             TartanModule(encoder, num_labels=3, aux_objectives=["tapt"], gradient_checkpointing=True)
         return
     module = TartanModule(encoder, num_labels=3, aux_objectives=["tapt"], gradient_checkpointing=True)
