@@ -84,7 +84,7 @@ def check_exportable(encoder_config: PretrainedConfig, head_options: dict[str, A
     _small_vocabulary(config)
     with torch.random.fork_rng(devices=[]), torch.device("cpu"), torch.no_grad():
         torch.manual_seed(0)
-        model = AutoModelForSequenceClassification.from_config(config).eval()
+        model = AutoModelForSequenceClassification.from_config(config).float().eval()  # as trained: bf16 configs too
         head = ClassificationHead(config.hidden_size, 2, 0.0, **head_options).eval()
         for target, source in zip((head.dense, head.norm, head.out_proj), classifier_layers(model)):
             if source is not None:
