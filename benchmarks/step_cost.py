@@ -543,8 +543,8 @@ class StepMeter(pl.Callback):
     kernels (`OpCounter`; when the encoder is compiled, whose fused kernels are not ATen operations, no operations,
     and kernels only as the device counts them), on CUDA its kernel time, and with `profile_rows` its costliest
     operations. It also times, per step, the module's `on_before_batch_transfer` on the host (batch checks, padding
-marks, masked positions, packed rows): Lightning runs it before `on_train_batch_start`, outside the step's time,
-but a step waits for it all the same."""
+    marks, masked positions, packed rows): Lightning runs it before `on_train_batch_start`, outside the step's time,
+    but a step waits for it all the same."""
 
     def __init__(
         self, warmup: int, timed: int, device: str, count_ops: bool = True, profile_rows: int = 0
