@@ -87,7 +87,7 @@ def check_exportable(encoder_config: PretrainedConfig, head_options: dict[str, A
         model = AutoModelForSequenceClassification.from_config(config).float().eval()  # as trained: bf16 configs too
         head = ClassificationHead(config.hidden_size, 2, 0.0, **head_options).eval()
         for target, source in zip((head.dense, head.norm, head.out_proj), classifier_layers(model)):
-            if source is not None:
+            if source is not None and target is not None:  # a norm on one side only shows in the logits below
                 target.load_state_dict(source.state_dict())
         inputs = {"input_ids": torch.randint(config.vocab_size, (2, 16))}
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
