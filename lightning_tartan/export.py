@@ -10,7 +10,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
 
-from lightning_tartan.heads import ClassificationHead, masked_lm_head
+from lightning_tartan.heads import ClassificationHead, end_task_inputs, masked_lm_head
 
 if TYPE_CHECKING:
     from lightning_tartan.module import TartanModule
@@ -75,9 +75,9 @@ def classifier_layers(model: PreTrainedModel) -> tuple[nn.Linear, Optional[nn.La
 
 def check_exportable(encoder_config: PretrainedConfig, head_options: dict[str, Any]) -> None:
     """Raise NotImplementedError now, not after training, when the architecture's `AutoModelForSequenceClassification`
-    would not compute what the module trains, `ClassificationHead(**head_options)` over the encoder's first token:
-    its classifier layout is unknown, or it computes something else from the same weights (another activation,
-    Longformer's global attention on the first token). Compared on a one-layer copy of the architecture with a
+    would not compute what the module trains, `ClassificationHead(**head_options)` over the encoder's first token
+    (with `heads.end_task_inputs`): its classifier layout is unknown, or it computes something else from the same
+    weights (another activation, say). Compared on a one-layer copy of the architecture with a
     small vocabulary and random weights, on the CPU, leaving the caller's random state as it was."""
     config = classification_config(encoder_config, ["0", "1"])
     _one_layer(config)
@@ -91,6 +91,7 @@ def check_exportable(encoder_config: PretrainedConfig, head_options: dict[str, A
                 target.load_state_dict(source.state_dict())
         inputs = {"input_ids": torch.randint(config.vocab_size, (2, 16))}
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        inputs.update(end_task_inputs(config.model_type, inputs["input_ids"]))
         expected = head(model.base_model(**inputs).last_hidden_state)
         actual = model(**inputs).logits
     if not torch.allclose(actual, expected, rtol=1e-4, atol=1e-6):

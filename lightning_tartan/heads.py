@@ -59,6 +59,21 @@ class ClassificationHead(nn.Module):
 HIDDEN_ACT_CLASSIFIERS = frozenset({"big_bird", "convbert", "mra", "nystromformer", "roformer", "yoso"})
 
 
+#: model types whose sequence classifier gives the first token global attention (`global_attention_mask`), which the
+#: module's end-task passes do too (`end_task_inputs`); their masked-LM passes keep local attention, as their MLM does
+FIRST_TOKEN_GLOBAL = frozenset({"longformer"})
+
+
+def end_task_inputs(model_type: str, input_ids: Tensor) -> dict[str, Tensor]:
+    """What an end-task pass gives the encoder besides its ids, mask and segments, so that it computes what the
+    architecture's `AutoModelForSequenceClassification` does: Longformer's global attention on the first token."""
+    if model_type not in FIRST_TOKEN_GLOBAL:
+        return {}
+    first_token = torch.zeros_like(input_ids)
+    first_token[:, 0] = 1
+    return {"global_attention_mask": first_token}
+
+
 def classification_head_options(config: PretrainedConfig) -> dict[str, Any]:
     """The activation (and norm) of the architecture's own sequence-classification head, for `ClassificationHead`:
     tanh as BERT's pooler and RoBERTa's head, GELU for ELECTRA, ReLU for DistilBERT, `hidden_act` for RoFormer,

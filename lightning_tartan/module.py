@@ -38,6 +38,7 @@ from lightning_tartan.heads import (
     check_inputs_fit_encoder,
     checkpoint_activations,
     classification_head_options,
+    end_task_inputs,
     load_encoder_and_mlm_head,
     position_limit,
     unreachable,
@@ -279,15 +280,18 @@ class TartanModule(pl.LightningModule):
 
     # ----- forward passes -----------------------------------------------------------------------------------
 
-    def encode(self, batch: dict[str, Tensor]) -> Tensor:
+    def encode(self, batch: dict[str, Tensor], end_task: bool = True) -> Tensor:
         """The encoder's last hidden states; a sentence-pair batch's ``token_type_ids`` mark its two segments. A
-        micro-batch packed on the host (`pack_sequences`) runs packed and comes back in its padded layout."""
+        micro-batch packed on the host (`pack_sequences`) runs packed and comes back in its padded layout.
+        ``end_task=False`` for a masked-LM pass, which some architectures run otherwise (`heads.end_task_inputs`)."""
         if PACKED in batch:
             hidden = self.encoder(**packed_encoder_inputs(batch[PACKED])).last_hidden_state
             return unpack(hidden, batch[PACKED], batch["input_ids"].shape)
-        segments = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
+        extra = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
+        if end_task:
+            extra.update(end_task_inputs(self.encoder.config.model_type, batch["input_ids"]))
         mask = encoder_mask(batch) if self.ready_attention_masks else batch["attention_mask"]
-        return self.encoder(input_ids=batch["input_ids"], attention_mask=mask, **segments).last_hidden_state
+        return self.encoder(input_ids=batch["input_ids"], attention_mask=mask, **extra).last_hidden_state
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Optional[Tensor] = None) -> Tensor:
         """End-task logits."""
@@ -302,7 +306,7 @@ class TartanModule(pl.LightningModule):
 
     def mlm_loss(self, batch: dict[str, Tensor]) -> Tensor:
         """Masked-LM loss; with `sparse_mlm` the vocabulary projection runs only at masked positions."""
-        hidden = self.encode(batch)
+        hidden = self.encode(batch, end_task=False)
         labels = batch["labels"]
         if not self.hparams.sparse_mlm:
             logits = self.mlm_head(hidden)
