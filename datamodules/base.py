@@ -204,6 +204,7 @@ class EndTaskDataModule(LightningDataModule):
             mlm_probability: share of a document's tokens the MLM objective masks (of those, eight in ten become the
                 mask token, one a random token, one stays).
             include_meta_dev: build the two dev samples (META-TARTAN needs them; other methods ignore them).
+                `TartanModule` sets it from its weighting when it is fitted on this data module.
             num_workers: loader worker processes per source (0: load in the main process). Batches, masks included,
                 are the same for any number.
             seed: shuffling of every source, the dev samples and the MLM masks; ``None`` follows the run's seed

@@ -418,6 +418,8 @@ class TartanModule(pl.LightningModule):
             check_inputs_fit_encoder(self.encoder, tokenizer, str(name), self.max_length)
         if stage == "fit":
             self._run_seed = _run_seed()  # a checkpoint being resumed replaces it after setup
+            if hasattr(datamodule, "include_meta_dev"):  # what the model trains decides what the data builds
+                datamodule.include_meta_dev = self.weighting.needs_dev_samples
 
     def on_fit_start(self) -> None:
         trains_mlm = any(name != END_TASK for name in self.weighting.active)

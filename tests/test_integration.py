@@ -39,12 +39,17 @@ def short_fit(datamodule, weighting: str, encoder: str) -> tuple[TartanModule, p
 
 @pytest.mark.parametrize("weighting", ["none", "equal", "meta", "aux_only"])
 def test_citation_intent_trains_with_each_weighting(tiny_encoder, data_root, cache_dir, weighting):
+    """From Python as from the command, the model's weighting decides whether the data builds the dev samples: here
+    the data module is first told the opposite."""
     datamodule = CitationIntentDataModule(
-        data_dir=str(data_root / "citation_intent"), tokenizer_name_or_path=tiny_encoder, cache_dir=cache_dir, **SMALL
+        data_dir=str(data_root / "citation_intent"), tokenizer_name_or_path=tiny_encoder, cache_dir=cache_dir,
+        include_meta_dev=weighting != "meta", **SMALL,
     )
     module, trainer = short_fit(datamodule, weighting, tiny_encoder)
     metrics = trainer.callback_metrics
     assert trainer.global_step == 2
+    sources = set(datamodule.train_dataloader().iterables)
+    assert ({"meta_dev", "meta_dev_grad"} <= sources) == (weighting == "meta")
     assert 0.0 <= float(metrics["val/f1_macro"]) <= 1.0
     active = module.weighting.active
     assert {f"train/loss_{name}" for name in active} <= set(metrics)
