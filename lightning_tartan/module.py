@@ -56,6 +56,7 @@ from lightning_tartan.weighting import (
     NoWeighting,
     Weighting,
     batch_source,
+    checked_weights,
 )
 
 MONITOR_METRICS = ("f1_macro", "accuracy")
@@ -449,7 +450,7 @@ class TartanModule(pl.LightningModule):
                 "module must group that many micro-batches per batch (EndTaskDataModule's accumulate_grad_batches, "
                 "which `tartan` links from --model.accumulate_grad_batches)"
             )
-        weights = self.weighting.weights()
+        weights = checked_weights(self.weighting)
         active = self.weighting.active
         losses: dict[str, list[Tensor]] = {name: [] for name in active}
         access = self.encoder_access()

@@ -82,7 +82,8 @@ class Weighting(nn.Module):
         return self.objectives
 
     def weights(self) -> dict[str, Tensor]:
-        """The weight each active objective's loss is multiplied by in this optimizer step."""
+        """The weight each active objective's loss is multiplied by in this optimizer step: constants, since every
+        objective's backward reads them; a strategy that learns its weights updates them in `end_step`."""
         return {name: self.equal_share for name in self.active}
 
     def start_micro_batch(self, micro_batch: dict[str, Any], model: EncoderAccess, first: bool) -> None:
@@ -97,6 +98,24 @@ class Weighting(nn.Module):
     def end_step(self) -> dict[str, Tensor]:
         """After the optimizer step: update the strategy's state; what to log (as `train/<key>`)."""
         return {}
+
+
+def checked_weights(strategy: Weighting) -> dict[str, Tensor]:
+    """`strategy.weights()` as tensors, or an error naming the strategy when an objective it trains has no weight, or a
+    weight needs a gradient (each objective's backward would run back through the same graph)."""
+    weights = {objective: torch.as_tensor(weight) for objective, weight in strategy.weights().items()}
+    name = type(strategy).__name__
+    missing = [objective for objective in strategy.active if objective not in weights]
+    if missing:
+        raise ValueError(f"{name}.weights() gave no weight for {missing}, which it trains ({strategy.active})")
+    learned = [objective for objective, weight in weights.items() if weight.requires_grad]
+    if learned:
+        raise ValueError(
+            f"{name}.weights() gave weights that need a gradient ({learned}): each objective's backward multiplies its "
+            "loss by its weight, so weights must be constants; learn them in end_step, under torch.no_grad(), as "
+            "META-TARTAN does (lightning_tartan.meta_tartan)"
+        )
+    return weights
 
 
 class NoWeighting(Weighting):

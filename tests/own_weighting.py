@@ -10,8 +10,27 @@ class EndTaskHeavy(Weighting):
 
     def __init__(self, objectives):
         super().__init__(objectives)
-        rest = [0.5 / (len(self.objectives) - 1)] * (len(self.objectives) - 1)
-        self.register_buffer("share", torch.tensor([0.5, *rest]), persistent=False)  # moves with the model
+        aux = len(self.objectives) - 1
+        shares = [0.5, *[0.5 / aux] * aux] if aux else [1.0]
+        self.register_buffer("share", torch.tensor(shares), persistent=False)  # moves with the model
 
     def weights(self):
         return dict(zip(self.objectives, self.share))
+
+
+class PlainNumbers(Weighting):
+    """Weights given as Python numbers, the end task's counting double."""
+
+    def weights(self):
+        return {name: 2.0 if name == "end_task" else 1.0 for name in self.objectives}
+
+
+class LearnedByBackprop(Weighting):
+    """A mistake people make: weights with a graph to a parameter, hoping the objectives' backward trains them."""
+
+    def __init__(self, objectives):
+        super().__init__(objectives)
+        self.logits = torch.nn.Parameter(torch.zeros(len(self.objectives)))
+
+    def weights(self):
+        return dict(zip(self.objectives, self.logits.softmax(0)))

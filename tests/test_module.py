@@ -646,6 +646,19 @@ def test_a_weighting_strategy_of_ones_own_trains_and_reloads_by_its_import_path(
         make_module(tiny_encoder, weighting="own_weighting.torch")
 
 
+def test_own_weights_may_be_numbers_but_not_tensors_with_a_graph(tiny_encoder):
+    """Weights as plain numbers scale the losses; weights with a graph (to be learned by the objectives' backward)
+    are refused at the first step naming the strategy and where to learn them, not with autograd's "backward
+    through the graph a second time"; an EndTaskHeavy without auxiliary objectives trains the end task alone."""
+    module = make_module(tiny_encoder, weighting="own_weighting.PlainNumbers")
+    fit(module, make_batches(1))
+    assert float(module.trainer.callback_metrics["train/weight_end_task"]) == 2.0
+    with pytest.raises(ValueError, match=r"^LearnedByBackprop.weights\(\) gave weights that need a gradient .*end_step"):
+        fit(make_module(tiny_encoder, weighting="own_weighting.LearnedByBackprop"), make_batches(1))
+    alone = make_module(tiny_encoder, weighting="own_weighting.EndTaskHeavy", aux_objectives=[])
+    assert {name: float(weight) for name, weight in alone.weighting.weights().items()} == {"end_task": 1.0}
+
+
 def test_a_learning_rate_monitor_of_ones_own_is_kept(tiny_encoder, tmp_path):
     """The module adds a LearningRateMonitor for the loggers; a trainer's own (with its options) stays in its place."""
     from pytorch_lightning.callbacks import LearningRateMonitor
