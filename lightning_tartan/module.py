@@ -839,6 +839,8 @@ def _check_options(options: dict[str, Any]) -> None:
         raise ValueError(f"monitor_metric={options['monitor_metric']!r} is not one of {MONITOR_METRICS}")
     if options["label_names"] is not None and len(options["label_names"]) != options["num_labels"]:
         raise ValueError(f"label_names has {len(options['label_names'])} names but num_labels={options['num_labels']}")
+    if isinstance(options["aux_objectives"], str):  # list("dapt") would be four objectives, "d", "a", "p", "t"
+        raise ValueError(f"aux_objectives must be a list of corpus names, e.g. [{options['aux_objectives']!r}]")
     aux = list(options["aux_objectives"])
     if len(set(aux)) != len(aux) or set(aux) & set(RESERVED_SOURCES):
         raise ValueError(f"aux_objectives must be distinct names other than {RESERVED_SOURCES}: {aux}")

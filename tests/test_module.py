@@ -624,6 +624,7 @@ def test_exported_classifier_carries_a_model_card_and_pushes_that_folder(tiny_en
         ({"weighting": "aux_only", "aux_objectives": []}, "aux_objectives"),
         ({"weighting": "meta", "aux_objectives": []}, "aux_objectives"),
         ({"label_names": ["a"]}, "label_names"),
+        ({"aux_objectives": "dapt"}, r"aux_objectives must be a list of corpus names, e.g. \['dapt'\]"),
     ],
 )
 def test_bad_options_name_the_option(tiny_encoder, options, option_name):
