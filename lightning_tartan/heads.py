@@ -7,7 +7,13 @@ from typing import Any, Iterator, Optional
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
+from transformers import (
+    MODEL_FOR_MASKED_LM_MAPPING,
+    AutoConfig,
+    AutoModelForMaskedLM,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.activations import ACT2FN
 from transformers.utils import logging as hf_logging
 
@@ -158,6 +164,12 @@ def load_encoder_and_mlm_head(
         config = AutoConfig.from_pretrained(files)
     except OSError as err:
         raise OSError(f"encoder_name_or_path={name_or_path!r}: {unreachable(err)}") from None
+    if type(config) not in MODEL_FOR_MASKED_LM_MAPPING:
+        raise ValueError(
+            f"encoder_name_or_path={name_or_path!r}: {config.model_type!r} has no masked-LM model in transformers "
+            "(AutoModelForMaskedLM), and TARTAN's auxiliary objectives are masked-LM: pick an encoder such as BERT, "
+            "RoBERTa, DeBERTa-v3, ELECTRA or ModernBERT (README, Encoders)"
+        )
     if dropout is not None:
         for attr in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if hasattr(config, attr):

@@ -141,6 +141,15 @@ def test_an_architecture_whose_classifier_cannot_be_exported_is_refused_at_const
         TartanModule(str(tmp_path / "bart"), num_labels=3, aux_objectives=["tapt"])
 
 
+def test_an_encoder_without_a_masked_lm_form_is_refused_naming_the_option(tokenizer, tmp_path):
+    """GPT-2 is no masked-LM: one line naming the option and what to pick, not transformers' list of every model."""
+    from transformers import GPT2Config, GPT2Model
+
+    GPT2Model(GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=1, n_head=2)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"^encoder_name_or_path=.*: 'gpt2' has no masked-LM model in transformers"):
+        TartanModule(str(tmp_path), num_labels=3, aux_objectives=["tapt"])
+
+
 @pytest.mark.parametrize("architecture", list(CONFIGS))
 def test_gradient_checkpointing_is_on_or_refused_naming_the_option(architecture, tokenizer, tmp_path):
     """transformers checkpoints every architecture here but ALBERT and MPNet, which are refused at construction."""
