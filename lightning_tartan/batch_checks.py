@@ -6,13 +6,15 @@ labels, float labels, rows longer than the encoder's positions, an evaluation ba
 worse, trains the wrong thing without a word: a corpus the model was not told about is never trained, and an MLM
 batch whose inputs were not masked trains the encoder to copy its input.
 """
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from lightning_tartan.heads import EncoderInputMismatch
-from lightning_tartan.weighting import RESERVED_SOURCES
+from torch import nn
+
+from lightning_tartan.heads import EncoderInputMismatch, position_limit
+from lightning_tartan.weighting import META_DEV, META_DEV_GRAD, RESERVED_SOURCES
 
 #: below this many labelled tokens, an MLM micro-batch whose labelled inputs are all unmasked may be chance (each
 #: labelled token stays unmasked one time in ten); at this many, that chance is 1e-20
@@ -24,9 +26,19 @@ class BatchFormatError(ValueError):
     """A batch that is not in the format `TartanModule` takes; the message names the source and what to change."""
 
 
-def check_training_sources(sources: Sequence[str], aux_objectives: Sequence[str], trains_mlm: bool) -> None:
-    """A multitask run trains every corpus its batches bring: one the model was not told about would be loaded
-    and never trained. (Fine-tuning alone, weighting "none", takes batches with corpora and leaves them out.)"""
+def check_training_sources(
+    sources: Sequence[str], needed: Sequence[str], aux_objectives: Sequence[str], trains_mlm: bool
+) -> None:
+    """A training batch holds every source the step reads (`needed`), and a multitask run trains every corpus its
+    batches bring: one the model was not told about would be loaded and never trained. (Fine-tuning alone, weighting
+    "none", takes batches with corpora and leaves them out.)"""
+    missing = [name for name in needed if name not in sources]
+    if missing:
+        dev = " (META-TARTAN's dev samples)" if {META_DEV, META_DEV_GRAD} & set(missing) else ""
+        raise BatchFormatError(
+            f"the training batch has no {missing}{dev}, which this weighting reads; its sources: {sorted(sources)}; "
+            f"{FORMAT}"
+        )
     unknown = sorted(set(sources) - set(RESERVED_SOURCES) - set(aux_objectives))
     if unknown and trains_mlm:
         raise BatchFormatError(
@@ -36,8 +48,13 @@ def check_training_sources(sources: Sequence[str], aux_objectives: Sequence[str]
         )
 
 
-def check_evaluation_batch(batch: Mapping[str, Any]) -> None:
+def check_evaluation_batch(batch: Any) -> None:
     """Validation, test and predict batches are one flat dict of tensors, not one entry per source."""
+    if not isinstance(batch, Mapping):
+        raise BatchFormatError(
+            f"an evaluation batch is a dict {{input_ids, attention_mask, labels}} (labels optional to predict), not a "
+            f"{type(batch).__name__}; {FORMAT}"
+        )
     if "input_ids" not in batch:
         shape = " (this one maps sources to batches, as a training batch does)" if _maps_sources(batch) else ""
         raise BatchFormatError(
@@ -47,23 +64,39 @@ def check_evaluation_batch(batch: Mapping[str, Any]) -> None:
 
 
 def checked_source(
-    name: str, source: Mapping[str, Any], labeled: bool, mlm: bool, position_limit: Optional[int], num_labels: int
+    name: str, source: Mapping[str, Any], labeled: bool, mlm: bool, encoder: nn.Module, num_labels: int
 ) -> dict[str, Any]:
-    """One micro-batch of source `name` (or an evaluation batch, `name` "evaluation"), checked, with integer labels
-    of any width as int64 (what torch's losses take). `labeled`: it must hold class ids, one per row (a predict
-    batch may, and then they are checked alike); `mlm`: it must hold MLM labels (token ids at masked positions, -100
-    elsewhere) for inputs that were masked."""
+    """One micro-batch of source `name` (or an evaluation batch, `name` "evaluation"), checked against the `encoder`
+    it is for, with integer labels of any width as int64 (what torch's losses take). `labeled`: it must hold class
+    ids, one per row (a predict batch may, and then they are checked alike); `mlm`: it must hold MLM labels (token
+    ids at masked positions, -100 elsewhere) for inputs that were masked."""
     where = f"batch source {name!r}" if name != "evaluation" else "the evaluation batch"
     for key in ("input_ids", "attention_mask"):
         if key not in source:
             raise BatchFormatError(f"{where} has no {key!r} (its keys: {sorted(source)}); {FORMAT}")
         if not isinstance(source[key], Tensor):
             raise BatchFormatError(f"{where}: {key!r} must be a tensor, got {type(source[key]).__name__}")
-    inputs = source["input_ids"]
-    if position_limit is not None and inputs.shape[-1] > position_limit:
+    inputs, mask = source["input_ids"], source["attention_mask"]
+    if inputs.dim() != 2 or inputs.is_floating_point() or inputs.dtype == torch.bool:
+        raise BatchFormatError(
+            f"{where}: 'input_ids' must be token ids, integers of shape (rows, tokens), got {inputs.dtype} of shape "
+            f"{tuple(inputs.shape)}"
+        )
+    if mask.shape != inputs.shape:
+        raise BatchFormatError(
+            f"{where}: 'attention_mask' has shape {tuple(mask.shape)}, not that of 'input_ids', {tuple(inputs.shape)}"
+        )
+    limit = position_limit(encoder)
+    if limit is not None and inputs.shape[-1] > limit:
         raise EncoderInputMismatch(
-            f"{where} holds rows of {inputs.shape[-1]} tokens, more than the encoder's {position_limit} positions: "
-            f"truncate them, e.g. tokenizer(..., truncation=True, max_length={position_limit})"
+            f"{where} holds rows of {inputs.shape[-1]} tokens, more than the encoder's {limit} positions: "
+            f"truncate them, e.g. tokenizer(..., truncation=True, max_length={limit})"
+        )
+    vocabulary = encoder.get_input_embeddings().num_embeddings
+    if inputs.device.type == "cpu" and inputs.numel() and not 0 <= int(inputs.min()) <= int(inputs.max()) < vocabulary:
+        raise EncoderInputMismatch(
+            f"{where} holds token ids outside 0..{vocabulary - 1}, the encoder's vocabulary ({int(inputs.min())} to "
+            f"{int(inputs.max())}): tokenize with the encoder's own tokenizer"
         )
     source = dict(source)
     labels = source.get("labels")

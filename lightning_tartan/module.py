@@ -40,7 +40,6 @@ from lightning_tartan.heads import (
     classification_head_options,
     end_task_inputs,
     load_encoder_and_mlm_head,
-    position_limit,
     unreachable,
 )
 from lightning_tartan.meta_tartan import MetaWeighting
@@ -49,6 +48,8 @@ from lightning_tartan.packaged_encoders import local_copy
 from lightning_tartan.packing import PACKED, pack, packed_encoder_inputs, unpack
 from lightning_tartan.weighting import (
     END_TASK,
+    META_DEV,
+    META_DEV_GRAD,
     RESERVED_SOURCES,
     AuxOnlyWeighting,
     EncoderAccess,
@@ -332,18 +333,20 @@ class TartanModule(pl.LightningModule):
         Each source the step reads is first checked (`batch_checks`), so that a batch from a data module of one's own
         that is not in the documented format fails naming the source and what to change; the others pass as they
         are."""
+        attached = self._trainer_attached()
         if not isinstance(batch, Mapping):
+            if attached and not self.trainer.training:
+                check_evaluation_batch(batch)
             return batch
         batch = dict(batch)  # transformers' collators give a `BatchEncoding`, a mapping but no dict
-        attached = self._trainer_attached()
         if "input_ids" in batch or (attached and not self.trainer.training):  # an evaluation or prediction batch
             if not attached:  # a direct call, which may as well pass one MLM micro-batch: nothing to check it against
                 return self._on_host(batch, "evaluation", labeled=False, mlm=False, check=False)
             check_evaluation_batch(batch)
             return self._on_host(batch, "evaluation", labeled=not self.trainer.predicting, mlm=False)
         mlm = set(self.weighting.active) - {END_TASK}  # the MLM objectives this step trains
-        check_training_sources(list(batch), self.hparams.aux_objectives, trains_mlm=bool(mlm))
-        read = {*self.weighting.active, *(RESERVED_SOURCES if self.weighting.needs_dev_samples else ())}
+        read = [*self.weighting.active, *((META_DEV, META_DEV_GRAD) if self.weighting.needs_dev_samples else ())]
+        check_training_sources(list(batch), read, self.hparams.aux_objectives, trains_mlm=bool(mlm))
         return {
             name: self._on_host(source, name, labeled=name not in mlm, mlm=name in mlm) if name in read else source
             for name, source in batch.items()
@@ -357,7 +360,7 @@ class TartanModule(pl.LightningModule):
         if not isinstance(source, Mapping):
             return source
         if check:
-            source = checked_source(name, source, labeled, mlm, position_limit(self.encoder), self.hparams.num_labels)
+            source = checked_source(name, source, labeled, mlm, self.encoder, self.hparams.num_labels)
         else:
             source = dict(source)
         if self.ready_attention_masks:

@@ -17,6 +17,7 @@ import transformers
 from synthetic import group, loader, make_batches, with_padding
 from pytorch_lightning.plugins.precision import MixedPrecision
 from torch.overrides import TorchFunctionMode
+from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification
 
 from lightning_tartan import BatchFormatError, MetaWeighting, TartanModule, dev_head
@@ -674,11 +675,14 @@ def test_a_learning_rate_monitor_of_ones_own_is_kept(tiny_encoder, tmp_path):
     assert [callback for callback in trainer.callbacks if isinstance(callback, LearningRateMonitor)] == [own]
 
 
-def test_batch_without_end_task_names_it(tiny_encoder):
+def test_a_batch_without_a_source_the_step_reads_names_it(tiny_encoder):
     module = make_module(tiny_encoder, weighting="equal")
     batches = [{"tapt": b["tapt"], "dapt": b["dapt"]} for b in make_batches(1)]
-    with pytest.raises(KeyError, match="end_task"):
+    with pytest.raises(BatchFormatError, match=re.escape("the training batch has no ['end_task'], which this weight")):
         fit(module, batches)
+    batches = [{key: b[key] for key in ("end_task", "tapt", "dapt")} for b in make_batches(1)]
+    with pytest.raises(BatchFormatError, match=re.escape("no ['meta_dev', 'meta_dev_grad'] (META-TARTAN's dev samp")):
+        fit(make_module(tiny_encoder, weighting="meta"), batches)
 
 
 def test_a_corpus_the_model_was_not_told_about_is_refused_not_left_untrained(tiny_encoder):
@@ -710,6 +714,14 @@ MALFORMED_BATCHES = {
     "MLM without labels": (lambda b: b["tapt"].pop("labels"),
                            "batch source 'tapt' has no 'labels' (transformers' DataCollatorForLanguageModeling"),
     "MLM not masked": (unmasked, "batch source 'tapt': none of its 48 labelled tokens is masked in input_ids"),
+    "float input ids": (lambda b: b["end_task"].update(input_ids=b["end_task"]["input_ids"].float()),
+                        "batch source 'end_task': 'input_ids' must be token ids, integers of shape (rows, tokens), "
+                        "got torch.float32"),
+    "a mask one token short": (lambda b: b["tapt"].update(attention_mask=b["tapt"]["attention_mask"][:, 1:]),
+                               "batch source 'tapt': 'attention_mask' has shape (4, 11), not that of 'input_ids', "
+                               "(4, 12)"),
+    "ids past the vocabulary": (lambda b: b["meta_dev"]["input_ids"].__setitem__((0, 1), 40000),
+                                "batch source 'meta_dev' holds token ids outside 0..30521, the encoder's vocabulary"),
     "rows past the positions": (
         lambda b: b["dapt"].update({key: value.repeat(1, 43) for key, value in b["dapt"].items()}),
         "batch source 'dapt' holds rows of 516 tokens, more than the encoder's 512 positions: truncate them",
@@ -748,6 +760,10 @@ def test_evaluation_batches_in_the_training_format_are_named(tiny_encoder):
     with pytest.raises(BatchFormatError, match=re.escape("(this one maps sources to batches, as a training batch")):
         trainer.fit(make_module(tiny_encoder), train_dataloaders=loader(make_batches(1)),
                     val_dataloaders=loader(make_batches(1)))
+    as_tuples = [(b["end_task"]["input_ids"], b["end_task"]["attention_mask"]) for b in make_batches(1)]
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(BatchFormatError, match=re.escape("an evaluation batch is a dict {input_ids, attention_mask")):
+        trainer.predict(make_module(tiny_encoder), dataloaders=DataLoader(as_tuples, batch_size=None))
 
 
 @pytest.mark.parametrize("weighting", ["equal", "meta"])
