@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import re
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,7 +145,9 @@ def _read_jsonl(path: Path, require_label: bool = True, fields: Fields = Fields(
 def _read_delimited(path: Path, tsv: bool, fields: Fields, require_label: bool) -> list[Example]:
     """A CSV (standard quoting) or TSV (IANA: tab-delimited, no quoting) file with a header row, checked row by row
     with the ``csv`` module so every error names the line a record starts on."""
-    kind, options = ("TSV", {"delimiter": "\t", "quoting": csv.QUOTE_NONE}) if tsv else ("CSV", {"strict": True})
+    # skipinitialspace: a CSV written "text, label" (a space after each comma), whose quoted fields then still parse
+    csv_options = {"strict": True, "skipinitialspace": True}
+    kind, options = ("TSV", {"delimiter": "\t", "quoting": csv.QUOTE_NONE}) if tsv else ("CSV", csv_options)
     examples = []
     try:
         with path.open(encoding="utf-8-sig", newline="") as file:  # utf-8-sig: a spreadsheet's byte-order mark
@@ -309,13 +312,17 @@ def names(names: Any) -> str:
 def label_order(label: str) -> tuple[int, int, str]:
     """Numbers first, in numeric order, then the other labels alphabetically; numbers written alike ("1", "01")
     by their text, so the class ids never depend on the order the labels were seen in."""
-    number = label.isdigit() or (label.startswith("-") and label[1:].isdigit())
-    return (0, int(label), label) if number else (1, 0, label)
+    digits = label.strip()
+    number = digits.isdecimal() or (digits.startswith("-") and digits[1:].isdecimal())
+    return (0, int(digits), label) if number else (1, 0, label)
 
 
 def label_key(label: str) -> str:
-    """What a person reads as the same label: ``"Positive"``, ``"positive "`` and ``"positive"`` alike."""
-    return " ".join(label.split()).casefold()
+    """What a person reads as the same label: ``"Positive"``, ``"positive "`` and ``"positive"`` alike, and one
+    written with composed or decomposed accents (Unicode NFC, NFD) or with invisible characters (a zero-width
+    space, say)."""
+    visible = "".join(char for char in unicodedata.normalize("NFKC", label) if unicodedata.category(char) != "Cf")
+    return " ".join(visible.split()).casefold()
 
 
 def check_distinct_labels(source: Source, examples: list[Example]) -> None:
@@ -331,8 +338,8 @@ def check_distinct_labels(source: Source, examples: list[Example]) -> None:
         if len(variants) > 1:
             listed = ", ".join(f"{label!r} ({source.at(first_line[label])})" for label in variants)
             raise DataFormatError(
-                f"{source.name}: the labels {listed} differ only in case or spaces, so they would be separate classes;"
-                " write each class one way"
+                f"{source.name}: the labels {listed} differ only in case, spaces or how their characters are encoded,"
+                " so they would be separate classes; write each class one way"
             )
 
 

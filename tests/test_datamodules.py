@@ -954,7 +954,13 @@ def test_labels_differing_only_in_case_or_spaces_are_refused_naming_their_lines(
     with pytest.raises(DataFormatError) as caught:
         make(data_dir=folder).label_names
     message, train_file = str(caught.value), folder / "train.jsonl"
-    assert f"'positive' ({train_file}:1), 'Positive' ({train_file}:3) differ only in case or spaces" in message
+    assert f"'positive' ({train_file}:1), 'Positive' ({train_file}:3) differ only in case, spaces" in message
+    # the same word with its accent composed (NFC) and decomposed (NFD), or with a zero-width space: alike on screen
+    for index, variant in enumerate(("ne\u0301gatif", "n\u00e9gatif\u200b")):
+        labels = ["n\u00e9gatif", "positif", variant]
+        train = [{"text": f"text {i}", "label": label} for i, label in enumerate(labels)]
+        with pytest.raises(DataFormatError, match=f"'n\u00e9gatif' .*:1\\), {re.escape(repr(variant))} .*differ only"):
+            make(data_dir=write_task(tmp_path / f"encoded{index}", train=train)).label_names
     # a dev label spelt unlike the train label says which one the train split has
     dev = [{"text": "fine", "label": "a"}, {"text": "typo", "label": "B "}]
     dm = make(data_dir=write_task(tmp_path / "dev_typo", dev=dev), aux_corpora={})

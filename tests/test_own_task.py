@@ -92,6 +92,23 @@ def test_csv_with_integer_labels_and_custom_field_names(build, tmp_path):
     assert first == dm.tokenizer("a good, honest review number 0", truncation=True, max_length=32)["input_ids"]
 
 
+def test_a_csv_written_with_a_space_after_each_comma_reads_as_written_without(build, tmp_path):
+    """`text, label` rows (a space after the comma, as people type them): the columns and integer labels are
+    those of the same file without the spaces, and a quoted text after a space keeps its commas."""
+    folder = tmp_path / "spaced"
+    folder.mkdir()
+    for split in ("train", "dev", "test"):
+        rows = [f'"a {WORDS[i % 6]}, honest review {i}", {[2, 10, 1][i % 3]}' for i in range(6)]
+        (folder / f"{split}.csv").write_text("sentence, score\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    files = {"train_file": "train.csv", "dev_file": "dev.csv", "test_file": "test.csv"}
+    dm = build(data_dir=str(folder), **files, text_field="sentence", label_field="score", aux_corpora={})
+    assert dm.label_names == ["1", "2", "10"]
+    dm.setup()
+    assert dm.splits["dev"]["labels"] == [1, 2, 0, 1, 2, 0]
+    first = dm.splits["dev"]["input_ids"][0]
+    assert first == dm.tokenizer("a good, honest review 0", truncation=True, max_length=32)["input_ids"]
+
+
 def test_a_csv_task_trains_with_meta_tartan_from_the_shipped_config(tiny_encoder, cache_dir, tmp_path):
     folder = csv_task(tmp_path / "task")
     fit = tartan_cli(
