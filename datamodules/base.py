@@ -177,9 +177,10 @@ class EndTaskDataModule(LightningDataModule):
                 predictions), or a ``.txt`` file with one text per line (blank lines skipped); a path from the
                 working directory, or else relative to ``data_dir``. ``None`` labels the test split.
             aux_corpora: corpus name -> text file with one document per line (relative to ``data_dir``, or
-                absolute), or a Hub dataset as ``{dataset: <name or folder>, config: <its configuration>, split:
-                <default "train">, text_field: <default "text">}``, read with ``datasets.load_dataset``; blank texts
-                are skipped, with a report. ``None`` uses the task's defaults, ``{}`` trains without auxiliary
+                absolute), or a dataset as ``{dataset: <Hub name, folder or data file>, config: <its
+                configuration>, split: <default "train">, text_field: <default "text">}``, read with
+                ``datasets.load_dataset`` (a .jsonl, .csv, .tsv or .parquet file whole); blank texts are skipped,
+                with a report. ``None`` uses the task's defaults, ``{}`` trains without auxiliary
                 corpora. The corpus ``tapt: train.txt``, when the file is missing from ``data_dir``, is derived
                 from the train split's texts into the cache (see ``cache_dir``); any other missing file is an error,
                 so a mistyped path is never silently replaced.
@@ -274,6 +275,12 @@ class EndTaskDataModule(LightningDataModule):
                 raise ValueError(f"`aux_corpora` names must be non-empty and not {RESERVED_SOURCES}, got {name!r}")
             if not file:
                 raise ValueError(f"`aux_corpora[{name!r}]` needs a file name")
+            if isinstance(file, str) and Path(file).suffix.lower() in FILE_SUFFIXES:
+                raise ValueError(
+                    f"`aux_corpora[{name!r}]`: {file!r} would be read as plain text, one document per line, its syntax "
+                    f"and other fields included; name the field its texts are in: {{{name}: {{dataset: {file}, "
+                    "text_field: text}}"
+                )
         options = {"train_file": train_file, "dev_file": dev_file, "test_file": test_file}
         splits = {"dataset_config": dataset_config, "train_split": train_split, "dev_split": dev_split}
         _check_source(data_dir, dataset, options, {**splits, "test_split": test_split})
@@ -359,8 +366,7 @@ class EndTaskDataModule(LightningDataModule):
         self._derive_tapt_corpus()
         for name, corpus in self.aux_corpora.items():
             if isinstance(corpus, dict):
-                split, option = corpus.get("split", "train"), f"`aux_corpora[{name!r}]`"
-                self._load_hub(corpus["dataset"], corpus.get("config"), split, option)
+                self._corpus_table(name, corpus)
             elif self.corpus_file(name) == self._path(corpus):
                 derived = f"; only `tapt: {DERIVED_TAPT_FILE}` is derived from the train split"
                 self._fetch(corpus, f"aux_corpora[{name!r}]", derived if name == "tapt" else "")
@@ -636,9 +642,8 @@ class EndTaskDataModule(LightningDataModule):
     def _tokenize_hub_corpus(self, name: str, corpus: dict[str, str]) -> Dataset:
         """A corpus of ``aux_corpora`` given as a dataset: its ``text_field`` column, blank texts skipped."""
         split, field = corpus.get("split", "train"), corpus.get("text_field", "text")
-        option = f"`aux_corpora[{name!r}]`"
-        table = self._load_hub(corpus["dataset"], corpus.get("config"), split, option)
-        where = f"{option} ({corpus['dataset']}[{split}])"
+        table = self._corpus_table(name, corpus)
+        where = f"`aux_corpora[{name!r}]` ({corpus['dataset']}[{split}])"
         if field not in table.column_names:
             columns = names(table.column_names)
             raise DataFormatError(f"{where}: no {field!r} column (columns: {columns}); set its text_field")
@@ -651,6 +656,18 @@ class EndTaskDataModule(LightningDataModule):
         if len(docs) < len(texts):
             rank_zero_info(f"{where}: {_count(range(len(texts) - len(docs)), 'blank text')} skipped")
         return self._tokenize_documents(docs, name)
+
+    def _corpus_table(self, name: str, corpus: dict[str, str]) -> Dataset:
+        """A corpus given as a dataset: a data file (JSON Lines, CSV, TSV or Parquet) whole, or a split of a Hub
+        dataset or folder."""
+        path = Path(corpus["dataset"]).expanduser()
+        suffix = path.suffix.lower()
+        if not (path.is_file() and suffix in FILE_SUFFIXES):
+            split, option = corpus.get("split", "train"), f"`aux_corpora[{name!r}]`"
+            return self._load_hub(corpus["dataset"], corpus.get("config"), split, option)
+        builder = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv"}.get(suffix, "json")
+        options = {"delimiter": "\t"} if suffix == ".tsv" else {}
+        return load_dataset(builder, data_files=str(path), split="train", cache_dir=self.cache_dir, **options)
 
     def _tokenize_documents(self, docs: Dataset, name: str) -> Dataset:
         return docs.map(

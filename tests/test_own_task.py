@@ -228,6 +228,27 @@ def test_dataset_corpus_with_its_own_text_field(build, tmp_path):
     assert dm.corpus_file("tapt").read_text().splitlines()[0] == "review 0 was good"
 
 
+def test_a_corpus_in_a_data_file_is_read_by_its_text_field_and_refused_as_plain_text(build, tmp_path):
+    """Unlabeled text kept as JSON Lines, CSV or Parquet: `{dataset: <file>, text_field: ...}` reads that field of
+    each record; the same file as a plain corpus path would train on its JSON syntax, so it is refused with the fix."""
+    task = sentiment_folder(tmp_path / "sentiment")
+    documents = ["one document", "  ", "another one, with a comma"]
+    jsonl = tmp_path / "abstracts.jsonl"
+    jsonl.write_text("".join(json.dumps({"id": i, "body": text}) + "\n" for i, text in enumerate(documents)))
+    csv_file = tmp_path / "abstracts.csv"
+    write_rows(csv_file, ["id", "body"], list(enumerate(documents)))
+    for corpus_file in (jsonl, csv_file):
+        corpus = {"dataset": str(corpus_file), "text_field": "body"}
+        dm = build(dataset=str(task), aux_corpora={"domain": corpus})
+        dm.setup("fit")
+        assert [dm.corpora["domain"][i]["input_ids"] for i in range(len(dm.corpora["domain"]))] == [
+            dm.tokenizer(text)["input_ids"] for text in (documents[0], documents[2])
+        ]
+    refused = rf"`aux_corpora\['domain'\]`: '{jsonl}' would be read as plain text.*\{{domain: \{{dataset: {jsonl}, text_f"
+    with pytest.raises(ValueError, match=refused):
+        build(dataset=str(task), aux_corpora={"domain": str(jsonl)})
+
+
 # ---- sentence pairs ---------------------------------------------------------------------------------------
 
 
