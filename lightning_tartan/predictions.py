@@ -16,8 +16,10 @@ class PredictionWriter(BasePredictionWriter):
     """Writes what `TartanModule.predict_step` returns as JSON lines, as each batch is predicted.
 
     Each line holds ``line`` (the input's line in its file, when the batch has one), ``label`` (the predicted
-    class's name), ``gold`` (the input's own label, when every input has one) and ``probabilities`` (class name ->
-    probability), in input order. Class names are the model's ``label_names`` (class ids when it has none).
+    class's name), ``gold`` (the input's own label, when its batch has labels: `EndTaskDataModule` gives them when
+    every input of the file has one) and ``probabilities`` (class name -> probability), in input order. Class names
+    are the model's ``label_names`` (class ids, as strings, when it has none). Names are written as they are, not
+    as ``\\u`` escapes.
 
     Args:
         output_file: where to write; ``None`` writes ``predictions.jsonl`` in the trainer's log directory (the run's
@@ -53,7 +55,7 @@ class PredictionWriter(BasePredictionWriter):
         dataloader_idx: int,
     ) -> None:
         probabilities = prediction["probabilities"].tolist()
-        names = list(getattr(pl_module.hparams, "label_names", None) or range(len(probabilities[0])))
+        names = list(getattr(pl_module.hparams, "label_names", None) or map(str, range(len(probabilities[0]))))
         lines = prediction["line"].tolist() if "line" in prediction else None
         gold = prediction["labels"].tolist() if "labels" in prediction else None
         for row, scores in enumerate(probabilities):
@@ -61,8 +63,8 @@ class PredictionWriter(BasePredictionWriter):
             record["label"] = names[max(range(len(scores)), key=scores.__getitem__)]
             if gold is not None:
                 record["gold"] = names[gold[row]]
-            record["probabilities"] = {str(name): round(score, 6) for name, score in zip(names, scores)}
-            self._stream.write(json.dumps(record) + "\n")
+            record["probabilities"] = {name: round(score, 6) for name, score in zip(names, scores)}
+            self._stream.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.count += len(probabilities)
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -661,6 +661,27 @@ def test_own_weights_may_be_numbers_but_not_tensors_with_a_graph(tiny_encoder):
     assert {name: float(weight) for name, weight in alone.weighting.weights().items()} == {"end_task": 1.0}
 
 
+@pytest.mark.parametrize("label_names", [None, ["négatif", "neutre", "positif"]])
+def test_predictions_name_classes_as_strings_and_as_written(tiny_encoder, tmp_path, label_names):
+    """Without label names the classes are their ids as strings, alike in `label`, `gold` and the probabilities'
+    keys; names outside ASCII are written as they are, so `grep négatif predictions.jsonl` finds them."""
+    from lightning_tartan import PredictionWriter
+
+    module = make_module(tiny_encoder, label_names=label_names).eval()
+    writer = PredictionWriter(str(tmp_path / "predictions.jsonl"))
+    trainer = pl.Trainer(accelerator="cpu", logger=False, callbacks=[writer], enable_progress_bar=False,
+                         enable_model_summary=False)
+    evaluation = [batch["end_task"] for batch in make_batches(2)]
+    trainer.predict(module, dataloaders=DataLoader(evaluation, batch_size=None))
+    names = label_names or ["0", "1", "2"]
+    text = writer.path.read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in text.splitlines()]
+    assert len(rows) == 8 and all(list(row["probabilities"]) == names for row in rows)
+    assert all(row["label"] in names and row["gold"] in names for row in rows)
+    assert [row["gold"] for row in rows] == [names[i] for b in evaluation for i in b["labels"].tolist()]
+    assert ("négatif" in text) == (label_names is not None)
+
+
 def test_a_learning_rate_monitor_of_ones_own_is_kept(tiny_encoder, tmp_path):
     """The module adds a LearningRateMonitor for the loggers; a trainer's own (with its options) stays in its place."""
     from pytorch_lightning.callbacks import LearningRateMonitor
