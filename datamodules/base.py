@@ -817,7 +817,12 @@ def _check_source(data_dir: Optional[str], dataset: Optional[str], files: dict[s
     if data_dir is None and dataset is None:
         raise ValueError(
             "set `data_dir` (the folder of the task's files) or `dataset` (a Hugging Face Hub dataset, or a folder in"
-            " its layout)"
+            " its layout); with `tartan`, a task config sets it: --config configs/tasks/<task>.yaml"
+        )
+    if data_dir is not None and Path(data_dir).expanduser().is_file():
+        raise ValueError(
+            f"`data_dir`={data_dir!r} is a file: it names the folder of the task's files, and `train_file`, "
+            "`dev_file` and `test_file` the files in it"
         )
     if dataset is None:
         for option, value in splits.items():

@@ -608,7 +608,8 @@ class TartanModule(pl.LightningModule):
         if differ:
             raise CheckpointMismatch(
                 f"the checkpoint was made with {', '.join(differ)}: use it with the configuration it was trained "
-                "with (its run folder's config.yaml), or pick a checkpoint of this task and method"
+                "with (`tartan`: its run folder's config.yaml; Python: TartanModule.load_from_checkpoint(path) builds "
+                "that model), or pick a checkpoint of this task and method"
             )
 
     def _trainer_attached(self) -> bool:

@@ -415,6 +415,7 @@ def test_a_wrong_dataset_option_is_one_line_from_tartan(tiny_encoder, cache_dir,
     ("options", "message"),
     [
         ({"data_dir": None}, "set `data_dir` (the folder of the task's files) or `dataset`"),
+        ({"data_dir": __file__}, f"`data_dir`={__file__!r} is a file: it names the folder of the task's files"),
         ({"train_file": "train.xlsx"}, "`train_file`='train.xlsx': unsupported suffix '.xlsx'; the format is read"),
         ({"predict_file": "inputs.doc"}, "`predict_file`='inputs.doc': unsupported suffix '.doc'"),
         ({"dataset": "some/dataset", "train_file": "mine.csv"}, "`train_file`='mine.csv' is not read when `dataset`"),
