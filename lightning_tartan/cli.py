@@ -6,10 +6,14 @@
 What the data module knows (number of classes, label names, auxiliary corpora, the metric the task is scored
 by) is linked into the model and the default callbacks, so it is never typed twice.
 """
+import difflib
+import importlib
+import inspect
+import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 from urllib.error import URLError
 
 import torch
@@ -65,6 +69,73 @@ def is_hub_model_id(name: str) -> bool:
 def the_tokenizer(encoder_name_or_path: str, tokenizer_name_or_path: Optional[str]) -> str:
     """The tokenizer a run uses: the one named, else the encoder's."""
     return tokenizer_name_or_path or encoder_name_or_path
+
+
+class TartanArgumentParser(LightningArgumentParser):
+    """Lightning's parser with errors read at a glance: a one-line usage instead of a hundred lines of options, the
+    nearest option to a misspelt one, and the file of a config that is not valid YAML."""
+
+    def format_usage(self) -> str:
+        usage = super().format_usage()
+        command = self.prog.replace(" [options]", "")  # jsonargparse's "tartan [options] fit"
+        return usage if usage.count("\n") <= 2 else f"usage: {command} [--config CONFIG] [options]\n"
+
+    def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
+        parser = getattr(ex, "subcommand_parser", None) or self  # as jsonargparse picks the usage it prints
+        super().error(readable_error(message, parser.format_help()), ex)
+
+    def parse_args(self, args: Any = None, *rest: Any, **kwargs: Any) -> Namespace:
+        for config in config_files(sys.argv[1:] if args is None else args):
+            check_yaml(self, config)
+        return super().parse_args(args, *rest, **kwargs)
+
+
+def readable_error(message: str, help_text: str) -> str:
+    """jsonargparse's `message` for a mistyped option, with the options `help_text` lists that are closest to it; a
+    misspelt option of the data module as one line instead of its union-type report."""
+    unrecognized = re.fullmatch(r"unrecognized arguments: (.*)", message, re.DOTALL)
+    if unrecognized:
+        options = set(re.findall(r"--[\w.]+", help_text))
+        typos = [word.split("=")[0] for word in unrecognized.group(1).split() if word.startswith("--")]
+        close = {typo: difflib.get_close_matches(typo, options, n=1, cutoff=0.75) for typo in typos}
+        hints = [near[0] for near in close.values() if near]
+        return message + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+    key = re.match(r'Parser key "([\w.]+)":', message)
+    option = re.search(r"class_path '([\w.]+)':\s+Option '(\w+)' is not accepted", message)
+    if key and option:
+        module, _, name = option.group(1).rpartition(".")
+        accepted = list(inspect.signature(getattr(importlib.import_module(module), name)).parameters)
+        near = _nearest(option.group(2), accepted, prefix=f"--{key.group(1)}.")
+        return f"--{key.group(1)}.{option.group(2)}: {name} has no such option{near}"
+    missing = re.search(r"class_path '[\w.]+':\s+module '([\w.]+)' has no attribute '(\w+)'", message)
+    if key and missing:
+        module, name = missing.groups()
+        classes = [f"{module}.{member}" for member in dir(importlib.import_module(module)) if member[:1].isupper()]
+        return f"--{key.group(1)}.class_path: {module} has no {name!r}{_nearest(f'{module}.{name}', classes)}"
+    return message
+
+
+def _nearest(word: str, choices: list[str], prefix: str = "") -> str:
+    near = difflib.get_close_matches(word, choices, n=1, cutoff=0.75)
+    return f" (did you mean {prefix}{near[0]}?)" if near else f"; choose one of {', '.join(choices)}"
+
+
+def config_files(args: Any) -> list[Path]:
+    """The files given with ``--config``/``-c`` on a command line (a list of words)."""
+    if not isinstance(args, (list, tuple)):
+        return []
+    files = [value for flag, value in zip(args, args[1:]) if flag in ("-c", "--config")]
+    files += [word.split("=", 1)[1] for word in args if isinstance(word, str) and word.startswith("--config=")]
+    return [Path(file) for file in files if Path(file).is_file()]
+
+
+def check_yaml(parser: LightningArgumentParser, config: Path) -> None:
+    """A config that is not YAML, reported with its own name (jsonargparse reports the text, "<unicode string>")."""
+    try:
+        with config.open(encoding="utf-8") as stream:
+            yaml.safe_load(stream)
+    except yaml.YAMLError as err:
+        parser.error(f"--config {config}: not valid YAML: {' '.join(str(err).split())}")
 
 
 class TartanCLI(LightningCLI):
@@ -297,7 +368,9 @@ def tartan_cli(args: ArgsType = None, run: bool = True) -> TartanCLI:
         auto_configure_optimizers=False,
         # the seed Lightning falls back to, given without its warning (and recorded in the run's config.yaml)
         seed_everything_default=0,
+        parser_class=TartanArgumentParser,
         parser_kwargs={
+            "prog": "tartan",  # in a notebook or a test too, not the Python file that runs
             "description": "TARTAN: end-task aware training of masked-LM encoders (MT-/META-TARTAN).",
             "allow_abbrev": False,  # `--trainer.max_step 3` is a typo to report, not `max_steps` to guess
         },

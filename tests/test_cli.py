@@ -707,6 +707,41 @@ def test_unknown_option_fails_naming_it(option):
     assert option.split("=")[0] in result.stderr.splitlines()[-1]
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--trainer.max_step=3", "--model.encoder_lrr=0.1"],
+         "unrecognized arguments: --trainer.max_step=3 --model.encoder_lrr=0.1 (did you mean --trainer.max_steps, "
+         "--model.encoder_lr?)"),
+        (["--data.max_lenght=32"],
+         "--data.max_lenght: CitationIntentDataModule has no such option (did you mean --data.max_length?)"),
+        (["--data.class_path=datamodules.CitationIntentDatamodule"],
+         "--data.class_path: datamodules has no 'CitationIntentDatamodule' (did you mean "
+         "datamodules.CitationIntentDataModule?)"),
+    ],
+    ids=["options", "data option", "data class"],
+)
+def test_a_misspelt_option_is_three_lines_naming_the_nearest(options, message, capsys):
+    """Not the usage of a hundred options, nor jsonargparse's union-type report: the option meant, in a line."""
+    with pytest.raises(SystemExit) as exit_info:
+        tartan_cli(["fit", f"--config={CONFIGS / 'quickstart.yaml'}", *options])
+    err = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2
+    assert err == ["usage: tartan fit [--config CONFIG] [options]",
+                   "tip: For details of accepted options run: tartan fit --help", f"error: {message}"]
+
+
+def test_a_config_that_is_not_yaml_is_named_with_its_line(tmp_path, capsys):
+    """With a task and a method config, "<unicode string>, line 8" would not say which file is broken."""
+    broken = tmp_path / "method.yaml"
+    broken.write_text("model:\n  weighting: meta\n  encoder_lr: 1e-4: 2\n")
+    with pytest.raises(SystemExit):
+        tartan_cli(["fit", f"--config={CONFIGS / 'tasks/sciie.yaml'}", "--config", str(broken)])
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith(f"error: --config {broken}: not valid YAML: mapping values are not allowed here in ")
+    assert last.endswith(f'"{broken}", line 3, column 19')
+
+
 def test_missing_data_dir_fails_naming_it(tiny_encoder, tmp_path):
     missing = tmp_path / "no_such_task"
     result = run_tartan(
