@@ -567,7 +567,7 @@ class EndTaskDataModule(LightningDataModule):
             folder = self._cache_root() / "tartan_tokenized"
             folder.mkdir(parents=True, exist_ok=True)
             cache = {"cache_file_name": str(folder / f"{key}.arrow"), "new_fingerprint": key}
-        return Dataset.from_dict(columns).map(
+        tokenized = Dataset.from_dict(columns).map(
             _encode_texts,
             batched=True,
             remove_columns=texts,
@@ -575,6 +575,8 @@ class EndTaskDataModule(LightningDataModule):
             desc=f"Tokenizing {Path(source.name).name if not source.rows else source.name}",
             **cache,
         )
+        self._report_cut(tokenized, source.name, "text")
+        return tokenized
 
     def _predict_inputs(self) -> tuple["Source", list[Example]]:
         """What ``tartan predict`` labels and its examples: ``predict_file``, or else the test split."""
@@ -670,13 +672,24 @@ class EndTaskDataModule(LightningDataModule):
         return load_dataset(builder, data_files=str(path), split="train", cache_dir=self.cache_dir, **options)
 
     def _tokenize_documents(self, docs: Dataset, name: str) -> Dataset:
-        return docs.map(
+        tokenized = docs.map(
             _encode_documents,
             batched=True,
             remove_columns=docs.column_names,
             fn_kwargs={"tokenizer": self.tokenizer, "max_length": self.max_length},
             desc=f"Tokenizing {name}",
         )
+        self._report_cut(tokenized, name, "document")
+        return tokenized
+
+    def _report_cut(self, tokenized: Dataset, where: str, noun: str) -> None:
+        """Say how many rows reach `max_length`, where longer texts lose their ends: nothing is cut without a word."""
+        full = int((token_lengths(tokenized) >= self.max_length).sum())
+        if full:
+            rank_zero_info(
+                f"{where}: {full} of {_count(tokenized, noun)} reach max_length={self.max_length} tokens, where longer "
+                "ones are cut (--data.init_args.max_length)"
+            )
 
     # ---- loaders ------------------------------------------------------------------------------------
 

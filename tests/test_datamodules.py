@@ -763,6 +763,18 @@ def test_blank_corpus_lines_are_skipped_and_counted(make, tmp_path, caplog):
     assert f"{folder / 'train.txt'}: 3 blank lines skipped" in caplog.text
 
 
+def test_texts_and_documents_cut_at_max_length_are_counted(make, tmp_path, caplog):
+    """Truncation loses a long document's end: each source says how many of its rows reach max_length."""
+    long_text = " ".join(f"word{i}" for i in range(200))
+    train = [{"text": long_text if i == 0 else f"example {i}", "label": "ab"[i % 2]} for i in range(6)]
+    folder = write_task(tmp_path / "task", train=train, corpus=f"short doc\n{long_text}\n{long_text}\nshort\n")
+    dm = make(data_dir=folder, max_length=16)
+    dm.setup("fit")
+    assert f"{folder / 'train.jsonl'}: 1 of 6 texts reach max_length=16 tokens, where longer ones are cut" in caplog.text
+    assert "train.txt: 2 of 4 documents reach max_length=16 tokens" in caplog.text
+    assert "dev.jsonl" not in caplog.text  # nothing cut there: no line
+
+
 def test_custom_corpora_resolve_in_data_dir_or_absolute(make, tmp_path):
     folder = write_task(tmp_path / "task")
     elsewhere = tmp_path / "other.txt"
