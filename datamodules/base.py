@@ -390,7 +390,8 @@ class EndTaskDataModule(LightningDataModule):
         missing = {split: file for split, file in self.files.items() if not self._path(file).exists()}
         if missing and not self.urls:  # one's own task: nothing to download
             split, file = next(iter(missing.items()))
-            raise MissingDataFile(f"{self._path(file)} does not exist (check `data_dir` and `{split}_file`)")
+            path = self._path(file)
+            raise MissingDataFile(f"{path} does not exist (check `data_dir` and `{split}_file`){_other_formats(path)}")
         if missing and len(missing) < len(self.files):
             split, file = next(iter(missing.items()))
             raise MissingDataFile(
@@ -406,8 +407,7 @@ class EndTaskDataModule(LightningDataModule):
             return
         if file not in self.urls:
             raise MissingDataFile(
-                f"{path} does not exist and {type(self).__name__} has no URL for it (check `data_dir` and `{option}`"
-                f"{hint})"
+                f"{path} does not exist (check `data_dir` and `{option}`: a relative path is read in `data_dir`{hint})"
             )
         rank_zero_info(f"Downloading {self.urls[file]} to {path}")
         try:
@@ -864,6 +864,14 @@ def _plain_corpus(name: str, corpus: Union[str, Mapping[str, Any]]) -> AuxCorpus
             f"`aux_corpora[{name!r}]` needs a `dataset` (a Hub dataset name or a folder), got {dict(corpus)!r}"
         )
     return {str(key): str(value) for key, value in corpus.items() if value is not None}
+
+
+def _other_formats(path: Path) -> str:
+    """A hint naming the files beside `path` with its name and another suffix (``train.csv`` for ``train.jsonl``)."""
+    found = sorted(
+        other.name for other in path.parent.glob(f"{path.stem}.*") if other.suffix.lower() in FILE_SUFFIXES
+    ) if path.parent.is_dir() else []
+    return f"; the folder has {names(found)}: name it with that option" if found else ""
 
 
 def _count(items: Sized, noun: str) -> str:

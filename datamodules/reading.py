@@ -156,19 +156,21 @@ def _read_delimited(path: Path, tsv: bool, fields: Fields, require_label: bool) 
                 header = next(reader, [])
                 if not any(name.strip() for name in header):
                     raise DataFormatError(f"{path}:1: no header row; the first line names the columns, e.g. text,label")
-                duplicates = sorted({name for name in header if header.count(name) > 1})
+                # a spreadsheet's export may end each line with unnamed, empty columns ("text,label,,")
+                duplicates = sorted({name for name in header if name.strip() and header.count(name) > 1})
                 if duplicates:
                     raise DataFormatError(f"{path}:1: the header names {names(duplicates)} more than once")
                 for field in fields.required(require_label):
                     if field not in header:
                         raise DataFormatError(
-                            f"{path}:1: no {field!r} column (columns: {names(header)}; see `{fields.option(field)}`)"
+                            f"{path}:1: no {field!r} column (columns: {names(header)}; see `{fields.option(field)}`;"
+                            " the first line names the columns)"
                         )
                 start = reader.line_num + 1
                 for row in reader:
                     line, start = start, reader.line_num + 1
-                    if not row or (len(row) == 1 and not row[0].strip()):
-                        continue  # a blank line
+                    if not any(cell.strip() for cell in row):
+                        continue  # a blank line, or a spreadsheet's row of empty cells (",,")
                     if len(row) != len(header):
                         hint = "a tab inside a text?" if tsv else "quote a text holding a comma"
                         raise DataFormatError(

@@ -109,6 +109,21 @@ def test_a_csv_written_with_a_space_after_each_comma_reads_as_written_without(bu
     assert first == dm.tokenizer("a good, honest review 0", truncation=True, max_length=32)["input_ids"]
 
 
+def test_a_spreadsheets_csv_export_with_empty_columns_and_rows_reads_as_its_filled_cells(build, tmp_path):
+    """Spreadsheets export unnamed empty columns ("text,label,,") and rows of empty cells (",,,"): they hold no
+    example, so they are passed over, not refused as duplicate columns or empty labels."""
+    folder = tmp_path / "sheet"
+    folder.mkdir()
+    for split in ("train", "dev", "test"):
+        rows = [f"{WORDS[i]} review,{'ab'[i % 2]},," for i in range(4)]
+        (folder / f"{split}.csv").write_text("text,label,,\n" + "\n".join([*rows, ",,,", ",,,"]) + "\n")
+    files = {"train_file": "train.csv", "dev_file": "dev.csv", "test_file": "test.csv"}
+    dm = build(data_dir=str(folder), **files, aux_corpora={})
+    assert dm.label_names == ["a", "b"]
+    dm.setup()
+    assert [len(dm.splits[split]) for split in ("train", "dev", "test")] == [4, 4, 4]
+
+
 def test_a_csv_task_trains_with_meta_tartan_from_the_shipped_config(tiny_encoder, cache_dir, tmp_path):
     folder = csv_task(tmp_path / "task")
     fit = tartan_cli(
@@ -348,9 +363,13 @@ def test_monitor_metric_option_reaches_the_model_and_callbacks(tiny_encoder, cac
 def test_a_missing_field_names_the_line_the_field_and_what_exists(build, tmp_path):
     folder = csv_task(tmp_path / "task")
     dm = build(data_dir=str(folder), train_file="train.csv", dev_file="dev.csv", test_file="test.csv")
-    message = f"{folder / 'train.csv'}:1: no 'text' column (columns: 'id', 'sentence', 'score'; see `text_field`)"
+    message = f"{folder / 'train.csv'}:1: no 'text' column (columns: 'id', 'sentence', 'score'; see `text_field`; the"
     with pytest.raises(DataFormatError, match=re.escape(message)):
         dm.label_names
+    # the default train_file, train.jsonl, beside the train.csv the user has
+    message = f"{folder / 'train.jsonl'} does not exist (check `data_dir` and `train_file`); the folder has 'train.csv'"
+    with pytest.raises(DataFormatError, match=re.escape(message)):
+        build(data_dir=str(folder)).prepare_data()
 
     (folder / "train.jsonl").write_text('{"sentence": "fine", "label": "a"}\n{"text": "no sentence", "label": "b"}\n')
     dm = build(data_dir=str(folder), text_field="sentence")
