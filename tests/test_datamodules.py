@@ -770,7 +770,8 @@ def test_texts_and_documents_cut_at_max_length_are_counted(make, tmp_path, caplo
     folder = write_task(tmp_path / "task", train=train, corpus=f"short doc\n{long_text}\n{long_text}\nshort\n")
     dm = make(data_dir=folder, max_length=16)
     dm.setup("fit")
-    assert f"{folder / 'train.jsonl'}: 1 of 6 texts reach max_length=16 tokens, where longer ones are cut" in caplog.text
+    cut = "1 of 6 texts reach max_length=16 tokens, where longer ones are cut"
+    assert f"{folder / 'train.jsonl'}: {cut}" in caplog.text
     assert "train.txt: 2 of 4 documents reach max_length=16 tokens" in caplog.text
     assert "dev.jsonl" not in caplog.text  # nothing cut there: no line
 

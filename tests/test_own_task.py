@@ -259,7 +259,7 @@ def test_a_corpus_in_a_data_file_is_read_by_its_text_field_and_refused_as_plain_
         assert [dm.corpora["domain"][i]["input_ids"] for i in range(len(dm.corpora["domain"]))] == [
             dm.tokenizer(text)["input_ids"] for text in (documents[0], documents[2])
         ]
-    refused = rf"`aux_corpora\['domain'\]`: '{jsonl}' would be read as plain text.*\{{domain: \{{dataset: {jsonl}, text_f"
+    refused = rf"`aux_corpora\['domain'\]`: '{jsonl}' would be read as plain text.*\{{domain: \{{dataset: {jsonl}, "
     with pytest.raises(ValueError, match=refused):
         build(dataset=str(task), aux_corpora={"domain": str(jsonl)})
 
