@@ -71,11 +71,13 @@ class PostHocSelection(pl.Callback):
             "start_checkpoint": self.start_checkpoint,
             "fine_tuned_checkpoint": checkpoint.best_model_path or None,
         }
-        shown = "none" if tuned is None else f"{tuned:.4f}"
-        reason = (
-            f"{checkpoint.monitor} {shown} after fine-tuning "
-            f"{'>' if keep_tuned else '<='} {self.start_score:.4f} of the model it started from"
-        )
+        if tuned is None:
+            reason = f"fine-tuning ran no dev evaluation to compare with {checkpoint.monitor} {self.start_score:.4f}"
+        else:
+            reason = (
+                f"{checkpoint.monitor} {tuned:.4f} after fine-tuning "
+                f"{'>' if keep_tuned else '<='} {self.start_score:.4f} of the model it started from"
+            )
         kept = "the fine-tuned model" if keep_tuned else "the starting (multitask) model"
         rank_zero_info(f"Post-hoc fine-tuning: kept {kept} ({reason}); test {self.selected_checkpoint}")
         if trainer.is_global_zero:

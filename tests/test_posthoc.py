@@ -33,9 +33,12 @@ class ScriptedDevScore(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def run(tmp_path, scores: list[float], validate_first: bool = True) -> tuple[PostHocSelection, pl.Trainer]:
+def run(
+    tmp_path, scores: list[float], validate_first: bool = True, **trainer_options
+) -> tuple[PostHocSelection, pl.Trainer]:
     selection = PostHocSelection()
     trainer = pl.Trainer(
+        **trainer_options,
         default_root_dir=tmp_path,
         logger=False,
         max_epochs=len(scores) - 1,
@@ -68,6 +71,13 @@ def test_keeps_the_starting_model_unless_fine_tuning_is_strictly_better(tmp_path
     start = torch.load(selection.selected_checkpoint, weights_only=True)["state_dict"]
     assert torch.equal(start["weight"], torch.zeros(1))  # the weights as they were before any fine-tuning
     assert "kept the starting (multitask) model (val/f1_macro" in caplog.text
+
+
+def test_fine_tuning_without_a_dev_evaluation_keeps_the_starting_model_saying_why(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    selection, _ = run(tmp_path, [0.5, 0.6, 0.7], check_val_every_n_epoch=10)  # no evaluation in 2 epochs
+    assert selection.selection["selected"] == "start" and selection.selection["fine_tuned_score"] is None
+    assert "(fine-tuning ran no dev evaluation to compare with val/f1_macro 0.5000)" in caplog.text
 
 
 def test_fit_without_scoring_the_starting_model_says_what_to_do(tmp_path):
