@@ -25,20 +25,23 @@ def end_task_model_card(
 ) -> ModelCard:
     """A card naming the task, labels, method, final task weights and the metrics the caller measured.
 
-    `encoder` is recorded as the Hub's `base_model` unless it is a local folder, which the Hub could not link to.
+    `encoder` is recorded as the Hub's `base_model` unless it is a local folder, which the Hub could not link to and
+    which the card names by its folder's name alone: a card pushed to the Hub shows no path of the machine.
     """
+    local = Path(encoder).expanduser().exists()
     data = ModelCardData(
         library_name="transformers",
         pipeline_tag="text-classification",
-        base_model=None if Path(encoder).expanduser().exists() else encoder,
+        base_model=None if local else encoder,
         tags=["lightning-tartan", "tartan", "text-classification"],
     )
+    start = f"the local encoder `{Path(encoder).expanduser().resolve().name}`" if local else f"`{encoder}`"
     title = f"{task} classifier" if task else "End-task classifier"
     lines = [
         f"# {title}",
         "",
         f"Trained with lightning-tartan by {METHODS.get(weighting, weighting)} "
-        f"([Dery et al., 2022]({PAPER})), from `{encoder}`.",
+        f"([Dery et al., 2022]({PAPER})), from {start}.",
         "",
         "## Labels",
         "",

@@ -604,6 +604,7 @@ def test_exported_classifier_carries_a_model_card_and_pushes_that_folder(tiny_en
         assert f"| {name} | {float(weight):.4f} |" in card.text
     assert "| test/f1_macro | 0.6123 |" in card.text
     assert "Auxiliary masked-LM objectives trained: `tapt`, `dapt`." in card.text
+    assert f"from the local encoder `{Path(tiny_encoder).name}`." in card.text and tiny_encoder not in card.text
     make_module(tiny_encoder, weighting="none").save_end_task_model(tmp_path / "fine_tuned")
     fine_tuned = ModelCard.load(tmp_path / "fine_tuned" / "README.md")
     assert "Auxiliary masked-LM objectives trained: none." in fine_tuned.text  # its corpora were never read
