@@ -9,9 +9,7 @@ batch whose inputs were not masked trains the encoder to copy its input.
 from typing import Any, Mapping, Sequence
 
 import torch
-from torch import Tensor
-
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_tartan.heads import EncoderInputMismatch, position_limit
 from lightning_tartan.weighting import META_DEV, META_DEV_GRAD, RESERVED_SOURCES
