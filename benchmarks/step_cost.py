@@ -386,7 +386,7 @@ class FlopMeter:
         self.flops = 0
         self.unmarked = 0
         # on the instance, so the module's own calls (`self.encode`, Lightning's hook call) take the wrappers
-        self.module_encode: Callable[[dict[str, Any]], torch.Tensor] = module.encode
+        self.module_encode: Callable[[dict[str, Any], bool], torch.Tensor] = module.encode
         self.module_before_transfer: Callable[[Any, int], Any] = module.on_before_batch_transfer
         module.encode = self._encode
         module.on_before_batch_transfer = self._on_before_batch_transfer
@@ -402,9 +402,9 @@ class FlopMeter:
         """The module's hook on the batch marked with its real lengths, before the module adds its own keys."""
         return self.module_before_transfer(with_real_lengths(batch), dataloader_idx)
 
-    def _encode(self, batch: dict[str, Any]) -> torch.Tensor:
+    def _encode(self, batch: dict[str, Any], end_task: bool = True) -> torch.Tensor:
         """The module's `encode`, counting its pass from the micro-batch's real lengths (Python ints: no sync)."""
-        hidden = self.module_encode(batch)
+        hidden = self.module_encode(batch, end_task)
         lengths = batch.get(REAL_LENGTHS)
         if lengths is None:  # not marked on the host: the padded shape, as the hardware computes it without packing
             self.unmarked += 1
