@@ -620,8 +620,14 @@ class EndTaskDataModule(LightningDataModule):
             raise DataFormatError(f"{source.name}: a sentence-pair task predicts pairs, not one text per line")
         columns["line"] = [example.line for example in examples]
         label2id = {label: i for i, label in enumerate(self.label_names)}
-        if all(example.label is not None for example in examples):
+        labeled = sum(example.label is not None for example in examples)
+        if labeled == len(examples):
             columns["labels"] = [label2id[example.label] for example in examples]
+        elif labeled:
+            rank_zero_info(
+                f"{source.name}: {labeled} of {_count(examples, 'input')} have a label; predictions are written "
+                "without `gold` labels, which need every input to have one"
+            )
         return self._tokenize(columns, source, cached=False)
 
     def _tokenize_corpus(self, path: Path, option: str) -> Dataset:

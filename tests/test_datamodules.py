@@ -910,6 +910,16 @@ def test_missing_files_are_one_error_naming_the_path_and_option(make, tmp_path, 
         dm.setup("predict")
 
 
+def test_a_predict_file_labeled_in_part_says_its_gold_labels_are_not_written(make, tmp_path, caplog):
+    folder = write_task(tmp_path / "task")
+    inputs = [{"text": "known", "label": "a"}, {"text": "unknown"}, {"text": "also known", "label": "b"}]
+    write_jsonl(tmp_path / "partly.jsonl", inputs)
+    dm = make(data_dir=folder, aux_corpora={}, predict_file=str(tmp_path / "partly.jsonl"))
+    dm.setup("predict")
+    assert "labels" not in dm.splits["predict"].column_names and len(dm.splits["predict"]) == 3
+    assert "partly.jsonl: 2 of 3 inputs have a label; predictions are written without `gold` labels" in caplog.text
+
+
 def test_a_failed_download_is_one_error_naming_the_file_and_url(make, tmp_path, monkeypatch):
     def offline(url, timeout=None):
         raise urllib.error.URLError("no network")
