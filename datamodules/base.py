@@ -133,6 +133,7 @@ class EndTaskDataModule(LightningDataModule):
         dev_file: str = "dev.jsonl",
         test_file: str = "test.jsonl",
         predict_file: Optional[str] = None,
+        predict_text_field: Optional[str] = None,
         aux_corpora: Optional[dict[str, AuxCorpus]] = None,
         max_length: Optional[int] = None,
         batch_size: int = 64,
@@ -176,6 +177,8 @@ class EndTaskDataModule(LightningDataModule):
                 text (labels, if every example has one, must be train labels and are written beside the
                 predictions), or a ``.txt`` file with one text per line (blank lines skipped); a path from the
                 working directory, or else relative to ``data_dir``. ``None`` labels the test split.
+            predict_text_field: the field holding the text in ``predict_file``, when it is not ``text_field`` (new
+                texts to label often come from elsewhere); ``None``: ``text_field``.
             aux_corpora: corpus name -> text file with one document per line (relative to ``data_dir``, or
                 absolute), or a dataset as ``{dataset: <Hub name, folder or data file>, config: <its
                 configuration>, split: <default "train">, text_field: <default "text">}``, read with
@@ -286,6 +289,8 @@ class EndTaskDataModule(LightningDataModule):
         _check_source(data_dir, dataset, options, {**splits, "test_split": test_split})
         if predict_file is not None:
             _check_suffix("predict_file", predict_file, (*FILE_SUFFIXES, ".txt"))
+        elif predict_text_field is not None:
+            raise ValueError("`predict_text_field` names the text field of `predict_file`, which is not set")
         fields = {"text_field": text_field, "label_field": label_field}
         for name, field in fields.items():
             if not field:
@@ -303,6 +308,10 @@ class EndTaskDataModule(LightningDataModule):
         self.dataset_config = dataset_config
         self.hub_splits = {"train": train_split, "dev": dev_split, "test": test_split}
         self.fields = Fields(text_field, text_pair_field, label_field)
+        #: the fields of ``predict_file``
+        self.predict_fields = self.fields
+        if predict_text_field:
+            self.predict_fields = self.fields._replace(text=predict_text_field, text_option="predict_text_field")
         self.monitor_metric = monitor_metric
         self.aux_corpora = aux_corpora
         self.max_length = max_length
@@ -593,7 +602,7 @@ class EndTaskDataModule(LightningDataModule):
             if blank:
                 rank_zero_info(f"{path}: {_count(blank, 'blank line')} ({source.lines(blank)}) skipped, not labeled")
         else:
-            read = read_file(path, self.fields, False, "predict_file", self.cache_dir)
+            read = read_file(path, self.predict_fields, False, "predict_file", self.cache_dir)
             source, examples = read.source, read.examples
         if not examples:
             raise DataFormatError(f"{path} holds no text to predict")

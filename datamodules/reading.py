@@ -43,6 +43,8 @@ class Fields(NamedTuple):
     text: str = "text"
     text_pair: Optional[str] = None
     label: str = "label"
+    #: the option that names ``text``, for messages
+    text_option: str = "text_field"
 
     def inputs(self) -> list[str]:
         return [self.text] if self.text_pair is None else [self.text, self.text_pair]
@@ -52,7 +54,7 @@ class Fields(NamedTuple):
 
     def option(self, field: str) -> str:
         """The option that names `field`, for messages."""
-        return {self.text: "text_field", self.text_pair: "text_pair_field", self.label: "label_field"}[field]
+        return {self.text: self.text_option, self.text_pair: "text_pair_field", self.label: "label_field"}[field]
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,23 @@ def test_a_csv_written_with_a_space_after_each_comma_reads_as_written_without(bu
     assert first == dm.tokenizer("a good, honest review 0", truncation=True, max_length=32)["input_ids"]
 
 
+def test_texts_to_label_may_keep_their_text_in_another_field_than_the_training_data(build, tmp_path):
+    """Trained on a CSV's `sentence` column, new texts to label come as JSON lines with a `body`: named by
+    `predict_text_field`, mistyped it is the option the error names."""
+    folder = csv_task(tmp_path / "task")
+    (tmp_path / "new.jsonl").write_text('{"id": 7, "body": "a fine review"}\n{"id": 8, "body": "an awful one"}\n')
+    files = {"train_file": "train.csv", "dev_file": "dev.csv", "test_file": "test.csv"}
+    files.update(text_field="sentence", label_field="score", aux_corpora={})
+    dm = build(data_dir=str(folder), **files, predict_file=str(tmp_path / "new.jsonl"), predict_text_field="body")
+    dm.setup("predict")
+    assert dm.splits["predict"]["input_ids"][0] == dm.tokenizer("a fine review", truncation=True)["input_ids"]
+    mistyped = build(data_dir=str(folder), **files, predict_file=str(tmp_path / "new.jsonl"), predict_text_field="bdy")
+    with pytest.raises(DataFormatError, match=r"new.jsonl:1: no 'bdy' field \(its fields: 'id', 'body'; see `predict_t"):
+        mistyped.setup("predict")
+    with pytest.raises(ValueError, match="`predict_text_field` names the text field of `predict_file`, which is not"):
+        build(data_dir=str(folder), **files, predict_text_field="body")
+
+
 def test_a_spreadsheets_csv_export_with_empty_columns_and_rows_reads_as_its_filled_cells(build, tmp_path):
     """Spreadsheets export unnamed empty columns ("text,label,,") and rows of empty cells (",,,"): they hold no
     example, so they are passed over, not refused as duplicate columns or empty labels."""
