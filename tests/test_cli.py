@@ -99,6 +99,13 @@ def config_args(task: str, method: str) -> list[str]:
     return ["--config", str(task_file), "--config", str(method_file)]
 
 
+def small_cli(method: str, tiny_encoder: str, cache_dir: str, *options: str):
+    """The `tartan` command built (not run) for ACL-ARC with `method`'s config, the tiny encoder and small batches;
+    `options` come last, so they override those."""
+    args = [*config_args("citation_intent", method), "--model.encoder_name_or_path", tiny_encoder]
+    return tartan_cli([*args, "--data.cache_dir", cache_dir, *SMALL, *options], run=False)
+
+
 def tartan_script() -> str:
     """The installed console script, next to this interpreter (as in a virtual environment) or on PATH."""
     script = shutil.which("tartan", path=str(Path(sys.executable).parent)) or shutil.which("tartan")
@@ -258,11 +265,7 @@ def test_seed_everything_drives_data_order_and_dev_samples(tiny_encoder, data_ro
     monkeypatch.chdir(REPO)
     orders = {}
     for seed in (1, 2):
-        cli = tartan_cli(
-            [*config_args("citation_intent", "meta_tartan"), "--seed_everything", str(seed)]
-            + ["--model.encoder_name_or_path", tiny_encoder, "--data.cache_dir", cache_dir, *SMALL],
-            run=False,
-        )
+        cli = small_cli("meta_tartan", tiny_encoder, cache_dir, "--seed_everything", str(seed))
         cli.datamodule.setup("fit")
         assert cli.datamodule.run_seed == seed
         orders[seed] = {name: list(dl.sampler)[:32] for name, dl in cli.datamodule.train_dataloader().iterables.items()}
@@ -273,37 +276,26 @@ def test_seed_everything_drives_data_order_and_dev_samples(tiny_encoder, data_ro
 def test_group_by_length_from_the_command_line(tiny_encoder, cache_dir, monkeypatch):
     """`--data.init_args.group_by_length true` reaches the data module, whose training sources then group by length."""
     monkeypatch.chdir(REPO)
-    cli = tartan_cli(
-        [*config_args("citation_intent", "mt_tartan"), "--data.init_args.group_by_length", "true"]
-        + ["--model.encoder_name_or_path", tiny_encoder, "--data.cache_dir", cache_dir, *SMALL],
-        run=False,
-    )
+    cli = small_cli("mt_tartan", tiny_encoder, cache_dir, "--data.init_args.group_by_length", "true")
     assert cli.datamodule.group_by_length is True
     cli.datamodule.setup("fit")
     loaders = cli.datamodule.train_dataloader().iterables
     assert all(loaders[name].sampler.grouping is not None for name in ("end_task", "tapt"))
 
 
-
 def test_gradient_checkpointing_from_the_command_line(tiny_encoder, cache_dir, monkeypatch):
     """`--model.gradient_checkpointing true`, as the README gives it, checkpoints every encoder layer."""
     monkeypatch.chdir(REPO)
-    cli = tartan_cli(
-        [*config_args("citation_intent", "meta_tartan"), "--model.gradient_checkpointing", "true"]
-        + ["--model.encoder_name_or_path", tiny_encoder, "--data.cache_dir", cache_dir, *SMALL],
-        run=False,
-    )
+    cli = small_cli("meta_tartan", tiny_encoder, cache_dir, "--model.gradient_checkpointing", "true")
     assert all(layer.gradient_checkpointing for layer in cli.model.encoder.encoder.layer)
+
 
 def test_pack_sequences_from_the_command_line(tiny_encoder, cache_dir, tmp_path, monkeypatch):
     """`--model.pack_sequences true`: META-TARTAN trains on ACL-ARC with every micro-batch of every source packed."""
     monkeypatch.chdir(REPO)
-    cli = tartan_cli(
-        [*config_args("citation_intent", "meta_tartan"), "--model.pack_sequences", "true"]
-        + ["--model.encoder_name_or_path", tiny_encoder, "--data.cache_dir", cache_dir, *SMALL]
-        + ["--data.max_length=128", "--trainer.max_steps=2", "--trainer.limit_val_batches=2"]
-        + [f"--trainer.default_root_dir={tmp_path}"],
-        run=False,
+    cli = small_cli(
+        "meta_tartan", tiny_encoder, cache_dir, "--model.pack_sequences", "true", "--data.max_length=128",
+        "--trainer.max_steps=2", "--trainer.limit_val_batches=2", f"--trainer.default_root_dir={tmp_path}",
     )
     cli.datamodule.setup("fit")
     batch = cli.model.on_before_batch_transfer(next(iter(cli.datamodule.train_dataloader()))[0], 0)
