@@ -4,7 +4,9 @@ Lightning's `ModelCheckpoint(save_last=True)` rewrites `last.ckpt` only when it 
 so after a run's last improvement `last.ckpt` falls behind and a resumed run repeats (or loses) the steps since.
 """
 import os
+import re
 import signal
+import warnings
 from typing import Any, Optional
 
 import pytorch_lightning as pl
@@ -24,6 +26,9 @@ class ResumableCheckpoint(ModelCheckpoint):
     stop, Lightning counts the epoch as complete and may evaluate on dev once more; a checkpoint written after that
     would resume in the next epoch, and with the extra evaluation's best score.) A second Ctrl-C aborts at once.
     `save_last=False` turns `last.ckpt` (and the Ctrl-C handling) off.
+
+    A fit resumed from a checkpoint in the callback's own folder (`resume_from`, which `tartan fit --ckpt_path last`
+    sets) writes on into that folder without Lightning's warning that it is not empty: that is the point.
     """
 
     def __init__(self, *args: Any, save_last: Optional[bool] = True, **kwargs: Any) -> None:
@@ -36,6 +41,8 @@ class ResumableCheckpoint(ModelCheckpoint):
         self._sigint_handler_replaced = False
         self._previous_sigint_handler: Any = None
         self._fitting = True
+        #: the checkpoint a fit resumes from; set before `Trainer.fit(..., ckpt_path=...)` to resume in its folder
+        self.resume_from: Optional[str] = None
 
     @property
     def stopped_at(self) -> Optional[int]:
@@ -47,7 +54,11 @@ class ResumableCheckpoint(ModelCheckpoint):
         return os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
+        with warnings.catch_warnings():
+            if self.resume_from is not None and stage == "fit":
+                folder = os.path.dirname(os.path.realpath(self.resume_from))
+                warnings.filterwarnings("ignore", message=f"Checkpoint directory {re.escape(folder)} exists")
+            super().setup(trainer, pl_module, stage)
         self._fitting = stage == "fit"  # Lightning sets callbacks up before it restores their state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

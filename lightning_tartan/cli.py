@@ -349,7 +349,12 @@ class TartanCLI(LightningCLI):
             self.parser.error(str(_root_cause(err)))
 
     def before_fit(self) -> None:
-        """Post-hoc fine-tuning keeps its result only if it beats the starting model: score that one first."""
+        """A resumed fit writes on into its checkpoint's folder. Post-hoc fine-tuning keeps its result only if it
+        beats the starting model: score that one first."""
+        ckpt_path = self._subcommand_config().get("ckpt_path")
+        callback = self.trainer.checkpoint_callback
+        if isinstance(callback, ResumableCheckpoint) and ckpt_path and Path(ckpt_path).is_file():
+            callback.resume_from = ckpt_path
         if any(isinstance(callback, PostHocSelection) for callback in self.trainer.callbacks):
             self.trainer.validate(self.model, datamodule=self.datamodule)
 

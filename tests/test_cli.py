@@ -542,7 +542,9 @@ def test_ctrl_c_then_ckpt_path_last_finishes_like_an_uninterrupted_run(
     assert "Ctrl-C: stopping at the end of this optimizer step" in interrupted.stderr + interrupted.stdout
     last = tmp_path / "resumed" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == stop_at
-    run(tmp_path / "resumed", "--ckpt_path=last")
+    resumed = run(tmp_path / "resumed", "--ckpt_path=last")
+    assert "Resuming from" in resumed.stderr + resumed.stdout
+    assert "exists and is not empty" not in resumed.stderr  # Lightning's warning: writing on there is the point
 
     expected = torch.load(next((tmp_path / "uninterrupted").rglob("last.ckpt")), weights_only=True)
     actual = torch.load(last, weights_only=True)  # the resumed run kept writing to the interrupted run's folder
