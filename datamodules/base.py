@@ -79,6 +79,7 @@ from datamodules.sampling import (
     WithMaskKeys,
     token_lengths,
 )
+from lightning_tartan.heads import EncoderInputMismatch
 from lightning_tartan.module import MONITOR_METRICS
 from lightning_tartan.packaged_encoders import local_copy
 from lightning_tartan.weighting import END_TASK, META_DEV, META_DEV_GRAD, RESERVED_SOURCES
@@ -519,6 +520,7 @@ class EndTaskDataModule(LightningDataModule):
         cached on disk, keyed on the examples, tokenizer and max_length."""
         if self.tokenizer is None:
             self.tokenizer = AutoTokenizer.from_pretrained(local_copy(self.tokenizer_name_or_path))
+            self._check_tokenizer()
         self._fit_max_length_to_the_tokenizer()
         checked = {"fit": ["dev", "test"], "validate": ["dev"], "test": ["test"], "predict": []}
         needed = {"fit": ["train", "dev"], "validate": ["dev"], "test": ["test"], "predict": []}
@@ -538,6 +540,29 @@ class EndTaskDataModule(LightningDataModule):
                         self.corpora[name] = self._tokenize_hub_corpus(name, corpus)
                     else:
                         self.corpora[name] = self._tokenize_corpus(self.corpus_file(name), f"aux_corpora[{name!r}]")
+
+    def _check_tokenizer(self) -> None:
+        """Batches pad on the right, since the classifier reads each row's first token, and need a pad token; the
+        masked-LM objectives need a mask token. Refused here, before any text is tokenized, naming the fix."""
+        tokenizer, name = self.tokenizer, self.tokenizer_name_or_path
+        if tokenizer.pad_token is None:
+            raise EncoderInputMismatch(
+                f"the tokenizer {name!r} has no pad token, which batches of texts of different lengths need: give it "
+                "one of its own tokens (tokenizer.pad_token = tokenizer.unk_token, say: padded positions are masked "
+                "out) and save it (tokenizer.save_pretrained(folder)), or pick another `tokenizer_name_or_path`"
+            )
+        if tokenizer.mask_token is None and self.aux_corpora:
+            raise EncoderInputMismatch(
+                f"the tokenizer {name!r} has no mask token, which the masked-LM objectives on aux_corpora "
+                f"{list(self.aux_corpora)} need: use a masked-LM encoder's tokenizer, or fine-tune without corpora "
+                "(aux_corpora={} and weighting 'none')"
+            )
+        if tokenizer.padding_side != "right":
+            rank_zero_info(
+                f"The tokenizer {name!r} pads on the {tokenizer.padding_side}; padding on the right instead, as the "
+                "classifier reads each row's first token"
+            )
+            tokenizer.padding_side = "right"
 
     def _fit_max_length_to_the_tokenizer(self) -> None:
         """Truncate to the tokenizer's `model_max_length` when it is shorter than `max_length` (the default 512 with
@@ -713,7 +738,6 @@ class EndTaskDataModule(LightningDataModule):
         ours, so the order is set per epoch and a loader restored from a checkpoint continues its epoch."""
         world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         seed = self.run_seed
-        masking = SeededMasking(DataCollatorForLanguageModeling(self.tokenizer, mlm_probability=self.mlm_probability))
         sources = {END_TASK: (self.splits["train"], self.batch_size)}
         sources.update({name: (docs, self.aux_batch_size) for name, docs in self.corpora.items()})
         num_batches = max(math.ceil(math.ceil(len(data) / world_size) / size) for data, size in sources.values())
@@ -724,7 +748,10 @@ class EndTaskDataModule(LightningDataModule):
             corpus = name != END_TASK
             grouping = self._length_grouping(data, batch_size)
             sampler = SourceSampler(data, batch_size, num_batches, world_size, rank, seed + i, corpus, grouping)
-            if corpus:
+            if corpus:  # a tokenizer without a mask token fine-tunes without corpora
+                masking = SeededMasking(
+                    DataCollatorForLanguageModeling(self.tokenizer, mlm_probability=self.mlm_probability)
+                )
                 loaders[name] = self._step_loader(WithMaskKeys(data), batch_size, masking, sampler, seed)
             else:
                 loaders[name] = self._step_loader(data, batch_size, self._padding_collator(), sampler, seed)

@@ -84,6 +84,14 @@ def checked_source(
         raise BatchFormatError(
             f"{where}: 'attention_mask' has shape {tuple(mask.shape)}, not that of 'input_ids', {tuple(inputs.shape)}"
         )
+    if mask.device.type == "cpu" and mask.numel():
+        left_padded = (mask[:, 0].eq(0) & mask.ne(0).any(dim=1)).nonzero().flatten().tolist()
+        if left_padded:
+            raise BatchFormatError(
+                f"{where}: rows {left_padded[:5]}{'...' if len(left_padded) > 5 else ''} start with padding "
+                "(attention_mask 0 at their first token): pad on the right (tokenizer.padding_side = 'right'), as "
+                "the classifier reads each row's first token"
+            )
     limit = position_limit(encoder)
     if limit is not None and inputs.shape[-1] > limit:
         raise EncoderInputMismatch(

@@ -682,10 +682,10 @@ class TartanModule(pl.LightningModule):
 
     def _save_with_tokenizer(self, model: PreTrainedModel, path: str | Path, max_length: Optional[int] = None) -> None:
         """`max_length`: what the tokenizer's `model_max_length` becomes (an encoder for further training keeps its
-        own)."""
+        own). The tokenizer pads on the right, as in training: the classifier reads each row's first token."""
         name = self.hparams.tokenizer_name_or_path
         try:
-            tokenizer = AutoTokenizer.from_pretrained(local_copy(name))
+            tokenizer = AutoTokenizer.from_pretrained(local_copy(name), padding_side="right")
         except OSError as err:
             raise OSError(f"tokenizer_name_or_path={name!r}: {unreachable(err)}") from None
         model.save_pretrained(path)

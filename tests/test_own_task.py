@@ -3,19 +3,23 @@ the Hub layout), custom field names, sentence pairs, dataset corpora, the monito
 import csv
 import json
 import re
+import shutil
 import warnings
 from pathlib import Path
 
 import pandas
 import pytest
+import pytorch_lightning as pl
 import torch
 from datasets import ClassLabel, Dataset, Features, Value
 from jsonargparse import Namespace
+from transformers import AutoTokenizer
 
 from datamodules import DataFormatError, EndTaskDataModule
 from lightning_tartan import TartanModule
 from lightning_tartan.cli import main, tartan_cli, task_name
 from lightning_tartan.export import ExportEncoder
+from lightning_tartan.heads import EncoderInputMismatch
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SMALL = {"max_length": 32, "batch_size": 4, "aux_batch_size": 4, "dev_batch_size": 4, "eval_batch_size": 16}
@@ -31,7 +35,7 @@ def build(tiny_encoder, cache_dir):
     """A generic data module with the tiny tokenizer and small batches."""
 
     def build(**kwargs) -> EndTaskDataModule:
-        return EndTaskDataModule(tokenizer_name_or_path=tiny_encoder, cache_dir=cache_dir, **{**SMALL, **kwargs})
+        return EndTaskDataModule(**{"tokenizer_name_or_path": tiny_encoder, "cache_dir": cache_dir, **SMALL, **kwargs})
 
     return build
 
@@ -49,6 +53,12 @@ def csv_task(folder: Path, sizes=(24, 8, 8)) -> Path:
         rows = [[f"a {WORDS[i % 6]}, honest review number {i}", [0, 1, 2, 10][i % 4]] for i in range(size)]
         write_rows(folder / f"{split}.csv", ["id", "sentence", "score"], [[i, *row] for i, row in enumerate(rows)])
     return folder
+
+
+def csv_task_options(folder: Path) -> dict[str, str]:
+    """The data module's options that read `csv_task(folder)`."""
+    files = {f"{split}_file": f"{split}.csv" for split in ("train", "dev", "test")}
+    return {"data_dir": str(csv_task(folder)), **files, "text_field": "sentence", "label_field": "score"}
 
 
 def hub_folder(folder: Path, splits: dict[str, dict[str, list]], names: list[str] | None = None) -> Path:
@@ -312,6 +322,50 @@ def test_sentence_pairs_keep_segment_ids_and_the_model_uses_them(build, tiny_enc
         assert torch.equal(single, model(inputs, mask, torch.zeros_like(segments)))  # BERT's default segment
         assert not torch.allclose(paired, single)
         assert torch.equal(model.end_task_head(model.encode(batch)), paired)  # training batches use them too
+
+
+def encoder_with_tokenizer(tiny_encoder: str, folder: Path, **changes) -> str:
+    """The tiny encoder saved with its tokenizer changed (`padding_side="left"`, `pad_token=None`, ...)."""
+    shutil.copytree(tiny_encoder, folder)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
+    for name, value in changes.items():
+        setattr(tokenizer, name, value)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_tokenizer_that_pads_on_the_left_trains_and_exports_padding_on_the_right(build, tiny_encoder, tmp_path):
+    """The classifier reads each row's first token: left-padded rows would be read at a pad token, so each row's
+    prediction would depend on the padding its batch gave it."""
+    encoder = encoder_with_tokenizer(tiny_encoder, tmp_path / "left", padding_side="left")
+    dm = build(**csv_task_options(tmp_path / "task"), tokenizer_name_or_path=encoder)
+    dm.setup("fit")
+    collate = dm.val_dataloader().collate_fn
+    batch = collate([dm.tokenizer("short"), dm.tokenizer("a longer text than that")])
+    assert batch["attention_mask"].tolist()[0] == [1, 1, 1, 0, 0, 0, 0]
+    model = TartanModule.from_datamodule(dm, encoder_name_or_path=encoder, weighting="none")
+    model.save_end_task_model(tmp_path / "export")
+    assert AutoTokenizer.from_pretrained(tmp_path / "export").padding_side == "right"
+
+
+def test_a_tokenizer_without_a_pad_token_is_refused_before_tokenizing(build, tiny_encoder, tmp_path):
+    encoder = encoder_with_tokenizer(tiny_encoder, tmp_path / "nopad", pad_token=None)
+    dm = build(**csv_task_options(tmp_path / "task"), tokenizer_name_or_path=encoder)
+    with pytest.raises(EncoderInputMismatch, match=re.escape(f"the tokenizer {encoder!r} has no pad token")):
+        dm.setup("fit")
+
+
+def test_a_tokenizer_without_a_mask_token_fine_tunes_and_refuses_corpora(build, tiny_encoder, tmp_path):
+    encoder = encoder_with_tokenizer(tiny_encoder, tmp_path / "nomask", mask_token=None)
+    options = dict(csv_task_options(tmp_path / "task"), tokenizer_name_or_path=encoder)
+    with pytest.raises(EncoderInputMismatch, match=re.escape("has no mask token, which the masked-LM objectives on")):
+        build(**options).setup("fit")
+    dm = build(**options, aux_corpora={})
+    model = TartanModule.from_datamodule(dm, encoder_name_or_path=encoder, weighting="none")
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 2
 
 
 def test_a_hub_dataset_trains_and_predicts_from_the_shipped_config(tiny_encoder, cache_dir, tmp_path):
