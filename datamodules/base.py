@@ -132,7 +132,7 @@ class EndTaskDataModule(LightningDataModule):
         tokenizer_name_or_path: str = "roberta-base",
         train_file: str = "train.jsonl",
         dev_file: str = "dev.jsonl",
-        test_file: str = "test.jsonl",
+        test_file: Optional[str] = "test.jsonl",
         predict_file: Optional[str] = None,
         predict_text_field: Optional[str] = None,
         aux_corpora: Optional[dict[str, AuxCorpus]] = None,
@@ -153,7 +153,7 @@ class EndTaskDataModule(LightningDataModule):
         dataset_config: Optional[str] = None,
         train_split: str = "train",
         dev_split: str = "validation",
-        test_split: str = "test",
+        test_split: Optional[str] = "test",
         text_field: str = "text",
         text_pair_field: Optional[str] = None,
         label_field: str = "label",
@@ -173,7 +173,8 @@ class EndTaskDataModule(LightningDataModule):
                 as numbers), are the classes (two that differ only in case or spaces are an error); a Parquet label
                 column of type ``ClassLabel`` gives them by its names instead.
             dev_file: the dev split, in any of these formats; a label the train split lacks is an error.
-            test_file: the test split, likewise; its labels are checked before a fit, too.
+            test_file: the test split, likewise; its labels are checked before a fit, too. ``None``: the task has
+                none (``tartan test`` then has nothing to score, and ``predict`` needs ``predict_file``).
             predict_file: what ``tartan predict`` labels: a file in any of these formats whose examples need only the
                 text (labels, if every example has one, must be train labels and are written beside the
                 predictions), or a ``.txt`` file with one text per line (blank lines skipped); a path from the
@@ -226,7 +227,7 @@ class EndTaskDataModule(LightningDataModule):
                 slice works, e.g. ``train[:90%]`` (with ``dev_split: train[90%:]`` for a dataset without a dev split).
             dev_split: the split of ``dataset`` that model selection and META-TARTAN's dev samples use.
             test_split: the split of ``dataset`` to test on. It must be labeled: Hub test splits often are not
-                (GLUE's labels are -1), which is an error naming this option.
+                (GLUE's labels are -1), which is an error naming this option. ``None``: no test split.
             text_field: the field (JSON key or column) holding the text.
             text_pair_field: the field holding a second text, for sentence-pair tasks (entailment, paraphrase): the
                 pair is tokenised together, ``tokenizer(text, text_pair)``, and batches keep the tokenizer's
@@ -241,7 +242,14 @@ class EndTaskDataModule(LightningDataModule):
         # plain strings in the hyper-parameters: a Path would make every checkpoint unloadable with weights_only
         data_dir = None if data_dir is None else str(data_dir)
         tokenizer_name_or_path = str(tokenizer_name_or_path)
-        train_file, dev_file, test_file = str(train_file), str(dev_file), str(test_file)
+        for option, value in {"dev_file": dev_file, "dev_split": dev_split}.items():
+            if value is None:
+                raise ValueError(
+                    f"`{option}` is required: the dev split selects checkpoints and stops training early (and "
+                    "META-TARTAN draws its dev samples from it); hold out part of the training data as one"
+                )
+        train_file, dev_file = str(train_file), str(dev_file)
+        test_file = None if test_file is None else str(test_file)
         predict_file = None if predict_file is None else str(predict_file)
         cache_dir = None if cache_dir is None else str(cache_dir)
         dataset = None if dataset is None else str(dataset)
@@ -285,7 +293,7 @@ class EndTaskDataModule(LightningDataModule):
                     f"and other fields included; name the field its texts are in: {{{name}: {{dataset: {file}, "
                     "text_field: text}}"
                 )
-        options = {"train_file": train_file, "dev_file": dev_file, "test_file": test_file}
+        options = {"train_file": train_file, "dev_file": dev_file, **({"test_file": test_file} if test_file else {})}
         splits = {"dataset_config": dataset_config, "train_split": train_split, "dev_split": dev_split}
         _check_source(data_dir, dataset, options, {**splits, "test_split": test_split})
         if predict_file is not None:
@@ -303,11 +311,12 @@ class EndTaskDataModule(LightningDataModule):
 
         self.data_dir = None if data_dir is None else Path(data_dir).expanduser()
         self.tokenizer_name_or_path = tokenizer_name_or_path
-        self.files = {"train": train_file, "dev": dev_file, "test": test_file}
+        #: labeled split -> its file; without "test" when ``test_file`` is None
+        self.files = {"train": train_file, "dev": dev_file, **({"test": test_file} if test_file is not None else {})}
         self.predict_file = predict_file
         self.dataset = dataset
         self.dataset_config = dataset_config
-        self.hub_splits = {"train": train_split, "dev": dev_split, "test": test_split}
+        self.hub_splits = {"train": train_split, "dev": dev_split, **({"test": test_split} if test_split else {})}
         self.fields = Fields(text_field, text_pair_field, label_field)
         #: the fields of ``predict_file``
         self.predict_fields = self.fields
@@ -358,6 +367,14 @@ class EndTaskDataModule(LightningDataModule):
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
+
+    @property
+    def has_test_split(self) -> bool:
+        return "test" in (self.files if self.dataset is None else self.hub_splits)
+
+    def _no_test_split(self, purpose: str) -> str:
+        option = "test_file" if self.dataset is None else "test_split"
+        return f"the task has no test split {purpose} (`{option}` is None)"
 
     @property
     def aux_names(self) -> list[str]:
@@ -522,11 +539,16 @@ class EndTaskDataModule(LightningDataModule):
             self.tokenizer = AutoTokenizer.from_pretrained(local_copy(self.tokenizer_name_or_path))
             self._check_tokenizer()
         self._fit_max_length_to_the_tokenizer()
+        if stage == "test" and not self.has_test_split:
+            raise DataFormatError(self._no_test_split("to test on"))
         checked = {"fit": ["dev", "test"], "validate": ["dev"], "test": ["test"], "predict": []}
         needed = {"fit": ["train", "dev"], "validate": ["dev"], "test": ["test"], "predict": []}
         for split in checked.get(stage, ["dev", "test"]):
-            self._check_labels(split)
+            if split != "test" or self.has_test_split:
+                self._check_labels(split)
         for split in needed.get(stage, ["train", "dev", "test"]):
+            if split == "test" and not self.has_test_split:
+                continue
             if split not in self.splits:
                 self.splits[split] = self._tokenize_labeled(split)
         if stage == "predict" and "predict" not in self.splits:
@@ -615,6 +637,8 @@ class EndTaskDataModule(LightningDataModule):
     def _predict_inputs(self) -> tuple["Source", list[Example]]:
         """What ``tartan predict`` labels and its examples: ``predict_file``, or else the test split."""
         if self.predict_file is None:
+            if not self.has_test_split:
+                raise DataFormatError(self._no_test_split("to label: set `predict_file` to the texts to label"))
             read = self._split("test")
             return read.source, read.examples
         path = self._predict_path()

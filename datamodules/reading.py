@@ -19,6 +19,10 @@ from datasets import Dataset, load_dataset
 from datasets.exceptions import DatasetGenerationError
 
 
+#: what a task is: single-label classification
+ONE_CLASS_PER_EXAMPLE = "a task gives each example one class"
+
+
 class DataFormatError(ValueError):
     """A task file that cannot be used, missing or malformed; the message names the file (and line) and option."""
 
@@ -291,12 +295,15 @@ def _example(
     elif isinstance(label, int):
         label = str(label)  # class ids as labels: their names are the numbers
     if not isinstance(label, str) or not label:
+        task = {float: f" ({ONE_CLASS_PER_EXAMPLE}: no regression)", list: f" ({ONE_CLASS_PER_EXAMPLE}: no multi-label)"}
         raise DataFormatError(
-            f"{where}: {fields.label!r} must be a non-empty string, an integer or a boolean, got {_show(label)}"
+            f"{where}: {fields.label!r} must be a non-empty string, an integer or a boolean, got "
+            f"{_show(label)}{task.get(type(label), '')}"
         )
     if numbers_as_text and _DECIMAL.fullmatch(label.strip()):
         raise DataFormatError(
-            f"{where}: {fields.label!r} is {label!r}, a decimal number: labels are class names or integer ids"
+            f"{where}: {fields.label!r} is {label!r}, a decimal number: labels are class names or integer ids "
+            f"({ONE_CLASS_PER_EXAMPLE}: no regression)"
         )
     return Example(line, texts[0], label, pair)
 

@@ -720,7 +720,10 @@ BAD_SPLITS = [
     ("train", ['{"text": "", "label": "a"}', '{"text": " ", "label": "b"}'], "holds no example with text"),
     ("dev", ['{"text": "fine", "label": "a"}', '{"text": "unseen", "label": "zzz"}'], ":2: label 'zzz' never occurs"),
     ("test", ["", "  "], "holds no examples"),
-    ("train", ['{"text": "fine", "label": 1.5}'], ":1: 'label' must be a non-empty string, an integer or a boolean"),
+    ("train", ['{"text": "fine", "label": 1.5}'], ":1: 'label' must be a non-empty string, an integer or a boolean, "
+     "got 1.5 (a task gives each example one class: no regression)"),
+    ("train", ['{"text": "fine", "label": ["a", "b"]}'], 'got ["a", "b"] (a task gives each example one class: no '
+     "multi-label)"),
     ("dev", ['{"text": "fine", "label": true}'], ":1: label 'true' never occurs in the train split"),
 ]
 

@@ -368,6 +368,24 @@ def test_a_tokenizer_without_a_mask_token_fine_tunes_and_refuses_corpora(build, 
     assert trainer.global_step == 2
 
 
+def test_a_task_without_a_test_split_trains_and_says_what_test_and_predict_need(build, tiny_encoder, tmp_path):
+    """Many own tasks have train and dev only; the dev split is what no task can do without."""
+    options = csv_task_options(tmp_path / "task")
+    (tmp_path / "task" / "test.csv").unlink()
+    with pytest.raises(ValueError, match=re.escape("`dev_file` is required: the dev split selects checkpoints")):
+        build(**{**options, "dev_file": None})
+    dm = build(**{**options, "test_file": None}, aux_corpora={})
+    model = TartanModule.from_datamodule(dm, encoder_name_or_path=tiny_encoder, weighting="none")
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, val_check_interval=2)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 2 and "val/f1_macro" in trainer.callback_metrics
+    with pytest.raises(DataFormatError, match=re.escape("the task has no test split to test on (`test_file` is None)")):
+        trainer.test(model, datamodule=dm)
+    with pytest.raises(DataFormatError, match=re.escape("no test split to label: set `predict_file`")):
+        trainer.predict(model, datamodule=dm)
+
+
 def test_a_hub_dataset_trains_and_predicts_from_the_shipped_config(tiny_encoder, cache_dir, tmp_path):
     """The README's Hub walk-through, on a local folder in the Hub layout: META-TARTAN trains on the end task and
     the training texts, and `tartan predict` writes the dataset's class names."""
