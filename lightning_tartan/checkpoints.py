@@ -1,4 +1,5 @@
-"""Checkpoints a run can resume from: `last.ckpt` always holds the latest state, and Ctrl-C stops cleanly.
+"""Checkpoints a run can resume from: `last.ckpt` always holds the latest state, and Ctrl-C or SIGTERM (a cluster's
+pre-emption) stops cleanly.
 
 Lightning's `ModelCheckpoint(save_last=True)` rewrites `last.ckpt` only when it also saves a top-k checkpoint,
 so after a run's last improvement `last.ckpt` falls behind and a resumed run repeats (or loses) the steps since.
@@ -25,7 +26,9 @@ class ResumableCheckpoint(ModelCheckpoint):
     epoch, as a step-based checkpoint is: it resumes exactly, whether the run counts steps or epochs. (Once told to
     stop, Lightning counts the epoch as complete and may evaluate on dev once more; a checkpoint written after that
     would resume in the next epoch, and with the extra evaluation's best score.) A second Ctrl-C aborts at once.
-    `save_last=False` turns `last.ckpt` (and the Ctrl-C handling) off.
+    SIGTERM, which a cluster sends a job it pre-empts (Slurm, Kubernetes), is taken as the first Ctrl-C, in place of
+    Lightning's handling, which stops without writing a checkpoint. `save_last=False` turns `last.ckpt` (and the
+    signal handling) off.
 
     A fit resumed from a checkpoint in the callback's own folder (`resume_from`, which `tartan fit --ckpt_path last`
     sets) writes on into that folder without Lightning's warning that it is not empty: that is the point.
@@ -38,8 +41,8 @@ class ResumableCheckpoint(ModelCheckpoint):
         self._stopped_at: Optional[int] = None  # the optimizer step a Ctrl-C stopped the run after
         self._saved_inside_epoch = False  # last.ckpt was written at the step max_steps ended the run at
         self._steps_before_batch = 0
-        self._sigint_handler_replaced = False
-        self._previous_sigint_handler: Any = None
+        self._stop_signal: Optional[int] = None
+        self._previous_handlers: dict[int, Any] = {}
         self._fitting = True
         #: the checkpoint a fit resumes from; set before `Trainer.fit(..., ckpt_path=...)` to resume in its folder
         self.resume_from: Optional[str] = None
@@ -48,6 +51,14 @@ class ResumableCheckpoint(ModelCheckpoint):
     def stopped_at(self) -> Optional[int]:
         """The optimizer step a Ctrl-C stopped the last fit after; None when it ran to its end."""
         return self._stopped_at
+
+    @property
+    def stop_signal(self) -> Optional[int]:
+        """The signal (SIGINT or SIGTERM) that stopped the last fit (SIGINT on a DDP rank another rank's signal
+        stopped); None when it ran to its end."""
+        if self._stopped_at is None:
+            return None
+        return self._stop_signal or signal.SIGINT
 
     @property
     def last_checkpoint_path(self) -> str:
@@ -84,23 +95,28 @@ class ResumableCheckpoint(ModelCheckpoint):
         if self.keep_last and self._stopped_at is None and not self._saved_inside_epoch:
             self.save_latest(trainer)
         elif self._stopped_at is not None:
-            rank_zero_info(f"Stopped after optimizer step {self._stopped_at}: resume with --ckpt_path last")
+            by = f" ({signal.Signals(self._stop_signal).name})" if self._stop_signal else ""
+            rank_zero_info(f"Stopped after optimizer step {self._stopped_at}{by}: resume with --ckpt_path last")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         self._stop_requested = False
+        self._stop_signal = None
         self._stopped_at = None
         self._saved_inside_epoch = False
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         if self.keep_last:
-            self._replace_sigint_handler()
+            self._replace_signal_handlers()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_end(trainer, pl_module)
-        self._restore_sigint_handler()
+        self._restore_signal_handlers()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         super().on_exception(trainer, pl_module, exception)
-        self._restore_sigint_handler()
+        self._restore_signal_handlers()
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._steps_before_batch = trainer.global_step
@@ -125,18 +141,22 @@ class ResumableCheckpoint(ModelCheckpoint):
         if self._stop_requested:
             raise KeyboardInterrupt
         self._stop_requested = True
+        self._stop_signal = signum
+        what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         rank_zero_info(
-            "\nCtrl-C: stopping at the end of this optimizer step and writing last.ckpt (Ctrl-C again to abort)"
+            f"\n{what}: stopping at the end of this optimizer step and writing last.ckpt (Ctrl-C again to abort)"
         )
 
-    def _replace_sigint_handler(self) -> None:
-        try:
-            self._previous_sigint_handler = signal.signal(signal.SIGINT, self._request_stop)
-        except ValueError:  # not the main thread: Ctrl-C keeps Lightning's own handling
-            return
-        self._sigint_handler_replaced = True
+    def _replace_signal_handlers(self) -> None:
+        """Called when training starts, after Lightning has set its own SIGTERM handler, which this one replaces
+        (Lightning's stops without a checkpoint, and exits with status 0)."""
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous_handlers[signum] = signal.signal(signum, self._request_stop)
+            except ValueError:  # not the main thread: the signals keep Lightning's own handling
+                return
 
-    def _restore_sigint_handler(self) -> None:
-        if self._sigint_handler_replaced:
-            signal.signal(signal.SIGINT, self._previous_sigint_handler)
-            self._sigint_handler_replaced = False
+    def _restore_signal_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}

@@ -352,9 +352,9 @@ class TartanCLI(LightningCLI):
         """A resumed fit writes on into its checkpoint's folder. Post-hoc fine-tuning keeps its result only if it
         beats the starting model: score that one first."""
         ckpt_path = self._subcommand_config().get("ckpt_path")
-        callback = self.trainer.checkpoint_callback
-        if isinstance(callback, ResumableCheckpoint) and ckpt_path and Path(ckpt_path).is_file():
-            callback.resume_from = ckpt_path
+        for callback in self.trainer.callbacks:  # checkpoint callbacks of one's own may come first
+            if isinstance(callback, ResumableCheckpoint) and ckpt_path and Path(ckpt_path).is_file():
+                callback.resume_from = ckpt_path
         if any(isinstance(callback, PostHocSelection) for callback in self.trainer.callbacks):
             self.trainer.validate(self.model, datamodule=self.datamodule)
 
@@ -489,8 +489,8 @@ def main(args: ArgsType = None) -> None:
     """Entry point of the `tartan` console script: a data file that cannot be used, a checkpoint of another task, or
     a tokenizer or max_length the encoder cannot take, is reported as the CLI's own errors are, in one line naming
     the file and line or what differs (from Python, `DataFormatError`, `CheckpointMismatch` and
-    `EncoderInputMismatch` are raised as usual). A run stopped by Ctrl-C exits with 130, as
-    an interrupted shell command does."""
+    `EncoderInputMismatch` are raised as usual). A run stopped by Ctrl-C exits with 130, and one stopped by SIGTERM
+    with 143, as a shell command killed by the signal does."""
     for message, category in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
     try:
@@ -500,9 +500,10 @@ def main(args: ArgsType = None) -> None:
         sys.exit(2)
     if torch.distributed.is_initialized():  # torch asks for this before a process that joined a group exits
         torch.distributed.destroy_process_group()
-    callback = cli.trainer.checkpoint_callback
-    if isinstance(callback, ResumableCheckpoint) and callback.stopped_at is not None:
-        sys.exit(130)  # a Ctrl-C'd run did not finish: `tartan fit ... && tartan test ...` must not go on
+    for callback in cli.trainer.callbacks:  # beside checkpoint callbacks of one's own, which Lightning may list first
+        if isinstance(callback, ResumableCheckpoint) and callback.stop_signal is not None:
+            # the run did not finish: `tartan fit ... && tartan test ...` must not go on, nor a scheduler count it done
+            sys.exit(128 + callback.stop_signal)
 
 
 if __name__ == "__main__":

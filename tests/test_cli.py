@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -502,16 +503,22 @@ def test_predict_labels_a_users_own_file(tiny_encoder, data_root, cache_dir, tmp
 
 @pytest.mark.long
 @pytest.mark.parametrize(
-    "length, stop_at",
-    [(["--trainer.max_steps=8"], 5), (["--trainer.max_epochs=2", "--trainer.limit_train_batches=4"], 2)],
-    ids=["max_steps", "max_epochs"],
+    "length, stop_at, stop",
+    [
+        (["--trainer.max_steps=8"], 5, "SIGINT"),
+        # a cluster's pre-emption, in a run with a checkpoint callback of the user's own beside tartan's
+        (["--trainer.max_epochs=2", "--trainer.limit_train_batches=4", "--trainer.callbacks+=ModelCheckpoint",
+          "--trainer.callbacks.monitor=val/loss", "--trainer.callbacks.filename=loss-{step}"], 2, "SIGTERM"),
+    ],
+    ids=["max_steps-ctrl_c", "max_epochs-sigterm"],
 )
-def test_ctrl_c_then_ckpt_path_last_finishes_like_an_uninterrupted_run(
-    tiny_encoder, data_root, cache_dir, tmp_path, length, stop_at
+def test_ctrl_c_or_sigterm_then_ckpt_path_last_finishes_like_an_uninterrupted_run(
+    tiny_encoder, data_root, cache_dir, tmp_path, length, stop_at, stop
 ):
-    """Ctrl-C mid-epoch and mid dev-interval (optimizer step 5 of 8, or step 2 of an epoch of 4 where the run is
-    two epochs long, as the shipped trainer configs count it), then the same command with `--ckpt_path last`: the
-    steps, epoch, weights, task weights and best dev score at the end are those of a run never interrupted."""
+    """Ctrl-C (or SIGTERM) mid-epoch and mid dev-interval (optimizer step 5 of 8, or step 2 of an epoch of 4 where
+    the run is two epochs long, as the shipped trainer configs count it), then the same command with `--ckpt_path
+    last`: the steps, epoch, weights, task weights and best dev score at the end are those of a run never
+    interrupted."""
     command = [
         "fit",
         *config_args("citation_intent", "meta_tartan"),
@@ -537,9 +544,11 @@ def test_ctrl_c_then_ckpt_path_last_finishes_like_an_uninterrupted_run(
     assert "on_before_batch_transfer" not in uninterrupted.stderr and "LeafSpec" not in uninterrupted.stderr
     interrupted = run(  # exits as an interrupted command does, so `tartan fit ... && tartan test ...` stops there
         tmp_path / "resumed", "--trainer.callbacks+=interrupt.InterruptAtStep", f"--trainer.callbacks.step={stop_at}",
-        exit_status=130,
+        f"--trainer.callbacks.signal_name={stop}", exit_status=128 + signal.Signals[stop],
     )
-    assert "Ctrl-C: stopping at the end of this optimizer step" in interrupted.stderr + interrupted.stdout
+    said = "Ctrl-C" if stop == "SIGINT" else stop
+    assert f"{said}: stopping at the end of this optimizer step" in interrupted.stderr + interrupted.stdout
+    assert f"Stopped after optimizer step {stop_at} ({stop}): resume with" in interrupted.stderr + interrupted.stdout
     last = tmp_path / "resumed" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == stop_at
     resumed = run(tmp_path / "resumed", "--ckpt_path=last")
@@ -552,8 +561,8 @@ def test_ctrl_c_then_ckpt_path_last_finishes_like_an_uninterrupted_run(
     assert actual["epoch"] == expected["epoch"]
     for name, value in expected["state_dict"].items():
         torch.testing.assert_close(actual["state_dict"][name], value, rtol=0, atol=0, msg=name)
-    best = [state["best_model_score"] for key, state in expected["callbacks"].items() if "Checkpoint" in key]
-    assert best == [state["best_model_score"] for key, state in actual["callbacks"].items() if "Checkpoint" in key]
+    best = [state["best_model_score"] for key, state in expected["callbacks"].items() if "Resumable" in key]
+    assert best == [state["best_model_score"] for key, state in actual["callbacks"].items() if "Resumable" in key]
 
 
 @pytest.mark.long
