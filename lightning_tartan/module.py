@@ -619,6 +619,14 @@ class TartanModule(pl.LightningModule):
             return False
 
     def on_train_start(self) -> None:
+        """A resumed run's random state, and its learning rates as its schedule gives them at the step it resumes
+        at: the checkpoint holds the rates its own run set last, which differ when the run resumes with a longer
+        `max_steps` (a linear schedule stretches, and the last rate of the shorter run was 0)."""
+        scheduler = self.lr_schedulers()
+        if isinstance(scheduler, LambdaLR) and scheduler.last_epoch > 0:
+            optimizer = self.optimizers(use_pl_optimizer=False)
+            for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["lr"] = base * factor(scheduler.last_epoch)
         if self._rng_to_restore is None:
             return
         states, self._rng_to_restore = self._rng_to_restore, None

@@ -546,6 +546,29 @@ def test_resume_from_mid_run_checkpoint_reproduces_uninterrupted_run(tiny_encode
         torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=0, msg=name)
 
 
+class LearningRates(pl.Callback):
+    """The encoder's learning rate each optimizer step trains with."""
+
+    def __init__(self) -> None:
+        self.rates: dict[int, float] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.rates[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
+
+
+def test_a_run_resumed_with_a_longer_max_steps_trains_at_its_stretched_schedules_rates(tiny_encoder, tmp_path):
+    """The 4-step run's last rate is 0; the first step after it, of a 6-step run, is trained at 6 steps' schedule."""
+    every_step = pl.callbacks.ModelCheckpoint(tmp_path, save_top_k=-1, every_n_train_steps=1)
+    fit(make_module(tiny_encoder, weighting="equal"), make_batches(4), enable_checkpointing=True,
+        callbacks=[every_step])
+    rates = LearningRates()
+    module = make_module(tiny_encoder, weighting="equal")
+    fit(module, make_batches(6), ckpt_path=tmp_path / "epoch=0-step=4.ckpt", callbacks=[rates])
+    factor = lr_factors("linear", module.hparams.warmup_ratio, lambda: 6)
+    assert rates.rates == {step: module.hparams.encoder_lr * factor(step) for step in (4, 5)}
+    assert rates.rates[4] > 0
+
+
 @pytest.mark.parametrize("saved_fused", [False, True])
 def test_a_checkpoint_resumes_with_this_runs_optimizer_kernels(tiny_encoder, tmp_path, saved_fused):
     """A checkpoint made with the other AdamW kernels (one from before the fused optimizer became the GPU default,
