@@ -81,8 +81,18 @@ class ResumableCheckpoint(ModelCheckpoint):
             self.best_model_path = state_dict["best_model_path"]
 
     def save_latest(self, trainer: pl.Trainer) -> None:
-        trainer.save_checkpoint(self.last_checkpoint_path, self.save_weights_only)
-        self.last_model_path = self.last_checkpoint_path
+        """Write `last.ckpt` whole or not at all (in a local folder, written beside it, then renamed): a job killed
+        while writing it keeps the previous one to resume from."""
+        last = self.last_checkpoint_path
+        if "://" in str(self.dirpath):  # a remote folder (s3://, ...): written in place
+            trainer.save_checkpoint(last, self.save_weights_only)
+        else:
+            partial = f"{last}.partial"
+            trainer.save_checkpoint(partial, self.save_weights_only)
+            if trainer.is_global_zero:
+                os.replace(partial, last)
+            trainer.strategy.barrier("ResumableCheckpoint.save_latest")
+        self.last_model_path = last
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)  # first the best checkpoint, so last.ckpt records it

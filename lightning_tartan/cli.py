@@ -9,6 +9,7 @@ by) is linked into the model and the default callbacks, so it is never typed twi
 import difflib
 import importlib
 import inspect
+import pickle
 import re
 import sys
 import warnings
@@ -29,7 +30,13 @@ from transformers import AutoConfig
 from datamodules import DataFormatError, EndTaskDataModule  # the import registers every task for `--data <Name>`
 from lightning_tartan.checkpoints import ResumableCheckpoint
 from lightning_tartan.heads import EncoderInputMismatch
-from lightning_tartan.module import DATAMODULE_OPTIONS, CheckpointMismatch, TartanModule, weighting_class
+from lightning_tartan.module import (
+    DATAMODULE_OPTIONS,
+    MONITOR_METRICS,
+    CheckpointMismatch,
+    TartanModule,
+    weighting_class,
+)
 from lightning_tartan.packaged_encoders import local_copy
 from lightning_tartan.posthoc import PostHocSelection
 from lightning_tartan.predictions import PredictionWriter
@@ -180,11 +187,28 @@ class TartanCLI(LightningCLI):
             )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        """Also remember the method the command asks for: LightningCLI next replaces the model's options with those
-        stored in a `--ckpt_path` file, so a fit resumed from another method's checkpoint would train that method."""
+        """Also remember the model options the command asks for: LightningCLI next replaces them with those stored in
+        a `--ckpt_path` file, so a fit resumed from another method's checkpoint would train that method."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
-        self.asked_weighting = (self.config[subcommand] if subcommand else self.config).get("model.weighting")
+        config = self.config[subcommand] if subcommand else self.config
+        self.asked_model = config.get("model").clone()
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file():
+            self.read_checkpoint(Path(ckpt_path))  # before LightningCLI reads it, and fails in a traceback
+
+    def read_checkpoint(self, path: Path) -> dict[str, Any]:
+        """A checkpoint file's contents, its tensors left on disk until read; one line naming the file when it cannot
+        be read (a job killed while writing it, say), and the other checkpoints beside it."""
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+            others = sorted(other.name for other in path.parent.glob("*.ckpt") if other.name != path.name)
+            beside = f"; beside it: {', '.join(others)}" if others else ""
+            self.parser.error(
+                f"--ckpt_path {path}: the file is not a readable checkpoint ({str(err).splitlines()[0]}); was it cut "
+                f"off while being written? Give another checkpoint's path{beside}"
+            )
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
@@ -216,14 +240,29 @@ class TartanCLI(LightningCLI):
         if init_checkpoint is not None and not Path(init_checkpoint).is_file():
             error(f"--model.init_checkpoint {init_checkpoint}: no such checkpoint file")
         ckpt_path = config.get("ckpt_path")
+        if self.subcommand == "fit" and ckpt_path == "best":
+            error(
+                "tartan fit resumes a run from its latest state: --ckpt_path last (or a checkpoint's path); best is "
+                "for validate, test and predict, or --model.init_checkpoint <its path> to start from its weights"
+            )
+        dev_metrics = [None, *map(dev_metric_key, MONITOR_METRICS)]
+        for callback in callbacks:
+            monitor = getattr(getattr(callback, "init_args", None), "monitor", None)
+            if str(getattr(callback, "class_path", "")).endswith(".EarlyStopping") and monitor in dev_metrics:
+                error(
+                    "tartan stops early on the dev metric already (its `early_stopping` callback): set "
+                    "--early_stopping.patience (and .min_delta, .mode) instead of adding an EarlyStopping to "
+                    "--trainer.callbacks"
+                )
         named = ckpt_path in LIGHTNING_CKPT_PATHS or str(ckpt_path).startswith("registry")  # Lightning's model registry
         if ckpt_path and not named and not Path(ckpt_path).is_file():
             error(f"--ckpt_path {ckpt_path}: no such checkpoint file (nor one of {', '.join(LIGHTNING_CKPT_PATHS)})")
         if self.subcommand == "fit" and ckpt_path and Path(ckpt_path).is_file():
-            if config.model.weighting != self.asked_weighting:
+            if config.model.weighting != self.asked_model.weighting:
                 error(
                     f"--ckpt_path {ckpt_path} was trained with --model.weighting {config.model.weighting}, not "
-                    f"{self.asked_weighting}: resuming it would train its own method. Resume it with its own config, "
+                    f"{self.asked_model.weighting}: resuming it would train its own method. Resume it with its own "
+                    "config, "
                     f"or start from its weights with --model.init_checkpoint {ckpt_path}"
                 )
         if self.subcommand in ("validate", "test", "predict") and not ckpt_path and init_checkpoint is None:
@@ -261,6 +300,28 @@ class TartanCLI(LightningCLI):
         self._check_encoder(config.model.encoder_name_or_path, ckpt_path)
         if ckpt_path == "last" or (self.subcommand != "fit" and ckpt_path == "best"):
             self._find_run_checkpoint(config)
+        if self.subcommand == "fit" and config.ckpt_path and Path(config.ckpt_path).is_file():
+            self._check_resumed_options(config)
+
+    def _check_resumed_options(self, config: Namespace) -> None:
+        """A resumed fit trains with its checkpoint's model options and learning rates, whatever the command says:
+        LightningCLI builds the model from a checkpoint file's options, and the optimizer's saved state holds the
+        rates. Refuse a command that asks for others, rather than record them in the run's config.yaml and train
+        without them."""
+        options = self.read_checkpoint(Path(config.ckpt_path)).get("hyper_parameters", {})
+        task = task_name(config.data)
+        changed = []
+        for key, asked in self.asked_model.as_dict().items():
+            if isinstance(asked, str):
+                asked = asked.replace(TASK, task)
+            if asked is not None and key in options and _plain(options[key]) != _plain(asked):
+                changed.append(f"--model.{key} {asked} (the checkpoint's: {options[key]})")
+        if changed:
+            self.parser.error(
+                f"--ckpt_path {config.ckpt_path} resumes its run with that run's model options, not "
+                f"{'; '.join(changed)}: resume without changing them, or start a new run from its weights with "
+                f"--model.init_checkpoint {config.ckpt_path}"
+            )
 
     def _check_encoder(self, encoder: str, ckpt_path: Optional[str]) -> None:
         encoder = local_copy(encoder)
@@ -324,7 +385,7 @@ class TartanCLI(LightningCLI):
             rank_zero_info(f"Resuming from {last}")
             config.ckpt_path = str(last)
             return
-        chosen = _best_checkpoint(last) if which == "best" else last
+        chosen = _best_checkpoint(self.read_checkpoint(last)) if which == "best" else last
         if chosen is None:
             self.parser.error(f"--ckpt_path best: {last} records no best dev checkpoint that still exists")
         rank_zero_info(f"Loading {chosen}")
@@ -452,15 +513,24 @@ def _run_differences(config: Namespace, run_config: Path) -> list[str]:
     return differences
 
 
+def _plain(value: Any) -> Any:
+    """`value` with tuples as lists, as a checkpoint's options and a parsed command's compare."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
+
+
 def _dotted(config: dict, key: str) -> Any:
     for part in key.split("."):
         config = config.get(part) if isinstance(config, dict) else None
     return config
 
 
-def _best_checkpoint(last: Path) -> Optional[Path]:
-    """The best dev checkpoint that the run's checkpoint callback recorded in `last`, if it still exists."""
-    callbacks = torch.load(last, map_location="cpu", weights_only=True).get("callbacks", {})
+def _best_checkpoint(last: dict[str, Any]) -> Optional[Path]:
+    """The best dev checkpoint that the run's checkpoint callback recorded in `last.ckpt`, if it still exists."""
+    callbacks = last.get("callbacks", {})
     recorded = [state.get("best_model_path") for state in callbacks.values() if isinstance(state, dict)]
     best = [Path(path) for path in recorded if path and Path(path).is_file()]
     return best[0] if best else None

@@ -617,8 +617,8 @@ def test_runs_log_to_csv_unless_told_otherwise(tiny_encoder, data_root, cache_di
 
 def test_logs_and_progress_count_optimizer_steps(tiny_encoder, data_root, cache_dir, tmp_path, monkeypatch):
     """The quickstart (two micro-batches per optimizer step): metrics.csv has one row of losses and task weights per
-    optimizer step, against the step; learning rates come from LearningRateMonitor; the progress bar counts the
-    run's optimizer steps and shows the losses."""
+    optimizer step, against the step, its learning rates in the same row; the progress bar counts the run's
+    optimizer steps and shows the losses."""
     monkeypatch.chdir(tmp_path)
     cli = tartan_cli(
         ["fit", "--config", str(CONFIGS / "quickstart.yaml"), f"--model.encoder_name_or_path={tiny_encoder}"]
@@ -634,7 +634,8 @@ def test_logs_and_progress_count_optimizer_steps(tiny_encoder, data_root, cache_
     weight_steps = [int(row["step"]) for row in rows if row["train/weight_tapt"]]
     assert weight_steps == list(range(6))
     assert [int(row["step"]) for row in rows if row["train/loss_end_task"]] == weight_steps
-    assert [int(row["step"]) for row in rows if row["train/lr/encoder"]] == weight_steps
+    assert [int(row["step"]) for row in rows if row["train/lr/encoder"] and row["train/lr/head"]] == weight_steps
+    assert all(row["train/loss_end_task"] for row in rows if row["train/lr/encoder"])  # one row per step
     assert [int(row["step"]) for row in rows if row["val/f1_macro"]] == [2, 5]  # after optimizer steps 3 and 6
     # checkpoint names count the same optimizer steps
     assert Path(trainer.checkpoint_callback.best_model_path).name in ("epoch=0-step=3.ckpt", "epoch=0-step=6.ckpt")
@@ -769,6 +770,11 @@ def test_missing_data_dir_fails_naming_it(tiny_encoder, tmp_path):
         (["tasks/sciie", "methods/posthoc"], ["--model.init_checkpoint=gone.ckpt"], "--model.init_checkpoint gone.ckpt"),
         # a typo in a choice: refused, listing the choices, before the encoder loads
         (["quickstart"], ["--model.weighting=metaa"], "--model.weighting='metaa' is not one of ['aux_only', 'equal'"),
+        # fit resumes a latest state, which `best` is not
+        (["quickstart"], ["--ckpt_path=best"], "tartan fit resumes a run from its latest state: --ckpt_path last"),
+        # Lightning would refuse a second early stopping on the same metric in a traceback
+        (["quickstart"], ["--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor=val/f1_macro"],
+         "tartan stops early on the dev metric already (its `early_stopping` callback): set --early_stopping.patience"),
     ],
 )
 def test_mistakes_fail_before_anything_loads(configs, options, message, tmp_path, monkeypatch, capsys):
@@ -788,8 +794,15 @@ def test_a_checkpoint_path_of_another_method_or_none_at_all_is_one_line(tiny_enc
     torch.save({"hyper_parameters": dict(tapt.hparams), "state_dict": tapt.state_dict()}, checkpoint)
     args = [f"--config={CONFIGS / 'quickstart.yaml'}", f"--model.encoder_name_or_path={tiny_encoder}"]
     args += [f"--data.data_dir={data_root / 'citation_intent'}", f"--trainer.default_root_dir={tmp_path}"]
+    # the same method with another learning rate: the resumed model would train at the checkpoint's
+    meta = TartanModule(tiny_encoder, num_labels=6, weighting="meta", aux_objectives=["tapt"],
+                        accumulate_grad_batches=2, encoder_lr=1e-3)
+    other_rate = tmp_path / "meta.ckpt"
+    torch.save({"hyper_parameters": dict(meta.hparams), "state_dict": meta.state_dict()}, other_rate)
     for subcommand, ckpt_path, message in (
         ("fit", checkpoint, f"--ckpt_path {checkpoint} was trained with --model.weighting aux_only, not meta"),
+        ("fit", other_rate, f"--ckpt_path {other_rate} resumes its run with that run's model options, not "
+                            "--model.encoder_lr 0.0001 (the checkpoint's: 0.001): resume without changing them"),
         ("fit", tmp_path / "lst.ckpt", f"--ckpt_path {tmp_path / 'lst.ckpt'}: no such checkpoint file"),
         ("test", "bst", "--ckpt_path bst: no such checkpoint file (nor one of best, last, hpc)"),
     ):
@@ -797,6 +810,27 @@ def test_a_checkpoint_path_of_another_method_or_none_at_all_is_one_line(tiny_enc
             tartan_cli([subcommand, *args, f"--ckpt_path={ckpt_path}"])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err.splitlines()[-1]
     assert not list(tmp_path.rglob("metrics.csv"))  # nothing ran
+
+
+def test_a_checkpoint_cut_off_while_being_written_is_one_line_naming_the_others(tiny_encoder, data_root, tmp_path,
+                                                                                capsys):
+    """A job killed while writing a checkpoint leaves a file torch cannot read: the command names it and the
+    checkpoints beside it, whether given by path or found as a run's `last.ckpt` (`--ckpt_path best` reads it)."""
+    folder = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    folder.mkdir(parents=True)
+    module = TartanModule(tiny_encoder, num_labels=6, weighting="meta", aux_objectives=["tapt"])
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, folder / "best.ckpt")
+    whole = (folder / "best.ckpt").read_bytes()
+    (folder / "last.ckpt").write_bytes(whole[: len(whole) // 2])
+    args = [f"--config={CONFIGS / 'quickstart.yaml'}", f"--model.encoder_name_or_path={tiny_encoder}",
+            f"--data.data_dir={data_root / 'citation_intent'}", f"--trainer.default_root_dir={tmp_path}"]
+    for subcommand, ckpt_path in (("test", folder / "last.ckpt"), ("test", "best"), ("fit", "last")):
+        with pytest.raises(SystemExit) as exit_info:
+            tartan_cli([subcommand, *args, f"--ckpt_path={ckpt_path}"])
+        error = capsys.readouterr().err.splitlines()[-1]
+        assert exit_info.value.code == 2
+        assert f"--ckpt_path {folder / 'last.ckpt'}: the file is not a readable checkpoint (" in error
+        assert error.endswith("Give another checkpoint's path; beside it: best.ckpt")
 
 
 @pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
