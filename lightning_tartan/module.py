@@ -19,7 +19,6 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from huggingface_hub import HfApi
-from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.strategies import ParallelStrategy
 from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.trainer.states import TrainerFn
@@ -467,6 +466,8 @@ class TartanModule(pl.LightningModule):
                 losses[name].append(loss.detach())
             self.weighting.end_micro_batch()
 
+        for group in optimizer.param_groups:  # the rates this step trains with, in the same row as its losses
+            self.log(f"train/lr/{group['name']}", torch.tensor(group["lr"], dtype=torch.float64))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -507,8 +508,7 @@ class TartanModule(pl.LightningModule):
         ]
         optimizer = torch.optim.AdamW(groups, betas=tuple(hp.adam_betas), eps=hp.adam_eps, **self._adamw_kernels())
         scheduler = LambdaLR(optimizer, lr_factors(hp.lr_schedule, hp.warmup_ratio, self.num_optimizer_steps))
-        # the name prefixes the learning rates `LearningRateMonitor` logs: train/lr/encoder, train/lr/head, ...
-        schedule = {"scheduler": scheduler, "interval": "step", "name": "train/lr"}
+        schedule = {"scheduler": scheduler, "interval": "step"}
         return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     def _adamw_kernels(self) -> dict[str, Optional[bool]]:
@@ -518,12 +518,6 @@ class TartanModule(pl.LightningModule):
         if fused is None:
             fused = self.trainer.strategy.root_device.type == "cuda"
         return {"fused": True, "foreach": None} if fused else {"fused": None, "foreach": True}
-
-    def configure_callbacks(self) -> list[pl.Callback]:
-        """Learning rates go to the run's loggers once per optimizer step, wherever the module is trained, unless the
-        trainer has a `LearningRateMonitor` of its own (Lightning would replace that one with this)."""
-        own = any(isinstance(callback, LearningRateMonitor) for callback in self.trainer.callbacks)
-        return [LearningRateMonitor(logging_interval="step")] if self.trainer.loggers and not own else []
 
     def num_optimizer_steps(self) -> int:
         """Optimizer steps in the whole fit; `Trainer.max_steps` counts optimizer steps in manual optimization."""
@@ -663,10 +657,10 @@ class TartanModule(pl.LightningModule):
         metrics: Optional[Mapping[str, float]] = None,
         task: Optional[str] = None,
         push_to_hub: Optional[str] = None,
-    ) -> None:
+    ) -> Path:
         """Write a standard HF model folder (`AutoModelForSequenceClassification`), its tokenizer and a model card
         (README.md: task, labels, method, task weights, `metrics`), and upload that folder to the Hub repo
-        `push_to_hub` (created if missing) when one is given."""
+        `push_to_hub` (created if missing) when one is given. Returns the folder, for `pipeline(model=...)`."""
         names = self.hparams.label_names or [str(i) for i in range(self.hparams.num_labels)]
         self._save_with_tokenizer(classification_model(self.encoder, self.end_task_head, names), path, self.max_length)
         card = end_task_model_card(
@@ -683,6 +677,7 @@ class TartanModule(pl.LightningModule):
             api = HfApi()
             api.create_repo(push_to_hub, exist_ok=True)
             api.upload_folder(repo_id=push_to_hub, folder_path=str(path), commit_message="Upload end-task classifier")
+        return Path(path)
 
     def save_mlm_model(self, path: str | Path) -> None:
         """Write encoder + MLM head as an HF masked-LM folder: the input of a later fine-tuning run (TAPT/DAPT)."""

@@ -1,5 +1,6 @@
 """Core behaviour of TartanModule: gradients, weights, updates, precision, DDP, resume, export."""
 import copy
+import csv
 import inspect
 import json
 import math
@@ -707,18 +708,25 @@ def test_predictions_name_classes_as_strings_and_as_written(tiny_encoder, tmp_pa
     assert ("négatif" in text) == (label_names is not None)
 
 
-def test_a_learning_rate_monitor_of_ones_own_is_kept(tiny_encoder, tmp_path):
-    """The module adds a LearningRateMonitor for the loggers; a trainer's own (with its options) stays in its place."""
+def test_learning_rates_are_logged_with_each_steps_losses_beside_a_monitor_of_ones_own(tiny_encoder, tmp_path):
+    """Any logger gets each optimizer step's learning rates in the row of its losses (one row per step in
+    metrics.csv); a trainer's own LearningRateMonitor logs beside them under its own names."""
     from pytorch_lightning.callbacks import LearningRateMonitor
     from pytorch_lightning.loggers import CSVLogger
 
-    own = LearningRateMonitor(logging_interval="step", log_momentum=True)
+    own = LearningRateMonitor(logging_interval="step")
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=1, logger=CSVLogger(tmp_path), callbacks=[own], enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu", max_steps=2, logger=CSVLogger(tmp_path), callbacks=[own], enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
     )
-    trainer.fit(make_module(tiny_encoder), train_dataloaders=loader(make_batches(1)))
-    assert [callback for callback in trainer.callbacks if isinstance(callback, LearningRateMonitor)] == [own]
+    module = make_module(tiny_encoder, lr_schedule="constant", warmup_ratio=0.0)
+    trainer.fit(module, train_dataloaders=loader(make_batches(2)))
+    rows = list(csv.DictReader((Path(trainer.logger.log_dir) / "metrics.csv").open()))
+    ours = [row for row in rows if row["train/lr/encoder"]]
+    assert [int(row["step"]) for row in ours] == [0, 1]
+    assert all(float(row["train/lr/encoder"]) == module.hparams.encoder_lr for row in ours)
+    assert all(float(row["train/lr/head"]) == module.hparams.head_lr and row["train/loss_end_task"] for row in ours)
+    assert any(row.get("lr-AdamW/encoder") for row in rows)
 
 
 def test_a_batch_without_a_source_the_step_reads_names_it(tiny_encoder):
