@@ -23,7 +23,7 @@ def end_task_model_card(
     metrics: Optional[Mapping[str, float]] = None,
     task: Optional[str] = None,
 ) -> ModelCard:
-    """A card naming the task, labels, method, final task weights and the metrics the caller measured.
+    """A card naming the task, labels, method, the model's task weights and the metrics the caller measured.
 
     `encoder` is recorded as the Hub's `base_model` unless it is a local folder, which the Hub could not link to and
     which the card names by its folder's name alone: a card pushed to the Hub shows no path of the machine.
@@ -52,7 +52,7 @@ def end_task_model_card(
         "## Training objectives",
         "",
         f"Auxiliary masked-LM objectives trained: {', '.join(f'`{name}`' for name in aux_objectives) or 'none'}.",
-        "Task weights at the end of training:",
+        "Task weights of this model (those of the checkpoint exported, e.g. the best on dev):",
         "",
         "| objective | weight |",
         "| --- | ---: |",

@@ -344,8 +344,8 @@ def test_a_tokenizer_that_pads_on_the_left_trains_and_exports_padding_on_the_rig
     batch = collate([dm.tokenizer("short"), dm.tokenizer("a longer text than that")])
     assert batch["attention_mask"].tolist()[0] == [1, 1, 1, 0, 0, 0, 0]
     model = TartanModule.from_datamodule(dm, encoder_name_or_path=encoder, weighting="none")
-    model.save_end_task_model(tmp_path / "export")
-    assert AutoTokenizer.from_pretrained(tmp_path / "export").padding_side == "right"
+    exported = model.save_end_task_model(tmp_path / "export")
+    assert AutoTokenizer.from_pretrained(exported).padding_side == "right"
 
 
 def test_a_tokenizer_without_a_pad_token_is_refused_before_tokenizing(build, tiny_encoder, tmp_path):
