@@ -16,7 +16,9 @@ folder holds a record, a rerun with others is refused rather than mixed into the
 
 Each finished (task, method, seed) is one JSON record under `<out>/records/`; the tables (`runs.json`,
 `results.json`, `results.md`, `results.png` in `--results`, by default `<out>/results`) are rebuilt from all
-records at the end of every run, an interrupted one included.
+records at the end of every run, an interrupted one included. `--aggregate-only` rebuilds them without running
+anything: from the records, or, where `<out>` holds none (a published table such as docs/results), from the
+`runs.json` already in `--results`, which holds every record.
 """
 from __future__ import annotations
 
@@ -848,7 +850,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="run folders and records (default: runs/<profile name>)")
     parser.add_argument("--results", type=Path,
                         help="where the tables go (default: <out>/results; the published ones are in docs/results)")
-    parser.add_argument("--aggregate-only", action="store_true", help="rebuild the tables from existing records")
+    parser.add_argument("--aggregate-only", action="store_true",
+                        help="rebuild the tables from existing records (or from --results' runs.json)")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
@@ -915,12 +918,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         tabulate(out, results)  # what finished before the interrupt
         raise
-    return 1 if tabulate(out, results) == 0 or failed else 0
+    return 1 if tabulate(out, results, args.aggregate_only) == 0 or failed else 0
 
 
-def tabulate(out: Path, results: Path) -> int:
-    """The tables rebuilt from every record under `out`; the number of records."""
+def tabulate(out: Path, results: Path, from_published: bool = False) -> int:
+    """The tables rebuilt from every record under `out` (with `from_published`, where there is none, from the
+    `runs.json` in `results`); the number of records."""
     records = load_records(out)
+    published = results / "runs.json"
+    if not records and from_published and published.is_file():
+        records = sorted(read_json(published), key=lambda r: (r["task"], method_rank(r["method"]), r["seed"]))
+        print(f"no records under {out / 'records'}: rebuilding from {published}")
     if not records:
         print(f"no records under {out / 'records'}: nothing to tabulate")
         return 0

@@ -195,6 +195,20 @@ def test_smoke_grid_end_to_end(tiny_encoder, data_root, cache_dir, tmp_path):
     assert {path.name for path in results.iterdir()} == {"runs.json", "results.json", "results.md", "results.png"}
 
 
+def test_the_published_tables_rebuild_from_their_runs_json(tmp_path):
+    """docs/results ships the records as runs.json: `--aggregate-only` rebuilds its tables from them alone."""
+    published = REPO / "docs" / "results"
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copy(published / "runs.json", results)
+    tables = run_script("--profile", str(REPO / "reproduce" / "profiles" / "cpu.yaml"), "--aggregate-only",
+                        "--out", str(tmp_path / "no_records"), "--results", str(results))
+    assert tables.returncode == 0, tables.stdout[-4000:] + tables.stderr[-4000:]
+    assert f"rebuilding from {results / 'runs.json'}" in tables.stdout
+    for name in ("results.json", "results.md"):
+        assert (results / name).read_text() == (published / name).read_text()
+
+
 def test_an_interrupted_grid_tabulates_what_finished_into_its_own_folder(tmp_path, monkeypatch):
     """Ctrl-C still rebuilds the tables from the records written so far, and by default they go beside the runs,
     never over the published ones in docs/results."""
