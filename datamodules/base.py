@@ -592,8 +592,8 @@ class EndTaskDataModule(LightningDataModule):
         limit = self.tokenizer.model_max_length
         if limit < min(self.max_length, NO_MODEL_MAX_LENGTH):
             rank_zero_warn(
-                f"max_length={self.max_length} is longer than the tokenizer's model_max_length={limit} (the encoder's "
-                f"positions): truncating to {limit}; set `max_length` to {limit} or less to silence this"
+                f"max_length={self.max_length} is longer than the tokenizer's model_max_length={limit}: truncating to "
+                f"{limit}; set `max_length` to {limit} or less to silence this"
             )
             self.max_length = limit
 

@@ -235,7 +235,10 @@ def check_inputs_fit_encoder(
     """
     rows = encoder.get_input_embeddings().num_embeddings
     size = len(tokenizer)
-    choose = "name the encoder's own tokenizer with --model.tokenizer_name_or_path (TartanModule's and the data's)"
+    choose = (
+        "name the encoder's own tokenizer with `tokenizer_name_or_path` (TartanModule's and the data module's; "
+        "`tartan`: --model.tokenizer_name_or_path)"
+    )
     if size > rows:
         raise EncoderInputMismatch(
             f"the tokenizer {tokenizer_name_or_path!r} has {size} tokens but the encoder's embedding table has "
@@ -251,7 +254,8 @@ def check_inputs_fit_encoder(
     if max_length is not None and limit is not None and max_length > limit:
         raise EncoderInputMismatch(
             f"max_length={max_length} is longer than the {limit} positions of the encoder (max_position_embeddings="
-            f"{encoder.config.max_position_embeddings}): set --data.init_args.max_length {limit} or less"
+            f"{encoder.config.max_position_embeddings}): set the data module's `max_length` (`tartan`: "
+            f"--data.init_args.max_length) to {limit} or less"
         )
 
 

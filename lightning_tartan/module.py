@@ -30,7 +30,12 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoTokenizer, PreTrainedModel
 
 from lightning_tartan.attention_masks import READY_MASK_ARCHITECTURES, encoder_mask, mark_padding, takes_ready_masks
-from lightning_tartan.batch_checks import check_evaluation_batch, check_training_sources, checked_source
+from lightning_tartan.batch_checks import (
+    BatchFormatError,
+    check_evaluation_batch,
+    check_training_sources,
+    checked_source,
+)
 from lightning_tartan.export import check_exportable, classification_model, masked_lm_model
 from lightning_tartan.heads import (
     ClassificationHead,
@@ -107,6 +112,13 @@ class CheckpointMismatch(ValueError):
 
 class TartanModule(pl.LightningModule):
     """Multi-task an end task with auxiliary masked-LM objectives, with fixed or meta-learned task weights.
+
+    From a data module of one's own, a training batch maps each source to a dict of tensors padded on the right:
+    ``{"end_task": {input_ids, attention_mask, labels (class ids)}, <aux objective>: {input_ids, attention_mask,
+    labels (masked tokens' ids, -100 elsewhere)}, "meta_dev": ..., "meta_dev_grad": ...}`` (the two dev samples for
+    META-TARTAN only; with `accumulate_grad_batches=k`, each source maps to a list of k such dicts); evaluation
+    batches are one such dict, labels optional to predict. `transformers`' `DataCollatorWithPadding` and
+    `DataCollatorForLanguageModeling` build them; the README's "Your own task" has the details.
 
     Args:
         encoder_name_or_path: any masked-LM checkpoint the HF Auto classes load (hub name or folder).
@@ -447,10 +459,11 @@ class TartanModule(pl.LightningModule):
         accumulate = self.hparams.accumulate_grad_batches
         steps = micro_batches(batch)
         if len(steps) > accumulate or (len(steps) < accumulate and not self.trainer.is_last_batch):
-            raise ValueError(
+            raise BatchFormatError(
                 f"a training batch holds {len(steps)} micro-batches but accumulate_grad_batches={accumulate}: the data "
-                "module must group that many micro-batches per batch (EndTaskDataModule's accumulate_grad_batches, "
-                "which `tartan` links from --model.accumulate_grad_batches)"
+                "module must group that many micro-batches per batch, each source mapping to a list of them "
+                "(EndTaskDataModule's accumulate_grad_batches, which `tartan` links from "
+                "--model.accumulate_grad_batches)"
             )
         weights = checked_weights(self.weighting)
         active = self.weighting.active

@@ -1044,7 +1044,8 @@ def test_a_training_batch_is_one_optimizer_step_of_its_micro_batches(tiny_encode
 
 def test_micro_batches_that_do_not_match_the_accumulation_fail_naming_both_options(tiny_encoder):
     module = make_module(tiny_encoder, weighting="equal", accumulate_grad_batches=2)
-    with pytest.raises(ValueError, match="holds 1 micro-batches but accumulate_grad_batches=2"):
+    with pytest.raises(BatchFormatError, match="holds 1 micro-batches but accumulate_grad_batches=2: .* each source "
+                                               "mapping to a list of them"):
         pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False).fit(
             module, train_dataloaders=loader(make_batches(2))
         )
