@@ -554,6 +554,7 @@ class EndTaskDataModule(LightningDataModule):
         if stage == "predict" and "predict" not in self.splits:
             self.splits["predict"] = self._tokenize_predict_inputs()
         if stage in ("fit", None):
+            self._report_repeated_texts()
             self._run_seed = None  # a new fit follows the seed set now (a resumed checkpoint restores its own)
             self._derive_tapt_corpus()  # for a setup without prepare_data
             for name, corpus in self.aux_corpora.items():
@@ -585,6 +586,31 @@ class EndTaskDataModule(LightningDataModule):
                 "classifier reads each row's first token"
             )
             tokenizer.padding_side = "right"
+
+    def _report_repeated_texts(self) -> None:
+        """Say, in a line each, which training texts carry two labels and which dev and test examples repeat a
+        training text (their scores then measure memory more than generalisation); nothing is dropped. ACL-ARC's
+        published splits have both."""
+        train = self._split("train")
+        labels: dict[tuple, set[str]] = {}
+        for example in train.examples:
+            labels.setdefault((example.text, example.text_pair), set()).add(example.label)
+        conflicting = [
+            example.line for example in train.examples if len(labels[example.text, example.text_pair]) > 1
+        ]
+        if conflicting:
+            rank_zero_info(
+                f"{train.source.name}: {_count(conflicting, 'example')} ({train.source.lines(conflicting)}) share their "
+                "text with an example of another label"
+            )
+        for split in ("dev", "test") if self.has_test_split else ("dev",):
+            read = self._split(split)
+            repeated = [example.line for example in read.examples if (example.text, example.text_pair) in labels]
+            if repeated:
+                rank_zero_info(
+                    f"{read.source.name}: {len(repeated)} of {_count(read.examples, 'example')} "
+                    f"({read.source.lines(repeated)}) repeat a text of the train split"
+                )
 
     def _fit_max_length_to_the_tokenizer(self) -> None:
         """Truncate to the tokenizer's `model_max_length` when it is shorter than `max_length` (the default 512 with

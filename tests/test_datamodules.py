@@ -644,6 +644,22 @@ def test_each_rank_resumes_its_own_shard_from_rank_zeros_loader_states(make, dat
     assert all(same_batches(next(batches)[0], batch) for batch in expected)
 
 
+def test_repeated_texts_are_reported_and_kept(make, tmp_path, caplog):
+    """A text under two labels in train, and dev texts seen in training (ACL-ARC's published splits have both):
+    said in a line each, since dev and test scores on them measure memory; nothing is dropped."""
+    train = [{"text": "same words", "label": "a"}, {"text": "same words", "label": "b"}]
+    train += [{"text": f"other {i}", "label": "ab"[i % 2]} for i in range(4)]
+    dev = [{"text": "other 1", "label": "b"}, {"text": "new text", "label": "a"}]
+    folder = write_task(tmp_path / "task", train=train, dev=dev, test=[{"text": "fresh", "label": "a"}])
+    dm = make(data_dir=folder, aux_corpora={})
+    with caplog.at_level(logging.INFO):
+        dm.setup("fit")
+    assert "train.jsonl: 2 examples (lines 1, 2) share their text with an example of another label" in caplog.text
+    assert "dev.jsonl: 1 of 2 examples (line 1) repeat a text of the train split" in caplog.text
+    assert not any("test.jsonl" in line and "repeat" in line for line in caplog.text.splitlines())
+    assert (len(dm.splits["train"]), len(dm.splits["dev"])) == (6, 2)
+
+
 def test_resume_under_another_num_workers_keeps_the_checkpoints(make, tmp_path, caplog):
     """A loader's saved position only loads into as many workers as it had; batches do not depend on the number."""
     folder = small_task(tmp_path)
