@@ -74,11 +74,31 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._fitting:
-            super().load_state_dict(state_dict)
+            super().load_state_dict(self._moved(state_dict))
         else:
             # validating, testing or predicting with a checkpoint writes none: its record of the run's checkpoints
             # goes unused, and Lightning would warn that this new run's folder is not the trained run's
             self.best_model_path = state_dict["best_model_path"]
+
+    def _moved(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The saved state with its paths in this folder, when a fit resumes from this folder's checkpoint but the
+        state names another: the run's folder was moved (or copied) since, and its best dev checkpoint, score and
+        top-k files moved with it. (Lightning would forget them, and a worse score would become the best.)"""
+        saved = state.get("dirpath")
+        if self.resume_from is None or saved is None or not self.dirpath:
+            return state
+        here = os.path.realpath(self.dirpath)
+        if saved == self.dirpath or os.path.dirname(os.path.realpath(self.resume_from)) != here:
+            return state
+
+        def moved(path: Any) -> Any:
+            return os.path.join(self.dirpath, os.path.basename(path)) if isinstance(path, str) and path else path
+
+        state = dict(state, dirpath=self.dirpath)
+        for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+            state[key] = moved(state.get(key))
+        state["best_k_models"] = {moved(path): score for path, score in (state.get("best_k_models") or {}).items()}
+        return state
 
     def save_latest(self, trainer: pl.Trainer) -> None:
         """Write `last.ckpt` whole or not at all (in a local folder, written beside it, then renamed): a job killed

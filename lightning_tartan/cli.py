@@ -385,7 +385,7 @@ class TartanCLI(LightningCLI):
             rank_zero_info(f"Resuming from {last}")
             config.ckpt_path = str(last)
             return
-        chosen = _best_checkpoint(self.read_checkpoint(last)) if which == "best" else last
+        chosen = _best_checkpoint(self.read_checkpoint(last), last.parent) if which == "best" else last
         if chosen is None:
             self.parser.error(f"--ckpt_path best: {last} records no best dev checkpoint that still exists")
         rank_zero_info(f"Loading {chosen}")
@@ -528,12 +528,17 @@ def _dotted(config: dict, key: str) -> Any:
     return config
 
 
-def _best_checkpoint(last: dict[str, Any]) -> Optional[Path]:
-    """The best dev checkpoint that the run's checkpoint callback recorded in `last.ckpt`, if it still exists."""
+def _best_checkpoint(last: dict[str, Any], folder: Path) -> Optional[Path]:
+    """The best dev checkpoint that the run's checkpoint callback recorded in `last.ckpt`, if it still exists: where
+    it was written, or in `folder`, the one `last.ckpt` is in (the run's folder was moved since)."""
     callbacks = last.get("callbacks", {})
-    recorded = [state.get("best_model_path") for state in callbacks.values() if isinstance(state, dict)]
-    best = [Path(path) for path in recorded if path and Path(path).is_file()]
-    return best[0] if best else None
+    recorded = [
+        Path(state["best_model_path"])
+        for state in callbacks.values()
+        if isinstance(state, dict) and state.get("best_model_path")
+    ]
+    found = [path for written in recorded for path in (written, folder / written.name) if path.is_file()]
+    return found[0] if found else None
 
 
 def _log_root(trainer: Namespace) -> Path:

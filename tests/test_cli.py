@@ -469,6 +469,28 @@ def test_ckpt_path_last_from_the_working_directory_keeps_the_best_dev_score(
     assert resumed.trainer.checkpoint_callback.best_model_score == best
 
 
+def test_a_moved_run_folder_resumes_with_its_best_dev_score_and_tests_its_best_checkpoint(
+    tiny_encoder, data_root, cache_dir, tmp_path, monkeypatch
+):
+    """A run folder moved (or copied to another machine) before it resumes: its checkpoints record the old paths."""
+    common = [*acl_arc_baseline(tiny_encoder, data_root, cache_dir), "--trainer.limit_val_batches=2"]
+    steps = ["--trainer.max_steps=2", "--trainer.val_check_interval=2"]
+    (tmp_path / "first").mkdir()
+    monkeypatch.chdir(tmp_path / "first")
+    first = tartan_cli(["fit", *common, *steps]).trainer.checkpoint_callback
+    best = Path(first.best_model_path).name
+    shutil.move(tmp_path / "first", tmp_path / "moved")
+    monkeypatch.chdir(tmp_path / "moved")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="The dirpath has changed")  # Lightning's: the best would be lost
+        resumed = tartan_cli(["fit", *common, *steps, "--ckpt_path=last"]).trainer.checkpoint_callback
+    assert resumed.best_model_score == first.best_model_score
+    moved_best = tmp_path / "moved" / "lightning_logs" / "version_0" / "checkpoints" / best
+    assert Path(resumed.best_model_path).resolve() == moved_best
+    tested = tartan_cli(["test", "--config", "lightning_logs/version_0/config.yaml", "--ckpt_path=best"])
+    assert Path(tested.trainer.ckpt_path).resolve() == moved_best
+
+
 @pytest.mark.long
 def test_predict_labels_a_users_own_file(tiny_encoder, data_root, cache_dir, tmp_path, monkeypatch):
     """`--data.predict_file` labels texts of the user's own, a `.txt` (one per line) or JSON lines without labels,
