@@ -307,8 +307,9 @@ class TartanCLI(LightningCLI):
         """A resumed fit trains with its checkpoint's model options and learning rates, whatever the command says:
         LightningCLI builds the model from a checkpoint file's options, and the optimizer's saved state holds the
         rates. Refuse a command that asks for others, rather than record them in the run's config.yaml and train
-        without them."""
-        options = self.read_checkpoint(Path(config.ckpt_path)).get("hyper_parameters", {})
+        without them; and one that names other data (`--ckpt_path last` finds only runs of the same data)."""
+        saved = self.read_checkpoint(Path(config.ckpt_path))
+        options = saved.get("hyper_parameters", {})
         task = task_name(config.data)
         changed = []
         for key, asked in self.asked_model.as_dict().items():
@@ -316,9 +317,17 @@ class TartanCLI(LightningCLI):
                 asked = asked.replace(TASK, task)
             if asked is not None and key in options and _plain(options[key]) != _plain(asked):
                 changed.append(f"--model.{key} {asked} (the checkpoint's: {options[key]})")
+        # the data: its loaders' saved positions would be restored into another dataset's
+        data, asked_data = saved.get("datamodule_hyper_parameters", {}), getattr(config.data, "init_args", Namespace())
+        for key in ("data_dir", "dataset", "dataset_config", "train_file", "aux_corpora"):
+            theirs, mine = data.get(key), _plain(getattr(asked_data, key, None))
+            if key == "data_dir":
+                theirs, mine = (None if value is None else str(Path(value).resolve()) for value in (theirs, mine))
+            if key in data and _plain(theirs) != mine:
+                changed.append(f"--data.init_args.{key} {mine} (the checkpoint's: {theirs})")
         if changed:
             self.parser.error(
-                f"--ckpt_path {config.ckpt_path} resumes its run with that run's model options, not "
+                f"--ckpt_path {config.ckpt_path} resumes its run with that run's options, not "
                 f"{'; '.join(changed)}: resume without changing them, or start a new run from its weights with "
                 f"--model.init_checkpoint {config.ckpt_path}"
             )

@@ -821,10 +821,17 @@ def test_a_checkpoint_path_of_another_method_or_none_at_all_is_one_line(tiny_enc
                         accumulate_grad_batches=2, encoder_lr=1e-3)
     other_rate = tmp_path / "meta.ckpt"
     torch.save({"hyper_parameters": dict(meta.hparams), "state_dict": meta.state_dict()}, other_rate)
+    # the same model trained on other data: its loaders' positions would be restored into this data's
+    other_data = tmp_path / "other_data.ckpt"
+    options = dict(meta.hparams, encoder_lr=1e-4)
+    elsewhere = {"data_dir": str(tmp_path / "elsewhere"), "aux_corpora": {"tapt": "train.txt"}}
+    torch.save({"hyper_parameters": options, "datamodule_hyper_parameters": elsewhere}, other_data)
     for subcommand, ckpt_path, message in (
         ("fit", checkpoint, f"--ckpt_path {checkpoint} was trained with --model.weighting aux_only, not meta"),
-        ("fit", other_rate, f"--ckpt_path {other_rate} resumes its run with that run's model options, not "
+        ("fit", other_rate, f"--ckpt_path {other_rate} resumes its run with that run's options, not "
                             "--model.encoder_lr 0.0001 (the checkpoint's: 0.001): resume without changing them"),
+        ("fit", other_data, f"not --data.init_args.data_dir {data_root / 'citation_intent'} (the checkpoint's: "
+                            f"{tmp_path / 'elsewhere'}): resume"),
         ("fit", tmp_path / "lst.ckpt", f"--ckpt_path {tmp_path / 'lst.ckpt'}: no such checkpoint file"),
         ("test", "bst", "--ckpt_path bst: no such checkpoint file (nor one of best, last, hpc)"),
     ):
