@@ -600,8 +600,8 @@ class EndTaskDataModule(LightningDataModule):
         ]
         if conflicting:
             rank_zero_info(
-                f"{train.source.name}: {_count(conflicting, 'example')} ({train.source.lines(conflicting)}) share their "
-                "text with an example of another label"
+                f"{train.source.name}: {_count(conflicting, 'example')} ({train.source.lines(conflicting)}) share "
+                "their text with an example of another label"
             )
         for split in ("dev", "test") if self.has_test_split else ("dev",):
             read = self._split(split)

@@ -295,10 +295,11 @@ def _example(
     elif isinstance(label, int):
         label = str(label)  # class ids as labels: their names are the numbers
     if not isinstance(label, str) or not label:
-        task = {float: f" ({ONE_CLASS_PER_EXAMPLE}: no regression)", list: f" ({ONE_CLASS_PER_EXAMPLE}: no multi-label)"}
+        task = {float: "regression", list: "multi-label"}
+        unsupported = f" ({ONE_CLASS_PER_EXAMPLE}: no {task[type(label)]})" if type(label) in task else ""
         raise DataFormatError(
             f"{where}: {fields.label!r} must be a non-empty string, an integer or a boolean, got "
-            f"{_show(label)}{task.get(type(label), '')}"
+            f"{_show(label)}{unsupported}"
         )
     if numbers_as_text and _DECIMAL.fullmatch(label.strip()):
         raise DataFormatError(

@@ -775,8 +775,8 @@ MALFORMED_BATCHES = {
                                "batch source 'tapt': 'attention_mask' has shape (4, 11), not that of 'input_ids', "
                                "(4, 12)"),
     "left padding": (lambda b: b["end_task"]["attention_mask"][1, :3].zero_(),
-                     "batch source 'end_task': rows [1] start with padding (attention_mask 0 at their first token): pad "
-                     "on the right"),
+                     "batch source 'end_task': rows [1] start with padding (attention_mask 0 at their first token): "
+                     "pad on the right"),
     "ids past the vocabulary": (lambda b: b["meta_dev"]["input_ids"].__setitem__((0, 1), 40000),
                                 "batch source 'meta_dev' holds token ids outside 0..30521, the encoder's vocabulary"),
     "rows past the positions": (
