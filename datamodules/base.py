@@ -245,8 +245,9 @@ class EndTaskDataModule(LightningDataModule):
         for option, value in {"dev_file": dev_file, "dev_split": dev_split}.items():
             if value is None:
                 raise ValueError(
-                    f"`{option}` is required: the dev split selects checkpoints and stops training early (and "
-                    "META-TARTAN draws its dev samples from it); hold out part of the training data as one"
+                    f"`{option}` (--data.init_args.{option}) is required: the dev split selects checkpoints and stops "
+                    "training early (and META-TARTAN draws its dev samples from it); hold out part of the training "
+                    "data as one"
                 )
         train_file, dev_file = str(train_file), str(dev_file)
         test_file = None if test_file is None else str(test_file)
@@ -374,7 +375,7 @@ class EndTaskDataModule(LightningDataModule):
 
     def _no_test_split(self, purpose: str) -> str:
         option = "test_file" if self.dataset is None else "test_split"
-        return f"the task has no test split {purpose} (`{option}` is None)"
+        return f"the task has no test split {purpose} (`{option}` is None: --data.init_args.{option} null)"
 
     @property
     def aux_names(self) -> list[str]:
@@ -418,7 +419,10 @@ class EndTaskDataModule(LightningDataModule):
         if missing and not self.urls:  # one's own task: nothing to download
             split, file = next(iter(missing.items()))
             path = self._path(file)
-            raise MissingDataFile(f"{path} does not exist (check `data_dir` and `{split}_file`){_other_formats(path)}")
+            no_test = "; a task without a test split sets `test_file` to null" if split == "test" else ""
+            raise MissingDataFile(
+                f"{path} does not exist (check `data_dir` and `{split}_file`){_other_formats(path)}{no_test}"
+            )
         if missing and len(missing) < len(self.files):
             split, file = next(iter(missing.items()))
             raise MissingDataFile(
@@ -578,7 +582,7 @@ class EndTaskDataModule(LightningDataModule):
             raise EncoderInputMismatch(
                 f"the tokenizer {name!r} has no mask token, which the masked-LM objectives on aux_corpora "
                 f"{list(self.aux_corpora)} need: use a masked-LM encoder's tokenizer, or fine-tune without corpora "
-                "(aux_corpora={} and weighting 'none')"
+                "(aux_corpora={} and weighting 'none': --data.init_args.aux_corpora '{}' --model.weighting none)"
             )
         if tokenizer.padding_side != "right":
             rank_zero_info(
@@ -664,7 +668,7 @@ class EndTaskDataModule(LightningDataModule):
         """What ``tartan predict`` labels and its examples: ``predict_file``, or else the test split."""
         if self.predict_file is None:
             if not self.has_test_split:
-                raise DataFormatError(self._no_test_split("to label: set `predict_file` to the texts to label"))
+                raise DataFormatError(self._no_test_split("to label: set `predict_file` (--data.predict_file)"))
             read = self._split("test")
             return read.source, read.examples
         path = self._predict_path()

@@ -174,7 +174,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         self._stop_signal = signum
         what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         rank_zero_info(
-            f"\n{what}: stopping at the end of this optimizer step and writing last.ckpt (Ctrl-C again to abort)"
+            f"\n{what}: stopping at the end of this optimizer step and writing last.ckpt ({what} again aborts)"
         )
 
     def _replace_signal_handlers(self) -> None:

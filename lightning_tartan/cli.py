@@ -33,6 +33,7 @@ from lightning_tartan.heads import EncoderInputMismatch
 from lightning_tartan.module import (
     DATAMODULE_OPTIONS,
     MONITOR_METRICS,
+    RUN_OPTIONS,
     CheckpointMismatch,
     TartanModule,
     weighting_class,
@@ -201,13 +202,19 @@ class TartanCLI(LightningCLI):
         """A checkpoint file's contents, its tensors left on disk until read; one line naming the file when it cannot
         be read (a job killed while writing it, say), and the other checkpoints beside it."""
         try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:
+                if "mmap" not in str(err):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)  # torch's format before 1.6
         except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
             others = sorted(other.name for other in path.parent.glob("*.ckpt") if other.name != path.name)
             beside = f"; beside it: {', '.join(others)}" if others else ""
+            reason = str(err).splitlines()[0].split(". ")[0]  # torch adds paragraphs of advice on re-saving
             self.parser.error(
-                f"--ckpt_path {path}: the file is not a readable checkpoint ({str(err).splitlines()[0]}); was it cut "
-                f"off while being written? Give another checkpoint's path{beside}"
+                f"--ckpt_path {path}: the file is not a readable checkpoint ({reason}); was it cut off while being "
+                f"written? Give another checkpoint's path{beside}"
             )
 
     def after_instantiate_classes(self) -> None:
@@ -302,17 +309,22 @@ class TartanCLI(LightningCLI):
             self._find_run_checkpoint(config)
         if self.subcommand == "fit" and config.ckpt_path and Path(config.ckpt_path).is_file():
             self._check_resumed_options(config)
+            rank_zero_info(f"Resuming from {config.ckpt_path}")
 
     def _check_resumed_options(self, config: Namespace) -> None:
         """A resumed fit trains with its checkpoint's model options and learning rates, whatever the command says:
         LightningCLI builds the model from a checkpoint file's options, and the optimizer's saved state holds the
         rates. Refuse a command that asks for others, rather than record them in the run's config.yaml and train
-        without them; and one that names other data (`--ckpt_path last` finds only runs of the same data)."""
+        without them; and one that names other data (`--ckpt_path last` finds only runs of the same data). How the
+        steps run (`RUN_OPTIONS`: kernels, compilation, packing, checkpointing) follows the command."""
         saved = self.read_checkpoint(Path(config.ckpt_path))
         options = saved.get("hyper_parameters", {})
         task = task_name(config.data)
         changed = []
         for key, asked in self.asked_model.as_dict().items():
+            if key in RUN_OPTIONS:
+                setattr(config.model, key, asked)  # how the resumed steps run is the command's to say
+                continue
             if isinstance(asked, str):
                 asked = asked.replace(TASK, task)
             if asked is not None and key in options and _plain(options[key]) != _plain(asked):
@@ -384,14 +396,15 @@ class TartanCLI(LightningCLI):
         same_run = [path for path, differ in differences.items() if not differ]
         if not same_run:
             newest = max(existing, key=lambda path: path.stat().st_mtime)
+            run = newest.parent.parent
+            what = f"resume it with --config {run / 'config.yaml'}" if self.subcommand == "fit" else "give its checkpoint file"
             self.parser.error(
-                f"--ckpt_path {which}: no earlier run of this task and method at {searched}; the newest, "
-                f"{newest.parent.parent}, differs in {'; '.join(differences[newest])} (give its checkpoint's path)"
+                f"--ckpt_path {which}: no earlier run of this task and method at {searched}; the newest, {run}, "
+                f"differs in {'; '.join(differences[newest])} ({what})"
             )
         last = max(same_run, key=lambda path: path.stat().st_mtime)
         if self.subcommand == "fit":
             config.checkpoint.dirpath = str(last.parent)
-            rank_zero_info(f"Resuming from {last}")
             config.ckpt_path = str(last)
             return
         chosen = _best_checkpoint(self.read_checkpoint(last), last.parent) if which == "best" else last

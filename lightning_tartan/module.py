@@ -76,6 +76,18 @@ DATAMODULE_OPTIONS = {
     "tokenizer_name_or_path": "tokenizer_name_or_path",
     "accumulate_grad_batches": "accumulate_grad_batches",
 }
+#: options that change how a step runs (its speed and memory), not what it computes beyond rounding: a resumed run
+#: takes them from its command, not from its checkpoint (`tartan fit --ckpt_path`)
+RUN_OPTIONS = (
+    "sparse_mlm",
+    "dev_head_on_cached_features",
+    "per_task_grad_copies",
+    "attn_implementation",
+    "compile_encoder",
+    "fused_optimizer",
+    "pack_sequences",
+    "gradient_checkpointing",
+)
 #: the `weighting` option's names; any other strategy is given by its class's import path (`weighting_class`)
 WEIGHTINGS: dict[str, type[Weighting]] = {
     "none": NoWeighting,

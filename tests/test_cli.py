@@ -467,6 +467,12 @@ def test_ckpt_path_last_from_the_working_directory_keeps_the_best_dev_score(
         ["fit", *common, "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--ckpt_path=last"]
     )
     assert resumed.trainer.checkpoint_callback.best_model_score == best
+    # how the steps run is the resuming command's to say, given a checkpoint file too (LightningCLI would build the
+    # model with the checkpoint's options)
+    last = resumed.trainer.checkpoint_callback.last_checkpoint_path
+    faster = tartan_cli(["fit", *common, "--trainer.max_steps=2", f"--ckpt_path={last}",
+                         "--model.gradient_checkpointing=true", "--model.fused_optimizer=false"])
+    assert faster.model.hparams.gradient_checkpointing and faster.model.hparams.fused_optimizer is False
 
 
 def test_a_moved_run_folder_resumes_with_its_best_dev_score_and_tests_its_best_checkpoint(

@@ -372,7 +372,9 @@ def test_a_task_without_a_test_split_trains_and_says_what_test_and_predict_need(
     """Many own tasks have train and dev only; the dev split is what no task can do without."""
     options = csv_task_options(tmp_path / "task")
     (tmp_path / "task" / "test.csv").unlink()
-    with pytest.raises(ValueError, match=re.escape("`dev_file` is required: the dev split selects checkpoints")):
+    with pytest.raises(DataFormatError, match=re.escape("a task without a test split sets `test_file` to null")):
+        build(**options).prepare_data()
+    with pytest.raises(ValueError, match=re.escape("`dev_file` (--data.init_args.dev_file) is required: the dev split")):
         build(**{**options, "dev_file": None})
     dm = build(**{**options, "test_file": None}, aux_corpora={})
     model = TartanModule.from_datamodule(dm, encoder_name_or_path=tiny_encoder, weighting="none")
@@ -380,7 +382,7 @@ def test_a_task_without_a_test_split_trains_and_says_what_test_and_predict_need(
                          enable_model_summary=False, val_check_interval=2)
     trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 2 and "val/f1_macro" in trainer.callback_metrics
-    with pytest.raises(DataFormatError, match=re.escape("the task has no test split to test on (`test_file` is None)")):
+    with pytest.raises(DataFormatError, match=re.escape("the task has no test split to test on (`test_file` is None")):
         trainer.test(model, datamodule=dm)
     with pytest.raises(DataFormatError, match=re.escape("no test split to label: set `predict_file`")):
         trainer.predict(model, datamodule=dm)
