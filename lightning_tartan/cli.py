@@ -296,6 +296,7 @@ class TartanCLI(LightningCLI):
             init_args = getattr(logger, "init_args", None)
             if isinstance(getattr(init_args, "save_dir", None), str):  # a logger's own --trainer.logger.save_dir too
                 init_args.save_dir = str(Path(init_args.save_dir).resolve())
+        self._log_beside_a_moved_run(config, loggers)
         # The model records the tokenizer the data (linked at parse time) tokenizes with; the run's config.yaml
         # keeps the option as given (`after_instantiate_classes`), so that reused with another encoder it takes
         # that encoder's tokenizer.
@@ -343,6 +344,26 @@ class TartanCLI(LightningCLI):
                 f"{'; '.join(changed)}: resume without changing them, or start a new run from its weights with "
                 f"--model.init_checkpoint {config.ckpt_path}"
             )
+
+    def _log_beside_a_moved_run(self, config: Namespace, loggers: list[Any]) -> None:
+        """A run's `config.yaml` records where it logged; given from a run folder moved (or copied) since, the new
+        logs go beside it, not back into the folder it was moved from."""
+        for given in config.get("config") or []:
+            run_config = Path(str(given)).resolve()
+            run = run_config.parent
+            if run_config.name != "config.yaml" or not (run / "checkpoints").is_dir():
+                continue
+            for logger in loggers:
+                init_args = getattr(logger, "init_args", None)
+                save_dir = getattr(init_args, "save_dir", None)
+                if not isinstance(save_dir, str):
+                    continue
+                logged = Path(save_dir) / (getattr(init_args, "name", "lightning_logs") or "")
+                if logged.resolve() != run.parent and not (logged / run.name / "config.yaml").is_file():
+                    rank_zero_info(f"{run} was logged under {logged}, which no longer holds it: logging beside it")
+                    init_args.save_dir, init_args.name = str(run.parent.parent), run.parent.name
+                    if config.trainer.default_root_dir == save_dir:
+                        config.trainer.default_root_dir = init_args.save_dir
 
     def _check_encoder(self, encoder: str, ckpt_path: Optional[str]) -> None:
         encoder = local_copy(encoder)

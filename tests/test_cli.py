@@ -495,6 +495,7 @@ def test_a_moved_run_folder_resumes_with_its_best_dev_score_and_tests_its_best_c
     assert Path(resumed.best_model_path).resolve() == moved_best
     tested = tartan_cli(["test", "--config", "lightning_logs/version_0/config.yaml", "--ckpt_path=best"])
     assert Path(tested.trainer.ckpt_path).resolve() == moved_best
+    assert not (tmp_path / "first").exists()  # its config.yaml names the old folder; the logs go beside the run
 
 
 @pytest.mark.long
