@@ -418,7 +418,9 @@ class TartanCLI(LightningCLI):
         if not same_run:
             newest = max(existing, key=lambda path: path.stat().st_mtime)
             run = newest.parent.parent
-            what = f"resume it with --config {run / 'config.yaml'}" if self.subcommand == "fit" else "give its checkpoint file"
+            what = "give its checkpoint file"
+            if self.subcommand == "fit":
+                what = f"resume it with --config {run / 'config.yaml'}"
             self.parser.error(
                 f"--ckpt_path {which}: no earlier run of this task and method at {searched}; the newest, {run}, "
                 f"differs in {'; '.join(differences[newest])} ({what})"
