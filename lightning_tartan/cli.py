@@ -269,8 +269,7 @@ class TartanCLI(LightningCLI):
                 error(
                     f"--ckpt_path {ckpt_path} was trained with --model.weighting {config.model.weighting}, not "
                     f"{self.asked_model.weighting}: resuming it would train its own method. Resume it with its own "
-                    "config, "
-                    f"or start from its weights with --model.init_checkpoint {ckpt_path}"
+                    f"config, or start from its weights with --model.init_checkpoint {ckpt_path}"
                 )
         if self.subcommand in ("validate", "test", "predict") and not ckpt_path and init_checkpoint is None:
             # the classifier head would be the untrained one the model starts with: scores and labels by chance
