@@ -134,11 +134,13 @@ class ResumableCheckpoint(ModelCheckpoint):
         self._stop_signal = None
         self._stopped_at = None
         self._saved_inside_epoch = False
+        if self.keep_last:
+            self._replace_signal_handler(signal.SIGINT)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        if self.keep_last:
-            self._replace_signal_handlers()
+        if self.keep_last:  # Lightning sets its own SIGTERM handler after fit starts, which this one replaces
+            self._replace_signal_handler(signal.SIGTERM)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_end(trainer, pl_module)
@@ -177,14 +179,13 @@ class ResumableCheckpoint(ModelCheckpoint):
             f"\n{what}: stopping at the end of this optimizer step and writing last.ckpt ({what} again aborts)"
         )
 
-    def _replace_signal_handlers(self) -> None:
-        """Called when training starts, after Lightning has set its own SIGTERM handler, which this one replaces
-        (Lightning's stops without a checkpoint, and exits with status 0)."""
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous_handlers[signum] = signal.signal(signum, self._request_stop)
-            except ValueError:  # not the main thread: the signals keep Lightning's own handling
-                return
+    def _replace_signal_handler(self, signum: int) -> None:
+        """Take `signum` as a request to stop; for SIGTERM, in place of Lightning's handler, which stops without a
+        checkpoint and exits with status 0."""
+        try:
+            self._previous_handlers[signum] = signal.signal(signum, self._request_stop)
+        except ValueError:  # not the main thread: the signal keeps Lightning's own handling
+            return
 
     def _restore_signal_handlers(self) -> None:
         for signum, handler in self._previous_handlers.items():
