@@ -31,7 +31,7 @@ import warnings
 from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, Optional, Sized, Union
+from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, Sized, Union
 from urllib.error import URLError
 
 import datasets
@@ -64,6 +64,7 @@ from datamodules.reading import (
     check_utf8,
     decode,
     is_empty,
+    label_key,
     label_order,
     names,
     read_file,
@@ -157,6 +158,7 @@ class EndTaskDataModule(LightningDataModule):
         text_field: str = "text",
         text_pair_field: Optional[str] = None,
         label_field: str = "label",
+        label_names: Optional[Sequence[str]] = None,
         monitor_metric: Optional[str] = None,
     ) -> None:
         """
@@ -208,7 +210,7 @@ class EndTaskDataModule(LightningDataModule):
                 by sampling noise only; every epoch still holds the same rows, and resuming stays exact. Off by
                 default, so the published results stand.
             mlm_probability: share of a document's tokens the MLM objective masks (of those, eight in ten become the
-                mask token, one a random token, one stays).
+                mask token, one a random token, one stays); a batch in which no token drew a mask gets one.
             include_meta_dev: build the two dev samples (META-TARTAN needs them; other methods ignore them).
                 `TartanModule` sets it from its weighting when it is fitted on this data module.
             num_workers: loader worker processes per source (0: load in the main process). Batches, masks included,
@@ -234,6 +236,10 @@ class EndTaskDataModule(LightningDataModule):
                 ``token_type_ids`` so BERT-style encoders tell the two segments apart. The TAPT corpus derived from
                 the training split has one line per example, the two texts joined by a space.
             label_field: the field holding the label.
+            label_names: the classes, index = class id, when they are known already: a trained model's, which
+                ``tartan validate``, ``test`` and ``predict`` take from ``--ckpt_path`` (so labeling new texts needs
+                no training data), or a class order of your own (a class the train split lacks included). Every
+                split's labels must be among them. ``None`` reads them from the train split.
             monitor_metric: the dev metric that selects checkpoints and stops early, one of
                 ``lightning_tartan.module.MONITOR_METRICS``; ``None`` uses the task's (macro-F1; accuracy for
                 ChemProt). ``tartan`` links it to the model and its callbacks.
@@ -256,9 +262,13 @@ class EndTaskDataModule(LightningDataModule):
         dataset = None if dataset is None else str(dataset)
         if aux_corpora is not None:
             aux_corpora = {str(name): _plain_corpus(str(name), corpus) for name, corpus in aux_corpora.items()}
+        if label_names is not None:
+            label_names = _checked_label_names(label_names)
         # Lightning's loggers merge these with the model's hyper-parameters, which must agree on every shared key: the
-        # model's monitor_metric is the resolved one, so a default (None) is left out here (it resolves alike on load)
-        self.save_hyperparameters(ignore=["monitor_metric"] if monitor_metric is None else [])
+        # model's monitor_metric and label_names are the resolved ones, so defaults (None) are left out here (they
+        # resolve alike on load)
+        unset = {"monitor_metric": monitor_metric, "label_names": label_names}
+        self.save_hyperparameters(ignore=[name for name, value in unset.items() if value is None])
         aux_corpora = dict(self.default_aux_corpora if aux_corpora is None else aux_corpora)
         max_length = self.default_max_length if max_length is None else max_length
         monitor_metric = self.default_monitor_metric if monitor_metric is None else monitor_metric
@@ -319,6 +329,7 @@ class EndTaskDataModule(LightningDataModule):
         self.dataset_config = dataset_config
         self.hub_splits = {"train": train_split, "dev": dev_split, **({"test": test_split} if test_split else {})}
         self.fields = Fields(text_field, text_pair_field, label_field)
+        self._given_label_names = label_names
         #: the fields of ``predict_file``
         self.predict_fields = self.fields
         if predict_text_field:
@@ -349,11 +360,13 @@ class EndTaskDataModule(LightningDataModule):
 
     @cached_property
     def label_names(self) -> list[str]:
-        """The classes; index = class id. The sorted train-split labels (integer labels sort as numbers, so labels
-        0..n-1 keep their ids), or the names of a ``ClassLabel`` label column, ids kept. Read once, before any
-        tokenisation."""
+        """The classes; index = class id. The ``label_names`` option, else the sorted train-split labels (integer
+        labels sort as numbers, so labels 0..n-1 keep their ids), or the names of a ``ClassLabel`` label column, ids
+        kept. Read once, before any tokenisation."""
+        if self._given_label_names is not None:
+            return list(self._given_label_names)
         if self.dataset is None and not self._path(self.files["train"]).exists():
-            self._fetch_splits()  # the model needs the classes before Lightning calls prepare_data
+            self._fetch_splits(["train"])  # the model needs the classes before Lightning calls prepare_data
         train = self._split("train")
         if train.class_names is not None:
             return list(train.class_names)
@@ -385,12 +398,25 @@ class EndTaskDataModule(LightningDataModule):
 
     def prepare_data(self) -> None:
         """Fetch missing files from the task's URLs (or download the Hub dataset and corpora) and derive a missing
-        TAPT corpus; no network call when every file is present."""
+        TAPT corpus; no network call when every file is present. Only a fit needs every split and the corpora: with
+        the classes known (``label_names``), validating, testing and predicting read only the split they score or
+        label, and predicting a ``predict_file`` no split at all."""
+        stage = self.trainer.state.fn.value if self.trainer is not None else "fit"
+        needed = {"fit": ["train", "dev", "test"], "validate": ["dev"], "test": ["test"], "predict": []}[stage]
+        if stage == "predict" and self.predict_file is None:
+            needed = ["test"]
+        if self._given_label_names is None:
+            needed = ["train", *needed]
+        labeled = self.files if self.dataset is None else self.hub_splits
+        needed = [split for split in dict.fromkeys(needed) if split in labeled]
         if self.dataset is None:
-            self._fetch_splits()
+            self._fetch_splits(needed)
         else:
-            for option, split in self.hub_splits.items():
-                self._load_hub(self.dataset, self.dataset_config, split, f"`{option}_split`", "`dataset`")
+            for split in needed:
+                name = self.hub_splits[split]
+                self._load_hub(self.dataset, self.dataset_config, name, f"`{split}_split`", "`dataset`")
+        if stage != "fit":
+            return
         self._derive_tapt_corpus()
         for name, corpus in self.aux_corpora.items():
             if isinstance(corpus, dict):
@@ -412,19 +438,24 @@ class EndTaskDataModule(LightningDataModule):
         # an absolute `file` replaces data_dir; without data_dir, a relative one is in the working directory
         return (self.data_dir or Path()) / Path(file).expanduser()
 
-    def _fetch_splits(self) -> None:
-        """Download the task's labeled splits into a folder that holds none of them. A folder with some is one's
-        own data (or an interrupted download), never completed with published splits."""
+    def _fetch_splits(self, needed: list[str]) -> None:
+        """When a `needed` split is missing, download all the task's labeled splits into a folder that holds none of
+        them. A folder with some is one's own data (or an interrupted download), never completed with published
+        splits."""
         missing = {split: file for split, file in self.files.items() if not self._path(file).exists()}
-        if missing and not self.urls:  # one's own task: nothing to download
-            split, file = next(iter(missing.items()))
-            path = self._path(file)
+        missing_needed = [split for split in needed if split in missing]
+        if not missing_needed:
+            return
+        if not self.urls:  # one's own task: nothing to download
+            split = missing_needed[0]
+            path = self._path(missing[split])
             no_test = "; a task without a test split sets `test_file` to null" if split == "test" else ""
             raise MissingDataFile(
                 f"{path} does not exist (check `data_dir` and `{split}_file`){_other_formats(path)}{no_test}"
             )
-        if missing and len(missing) < len(self.files):
-            split, file = next(iter(missing.items()))
+        if len(missing) < len(self.files):
+            split = missing_needed[0]
+            file = missing[split]
             raise MissingDataFile(
                 f"{self._path(file)} does not exist beside the other splits (check `{split}_file`); published splits "
                 "are downloaded only into a folder that holds none of them (delete the others to download them all)"
@@ -528,11 +559,11 @@ class EndTaskDataModule(LightningDataModule):
         return self._split(split).examples
 
     def _check_labels(self, split: str) -> None:
-        """Every label of `split` is a train label: read from the file alone, so a fit checks the test split before
+        """Every label of `split` is a class: read from the file alone, so a fit checks the test split before
         training rather than at ``tartan test``, after the whole fit."""
-        classes = set(self.label_names)  # the train split is read (and reported on) first
+        classes = self.label_names  # the train split is read (and reported on) first
         read = self._split(split)
-        check_known_labels(read.source, read.examples, classes)
+        check_known_labels(read.source, read.examples, classes, given=self._given_label_names is not None)
 
     # ---- tokenisation -------------------------------------------------------------------------------
 
@@ -545,9 +576,11 @@ class EndTaskDataModule(LightningDataModule):
         self._fit_max_length_to_the_tokenizer()
         if stage == "test" and not self.has_test_split:
             raise DataFormatError(self._no_test_split("to test on"))
-        checked = {"fit": ["dev", "test"], "validate": ["dev"], "test": ["test"], "predict": []}
+        checked = {"fit": ["train", "dev", "test"], "validate": ["dev"], "test": ["test"], "predict": []}
         needed = {"fit": ["train", "dev"], "validate": ["dev"], "test": ["test"], "predict": []}
-        for split in checked.get(stage, ["dev", "test"]):
+        for split in checked.get(stage, ["train", "dev", "test"]):
+            if split == "train" and self._given_label_names is None:
+                continue  # its labels are the classes
             if split != "test" or self.has_test_split:
                 self._check_labels(split)
         for split in needed.get(stage, ["train", "dev", "test"]):
@@ -686,7 +719,7 @@ class EndTaskDataModule(LightningDataModule):
         if not examples:
             raise DataFormatError(f"{path} holds no text to predict")
         if all(example.label is not None for example in examples):
-            check_known_labels(source, examples, set(self.label_names))
+            check_known_labels(source, examples, self.label_names, given=self._given_label_names is not None)
         return source, examples
 
     def _predict_path(self) -> Path:
@@ -968,6 +1001,18 @@ def _other_formats(path: Path) -> str:
         other.name for other in path.parent.glob(f"{path.stem}.*") if other.suffix.lower() in FILE_SUFFIXES
     ) if path.parent.is_dir() else []
     return f"; the folder has {names(found)}: name it with that option" if found else ""
+
+
+def _checked_label_names(label_names: Sequence[Any]) -> list[str]:
+    """The ``label_names`` option as strings, as labels are read; two or more, no two alike to a reader."""
+    if isinstance(label_names, str) or len(label_names) < 2:
+        raise ValueError(f"`label_names` must list two or more classes, got {label_names!r}")
+    classes = [str(name) for name in label_names]
+    keys = [label_key(name) for name in classes]
+    alike = sorted({name for name, key in zip(classes, keys) if keys.count(key) > 1})
+    if alike:
+        raise ValueError(f"`label_names` must name each class once, one way; {alike} are alike (case, spaces)")
+    return classes
 
 
 def _count(items: Sized, noun: str) -> str:

@@ -12,7 +12,7 @@ import unicodedata
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import datasets
 from datasets import Dataset, load_dataset
@@ -355,15 +355,25 @@ def check_distinct_labels(source: Source, examples: list[Example]) -> None:
             )
 
 
-def check_known_labels(source: Source, examples: list[Example], classes: set[str]) -> None:
-    keys = {label_key(label): label for label in classes}
+def check_known_labels(
+    source: Source, examples: list[Example], classes: Sequence[str], given: bool = False
+) -> None:
+    """Every example's label is one of `classes`: the train split's, or with `given` those of the `label_names`
+    option (a trained model's)."""
+    known, keys = set(classes), {label_key(label): label for label in classes}
     for example in examples:
-        if example.label not in classes:
-            similar = keys.get(label_key(example.label))
-            hint = f" (the train split has {similar!r}: write each class one way)" if similar else ""
-            raise DataFormatError(
-                f"{source.at(example.line)}: label {example.label!r} never occurs in the train split{hint}"
-            )
+        if example.label in known:
+            continue
+        similar = keys.get(label_key(example.label))
+        holder = "`label_names`" if given else "the train split"
+        if similar:
+            hint = f" ({holder} has {similar!r}: write each class one way)"
+        else:
+            hint = "" if given else "; a class no training example has is kept by listing every class in `label_names`"
+        what = f"never occurs in {holder}"
+        if given:
+            what = f"is not one of the model's classes {list(classes)} (`label_names`)"
+        raise DataFormatError(f"{source.at(example.line)}: label {example.label!r} {what}{hint}")
 
 
 def decode(line: bytes, path: Path, lineno: int) -> str:

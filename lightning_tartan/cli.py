@@ -307,6 +307,8 @@ class TartanCLI(LightningCLI):
         self._check_encoder(config.model.encoder_name_or_path, ckpt_path)
         if ckpt_path == "last" or (self.subcommand != "fit" and ckpt_path == "best"):
             self._find_run_checkpoint(config)
+        if self.subcommand in ("validate", "test", "predict") and config.ckpt_path and Path(config.ckpt_path).is_file():
+            self._classes_from_checkpoint(config)
         if self.subcommand == "fit" and config.ckpt_path and Path(config.ckpt_path).is_file():
             self._check_resumed_options(config)
             rank_zero_info(f"Resuming from {config.ckpt_path}")
@@ -343,6 +345,17 @@ class TartanCLI(LightningCLI):
                 f"{'; '.join(changed)}: resume without changing them, or start a new run from its weights with "
                 f"--model.init_checkpoint {config.ckpt_path}"
             )
+
+    def _classes_from_checkpoint(self, config: Namespace) -> None:
+        """Validate, test and predict with the checkpoint's classes (unless `--data.init_args.label_names` names
+        them): labeling new texts then needs no training data, and a split labeled with other classes is refused
+        naming its file and line."""
+        init_args = getattr(config.data, "init_args", None)
+        if not hasattr(init_args, "label_names") or init_args.label_names is not None:
+            return
+        saved = self.read_checkpoint(Path(config.ckpt_path)).get("hyper_parameters", {})
+        if saved.get("label_names"):
+            init_args.label_names = list(saved["label_names"])
 
     def _log_beside_a_moved_run(self, config: Namespace, loggers: list[Any]) -> None:
         """A run's `config.yaml` records where it logged; given from a run folder moved (or copied) since, the new
@@ -573,15 +586,15 @@ def _dotted(config: dict, key: str) -> Any:
 
 
 def _best_checkpoint(last: dict[str, Any], folder: Path) -> Optional[Path]:
-    """The best dev checkpoint that the run's checkpoint callback recorded in `last.ckpt`, if it still exists: where
-    it was written, or in `folder`, the one `last.ckpt` is in (the run's folder was moved since)."""
+    """The best dev checkpoint that the run's checkpoint callback recorded in `last.ckpt`, if it still exists: in
+    `folder`, the one `last.ckpt` is in (a run folder moved or copied since has its own), or where it was written."""
     callbacks = last.get("callbacks", {})
     recorded = [
         Path(state["best_model_path"])
         for state in callbacks.values()
         if isinstance(state, dict) and state.get("best_model_path")
     ]
-    found = [path for written in recorded for path in (written, folder / written.name) if path.is_file()]
+    found = [path for written in recorded for path in (folder / written.name, written) if path.is_file()]
     return found[0] if found else None
 
 

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM
 
 from datamodules import EndTaskDataModule
-from lightning_tartan import EncoderInputMismatch, PostHocSelection, TartanModule
+from lightning_tartan import CheckpointMismatch, EncoderInputMismatch, PostHocSelection, TartanModule
 from lightning_tartan.callbacks import ResumableProgressBar, TaskWeightPlot
 from lightning_tartan.cli import tartan_cli
 from lightning_tartan.export import ExportEncoder
@@ -114,9 +114,9 @@ def tartan_script() -> str:
     return script
 
 
-def run_tartan(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_tartan(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([tartan_script(), *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([tartan_script(), *args], capture_output=True, text=True, env=env, timeout=300, cwd=cwd)
 
 
 # ---- shipped configs -------------------------------------------------------------------------------------
@@ -425,6 +425,21 @@ def test_a_users_own_task_with_integer_labels_trains_from_the_shipped_config(tin
     rows = [json.loads(line) for line in next(tmp_path.glob("lightning_logs/*/predictions.jsonl")).open()]
     assert [row["gold"] for row in rows] == [str(i % 3) for i in range(8)]
 
+    # elsewhere, without the training data: the run's config and checkpoint label new texts by the model's classes
+    task.rename(tmp_path / "archived")
+    elsewhere = tmp_path / "laptop"
+    elsewhere.mkdir()
+    (elsewhere / "new.txt").write_text("a great review\na poor one\n")
+    run_config = tmp_path / "lightning_logs" / "version_0" / "config.yaml"
+    result = run_tartan(
+        "predict", f"--config={run_config}", "--ckpt_path=best", "--data.predict_file=new.txt",
+        "--predictions.output_file=labels.jsonl", cwd=elsewhere,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (elsewhere / "labels.jsonl").open()]
+    assert [row["line"] for row in rows] == [1, 2]
+    assert all(list(row["probabilities"]) == ["0", "1", "2"] for row in rows)
+
 
 def test_checkpoints_of_another_task_or_method_are_refused_in_one_line(
     tiny_encoder, data_root, cache_dir, tmp_path, monkeypatch
@@ -450,7 +465,13 @@ def test_checkpoints_of_another_task_or_method_are_refused_in_one_line(
     result = run_tartan("test", *common, f"--data.data_dir={renamed}", "--ckpt_path", best)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("tartan: error: the checkpoint was made with label_names=") and "ZBackground" in last
+    assert re.match(rf"tartan: error: {re.escape(str(renamed))}/test.jsonl:\d+: label 'ZBackground' is not one of the "
+                    r"model's classes \['Background', ", last), last
+    # the renamed data's own classes, named: the checkpoint's do not replace them, and it is refused
+    renamed_classes = json.dumps([*fit.datamodule.label_names[1:], "ZBackground"])
+    with pytest.raises(CheckpointMismatch, match="the checkpoint was made with label_names=.*ZBackground"):
+        tartan_cli(["test", *common, f"--data.data_dir={renamed}", "--ckpt_path", best,
+                    f"--data.init_args.label_names={renamed_classes}"])
 
 
 def test_ckpt_path_last_from_the_working_directory_keeps_the_best_dev_score(
@@ -485,6 +506,11 @@ def test_a_moved_run_folder_resumes_with_its_best_dev_score_and_tests_its_best_c
     monkeypatch.chdir(tmp_path / "first")
     first = tartan_cli(["fit", *common, *steps]).trainer.checkpoint_callback
     best = Path(first.best_model_path).name
+    # a copy tests its own checkpoint, not the one in the folder it was copied from (retrained since, say)
+    shutil.copytree(tmp_path / "first", tmp_path / "copy")
+    monkeypatch.chdir(tmp_path / "copy")
+    tested = tartan_cli(["test", "--config", "lightning_logs/version_0/config.yaml", "--ckpt_path=best"])
+    assert Path(tested.trainer.ckpt_path).resolve().is_relative_to(tmp_path / "copy")
     shutil.move(tmp_path / "first", tmp_path / "moved")
     monkeypatch.chdir(tmp_path / "moved")
     with warnings.catch_warnings():

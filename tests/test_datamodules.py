@@ -27,6 +27,7 @@ from datamodules import (
     HyperPartisanDataModule,
     SciERCDataModule,
 )
+from lightning_tartan import TartanModule
 
 REAL_TASKS = [
     # (class, folder, train / dev / test sizes, number of labels, monitored metric)
@@ -1072,3 +1073,48 @@ def test_integer_labels_keep_their_ids(make, tmp_path):
     assert dm.label_names == ["0", "1", "2", "10"]
     assert dm.splits["train"]["labels"] == [0, 1, 2, 3, 2, 1]
     assert dm.splits["test"]["labels"] == [2, 3, 2, 1]
+
+
+def test_label_names_given_fix_the_classes_and_check_every_split(make, tmp_path):
+    """`label_names` chosen by the user: their order is the class ids, a class no train example has is kept (the
+    model predicts it), and a train label outside them is refused naming its file and line."""
+    train = [{"text": f"example number {i}", "label": "ab"[i % 2]} for i in range(6)]
+    dev = [*train[:2], {"text": "a rare one", "label": "c"}]
+    folder = write_task(tmp_path / "task", train=train, dev=dev)
+    unlisted = ":3: label 'c' never occurs in the train split; a class no training example has is kept by listing"
+    with pytest.raises(DataFormatError, match=re.escape(unlisted)):
+        make(data_dir=folder, aux_corpora={}).setup("fit")
+    dm = make(data_dir=folder, aux_corpora={}, label_names=["b", "c", "a"])
+    dm.setup("fit")
+    assert dm.num_labels == 3 and dm.splits["train"]["labels"] == [2, 0, 2, 0, 2, 0]
+    assert dm.splits["dev"]["labels"] == [2, 0, 1]
+
+    refused = make(data_dir=folder, aux_corpora={}, label_names=["a", "c"])
+    with pytest.raises(DataFormatError, match=re.escape(f"{folder / 'train.jsonl'}:2: label 'b' is not one of the "
+                                                        "model's classes ['a', 'c'] (`label_names`)")):
+        refused.setup("fit")
+
+
+@pytest.mark.parametrize(("label_names", "message"), [
+    (["only"], "two or more classes"),
+    ("ab", "two or more classes"),
+    (["Positive", "positive "], "['Positive', 'positive '] are alike"),
+])
+def test_label_names_that_cannot_be_classes_are_refused(make, tmp_path, label_names, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make(data_dir=write_task(tmp_path / "task"), label_names=label_names)
+
+
+def test_predicting_new_texts_with_known_classes_reads_no_labeled_split(make, tmp_path, no_network):
+    """Labeling a file with a trained model's classes, on a machine without the task's data: nothing is read from
+    the (absent) splits and nothing is downloaded, even for a task whose splits are published."""
+    folder = tmp_path / "citation_intent"  # empty: the published splits would be downloaded into it
+    folder.mkdir()
+    (tmp_path / "new.txt").write_text("we use their parser\n\nas in prior work\n")
+    classes = ["Background", "CompareOrContrast", "Extends", "Future", "Motivation", "Uses"]
+    dm = make(CitationIntentDataModule, folder, predict_file=str(tmp_path / "new.txt"), label_names=classes)
+    model = TartanModule.from_datamodule(dm, encoder_name_or_path=dm.tokenizer_name_or_path, weighting="none")
+    trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    batches = trainer.predict(model, datamodule=dm)
+    assert [line for batch in batches for line in batch["line"].tolist()] == [1, 3] and not list(folder.iterdir())
+
