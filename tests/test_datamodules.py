@@ -1118,3 +1118,20 @@ def test_predicting_new_texts_with_known_classes_reads_no_labeled_split(make, tm
     batches = trainer.predict(model, datamodule=dm)
     assert [line for batch in batches for line in batch["line"].tolist()] == [1, 3] and not list(folder.iterdir())
 
+
+def test_every_mlm_batch_of_short_documents_masks_a_token(make, tmp_path):
+    """One-word documents, two per batch: about half the batches would draw no mask at 0.15 (and train nothing,
+    logging a loss of 0); each gets one masked token, with its id as the label."""
+    folder = write_task(tmp_path / "task", corpus="".join(f"word{i % 7}\n" for i in range(64)))
+    dm = make(data_dir=folder, aux_batch_size=2, include_meta_dev=False)
+    dm.setup("fit")
+    tokenizer = dm.tokenizer
+    originals = {tuple(tokenizer(f"word{i}")["input_ids"]) for i in range(7)}
+    batches = [batch["tapt"] for batch, _, _ in dm.train_dataloader()]
+    assert len(batches) == 32  # an epoch is one pass over the longest source, the corpus
+    for batch in batches:
+        masked = batch["labels"].ne(-100)
+        assert masked.any(dim=None)
+        restored = torch.where(masked, batch["labels"], batch["input_ids"])
+        rows = [tuple(row[mask].tolist()) for row, mask in zip(restored, batch["attention_mask"].bool())]
+        assert set(rows) <= originals
