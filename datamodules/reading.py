@@ -123,6 +123,7 @@ def _read_jsonl(path: Path, require_label: bool = True, fields: Fields = Fields(
     ``require_label``, a line may lack the label (its Example's label is None).
     """
     examples = []
+    first_of_kind: dict[str, tuple[int, Any]] = {}  # label kind -> its first line and label
     with path.open("rb") as lines:
         for lineno, raw in enumerate(lines, start=1):
             line = decode(raw, path, lineno)
@@ -143,9 +144,30 @@ def _read_jsonl(path: Path, require_label: bool = True, fields: Fields = Fields(
                         f"{path}:{lineno}: no {key!r} field (its fields: {names(record)}; see `{fields.option(key)}`)"
                     )
             examples.append(_example(record, f"{path}:{lineno}", lineno, fields, require_label))
+            kind = _label_kind(record.get(fields.label))
+            if kind:
+                first_of_kind.setdefault(kind, (lineno, record[fields.label]))
     if not examples:
         raise DataFormatError(f"{path} holds no examples")
+    if len(first_of_kind) > 1:
+        (kind, (line, label)), (other, (other_line, other_label)) = sorted(first_of_kind.items(), key=lambda k: k[1])
+        raise DataFormatError(
+            f"{path}: labels are {kind}s ({label!r} at line {line}) and {other}s ({other_label!r} at line "
+            f"{other_line}): each would be a class of its own; write every label as a class name, or every one as an "
+            "integer id"
+        )
     return examples
+
+
+def _label_kind(label: Any) -> Optional[str]:
+    """What a JSON label's type makes it: an integer id, a boolean or a class name. A string of digits (or "true",
+    "false") names the class its number (or boolean) does, so it has no kind of its own."""
+    if isinstance(label, bool):
+        return "boolean"
+    if isinstance(label, int):
+        return "integer"
+    digits = isinstance(label, str) and label.strip().lstrip("-").isdecimal()
+    return "name" if isinstance(label, str) and label and not digits and label not in ("true", "false") else None
 
 
 def _read_delimited(path: Path, tsv: bool, fields: Fields, require_label: bool) -> list[Example]:

@@ -1135,3 +1135,21 @@ def test_every_mlm_batch_of_short_documents_masks_a_token(make, tmp_path):
         restored = torch.where(masked, batch["labels"], batch["input_ids"])
         rows = [tuple(row[mask].tolist()) for row, mask in zip(restored, batch["attention_mask"].bool())]
         assert set(rows) <= originals
+
+
+@pytest.mark.parametrize(("labels", "message"), [
+    (["neg", "pos", 1, "neg"], "labels are names ('neg' at line 1) and integers (1 at line 3)"),
+    ([True, "maybe"], "labels are booleans (True at line 1) and names ('maybe' at line 2)"),
+])
+def test_labels_that_mix_names_and_numbers_in_one_file_are_refused(make, tmp_path, labels, message):
+    """A stray integer (or boolean) among class names would be a class of its own."""
+    train = [{"text": f"example number {i}", "label": label} for i, label in enumerate(labels)]
+    folder = write_task(tmp_path / "task", train=train)
+    with pytest.raises(DataFormatError, match=re.escape(f"{folder / 'train.jsonl'}: {message}")):
+        make(data_dir=folder).label_names
+
+
+def test_labels_written_as_numbers_and_as_their_digits_are_one_class(make, tmp_path):
+    train = [{"text": f"example number {i}", "label": label} for i, label in enumerate([0, "1", 1, "0"])]
+    folder = write_task(tmp_path / "task", train=train)
+    assert make(data_dir=folder).label_names == ["0", "1"]
