@@ -30,6 +30,9 @@ class ResumableCheckpoint(ModelCheckpoint):
     Lightning's handling, which stops without writing a checkpoint. `save_last=False` turns `last.ckpt` (and the
     signal handling) off.
 
+    A command that fails before its run logs anything (a data error, say) removes the run's empty log folder, so that
+    the next run takes its `version_<n>`.
+
     A fit resumed from a checkpoint in the callback's own folder (`resume_from`, which `tartan fit --ckpt_path last`
     sets) writes on into that folder without Lightning's warning that it is not empty: that is the point.
     """
@@ -149,6 +152,11 @@ class ResumableCheckpoint(ModelCheckpoint):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         super().on_exception(trainer, pl_module, exception)
         self._restore_signal_handlers()
+        if trainer.is_global_zero:  # a run that failed before it logged anything (bad data, say) leaves no folder
+            for logger in trainer.loggers:
+                folder = logger.log_dir
+                if folder and os.path.isdir(folder) and not os.listdir(folder):
+                    os.rmdir(folder)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._steps_before_batch = trainer.global_step

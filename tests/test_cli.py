@@ -738,6 +738,7 @@ def test_bad_data_file_is_one_line_naming_file_and_line(tiny_encoder, data_root,
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.splitlines()[-1].startswith(f"tartan: error: {folder / 'dev.jsonl'}:7: malformed JSON")
+    assert not list(tmp_path.glob("lightning_logs/version_*"))  # the next run is version_0, as the README says
 
 
 @pytest.mark.parametrize(
