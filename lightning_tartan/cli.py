@@ -253,8 +253,17 @@ class TartanCLI(LightningCLI):
                 "for validate, test and predict, or --model.init_checkpoint <its path> to start from its weights"
             )
         dev_metrics = [None, *map(dev_metric_key, MONITOR_METRICS)]
+        dev_keys = [*dev_metrics[1:], "val/loss"]
         for callback in callbacks:
             monitor = getattr(getattr(callback, "init_args", None), "monitor", None)
+            if isinstance(monitor, str) and monitor.startswith("val") and monitor not in dev_keys:
+                # Lightning would say so at the first dev evaluation, after training up to it
+                name = str(callback.class_path).rpartition(".")[2]
+                near = difflib.get_close_matches(monitor, dev_keys, n=1, cutoff=0.6)
+                error(
+                    f"{name}(monitor={monitor!r}) in --trainer.callbacks: the model logs no such key"
+                    f"{f' (did you mean {near[0]}?)' if near else ''}; its dev metrics are {', '.join(dev_keys)}"
+                )
             if str(getattr(callback, "class_path", "")).endswith(".EarlyStopping") and monitor in dev_metrics:
                 error(
                     "tartan stops early on the dev metric already (its `early_stopping` callback): set "

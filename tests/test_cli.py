@@ -725,6 +725,20 @@ def test_unreachable_hub_name_is_one_line(tmp_path):
     assert "--model.encoder_name_or_path nobody/no-such-encoder: neither a local folder nor reachable" in last_line
 
 
+def test_a_callback_monitoring_a_dev_metric_the_model_does_not_log_is_refused_before_training(tiny_encoder, tmp_path):
+    """Lightning would report it at the first dev evaluation, after training up to it."""
+    result = run_tartan(
+        "fit", f"--config={CONFIGS / 'quickstart.yaml'}", f"--model.encoder_name_or_path={tiny_encoder}",
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.callbacks+=ModelCheckpoint",
+        "--trainer.callbacks.monitor=val/f1",
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        "error: ModelCheckpoint(monitor='val/f1') in --trainer.callbacks: the model logs no such key (did you mean "
+        "val/f1_macro?); its dev metrics are val/f1_macro, val/accuracy, val/loss"
+    )
+
+
 def test_bad_data_file_is_one_line_naming_file_and_line(tiny_encoder, data_root, tmp_path):
     folder = tmp_path / "task"
     shutil.copytree(data_root / "citation_intent", folder, ignore=shutil.ignore_patterns("*.txt"))
