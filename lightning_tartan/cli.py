@@ -65,6 +65,13 @@ def needs_dev_samples(weighting: str) -> bool:
         return False  # the model refuses it, naming the option
 
 
+def encoder_moved(saved: Optional[str], asked: Optional[str]) -> bool:
+    """Whether `asked` names the new place of a run's encoder folder `saved`: that one is gone, this one exists."""
+    if not saved or not asked or saved == asked:
+        return False
+    return not Path(local_copy(saved)).exists() and not is_hub_model_id(saved) and Path(asked).is_dir()
+
+
 def is_hub_model_id(name: str) -> bool:
     """Whether `name` could name a Hugging Face Hub model (`name` or `namespace/name`), unlike a local path."""
     try:
@@ -305,6 +312,8 @@ class TartanCLI(LightningCLI):
             if isinstance(getattr(init_args, "save_dir", None), str):  # a logger's own --trainer.logger.save_dir too
                 init_args.save_dir = str(Path(init_args.save_dir).resolve())
         self._log_beside_a_moved_run(config, loggers)
+        if ckpt_path and Path(ckpt_path).is_file():
+            self._encoder_in_its_new_place(config)
         # The model records the tokenizer the data (linked at parse time) tokenizes with; the run's config.yaml
         # keeps the option as given (`after_instantiate_classes`), so that reused with another encoder it takes
         # that encoder's tokenizer.
@@ -338,6 +347,8 @@ class TartanCLI(LightningCLI):
                 continue
             if isinstance(asked, str):
                 asked = asked.replace(TASK, task)
+            if key == "encoder_name_or_path" and encoder_moved(options.get(key), asked):
+                continue  # the run's encoder folder, moved since
             if asked is not None and key in options and _plain(options[key]) != _plain(asked):
                 changed.append(f"--model.{key} {asked} (the checkpoint's: {options[key]})")
         # the data: its loaders' saved positions would be restored into another dataset's
@@ -354,6 +365,20 @@ class TartanCLI(LightningCLI):
                 f"{'; '.join(changed)}: resume without changing them, or start a new run from its weights with "
                 f"--model.init_checkpoint {config.ckpt_path}"
             )
+
+    def _encoder_in_its_new_place(self, config: Namespace) -> None:
+        """LightningCLI builds the model from a checkpoint file's options, over the command's: an encoder folder moved
+        since is taken from the command's `--model.encoder_name_or_path`, with its tokenizer when the run's tokenizer
+        was the encoder's. (The checkpoint's weights then replace the folder's.)"""
+        saved, asked = config.model.encoder_name_or_path, self.asked_model.encoder_name_or_path
+        if not encoder_moved(saved, asked):
+            return
+        if config.model.tokenizer_name_or_path in (None, saved):
+            config.model.tokenizer_name_or_path = self.asked_model.tokenizer_name_or_path
+            data = getattr(config.data, "init_args", None)  # linked from the checkpoint's options too
+            if getattr(data, "tokenizer_name_or_path", None) == saved:
+                data.tokenizer_name_or_path = the_tokenizer(asked, self.asked_model.tokenizer_name_or_path)
+        config.model.encoder_name_or_path = asked
 
     def _classes_from_checkpoint(self, config: Namespace) -> None:
         """Validate, test and predict with the checkpoint's classes (unless `--data.init_args.label_names` names
@@ -396,9 +421,9 @@ class TartanCLI(LightningCLI):
                 # run found by best/last must be trained from the encoder given
                 self.parser.error(
                     f"--model.encoder_name_or_path {encoder}: no such folder. It is the encoder the checkpoint "
-                    f"({ckpt_path}) was trained from, which `tartan` takes from the run: put the folder back, or "
-                    "load the checkpoint from Python with TartanModule.load_from_checkpoint(path, "
-                    "encoder_name_or_path=<folder>, tokenizer_name_or_path=<folder>)"
+                    f"({ckpt_path}) was trained from, which the model is built from before the checkpoint's weights "
+                    "load: put the folder back, or name its new place with --model.encoder_name_or_path <folder> "
+                    "(from Python: TartanModule.load_from_checkpoint(path, encoder_name_or_path=<folder>))"
                 )
             self.parser.error(
                 f"--model.encoder_name_or_path {encoder}: no such folder (a TAPT/DAPT export exists once its "
@@ -574,6 +599,8 @@ def _run_differences(config: Namespace, run_config: Path) -> list[str]:
         theirs, mine = _dotted(saved, key), _dotted(ours, key)
         if key.endswith("data_dir"):
             theirs, mine = (None if value is None else str(Path(value).resolve()) for value in (theirs, mine))
+        if key.endswith("encoder_name_or_path") and encoder_moved(theirs, mine):
+            continue
         if theirs != mine:
             differences.append(f"{key}: {theirs}, not {mine}")
     return differences

@@ -218,7 +218,8 @@ def unreachable(err: OSError) -> str:
     return (
         f"neither a local folder nor reachable on the Hugging Face Hub ({reason}). A checkpoint is rebuilt from the "
         "encoder and tokenizer it was trained from before its weights load: if their folder moved, name its new place, "
-        "TartanModule.load_from_checkpoint(path, encoder_name_or_path=<folder>, tokenizer_name_or_path=<folder>)"
+        "TartanModule.load_from_checkpoint(path, encoder_name_or_path=<folder>) (and tokenizer_name_or_path=<its "
+        "folder> if the run had a tokenizer of its own)"
     )
 
 

@@ -13,7 +13,7 @@ import os
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Literal, Mapping, Optional, Sequence
+from typing import IO, Any, Callable, ContextManager, Literal, Mapping, Optional, Sequence, Union
 
 import pytorch_lightning as pl
 import torch
@@ -279,6 +279,22 @@ class TartanModule(pl.LightningModule):
         self.max_length: Optional[int] = None
         if init_checkpoint is not None:
             self.load_weights(init_checkpoint)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Union[str, Path, IO], *args: Any, **kwargs: Any) -> "TartanModule":
+        """Lightning's `load_from_checkpoint`. The model is rebuilt from the encoder folder it was trained from before
+        its weights load: given that folder's new place (`encoder_name_or_path=<folder>`), a run whose tokenizer was
+        the encoder's takes it from there too."""
+        if "encoder_name_or_path" in kwargs and "tokenizer_name_or_path" not in kwargs:
+            if isinstance(checkpoint_path, (str, Path)) and Path(checkpoint_path).is_file():
+                try:  # only the options are read: the tensors stay on disk
+                    saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError:  # not a file mmap reads: Lightning's loading below says what it is
+                    saved = {}
+                options = saved.get("hyper_parameters", {})
+                if options and options.get("tokenizer_name_or_path") == options.get("encoder_name_or_path"):
+                    kwargs["tokenizer_name_or_path"] = kwargs["encoder_name_or_path"]
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     @classmethod
     def from_datamodule(cls, datamodule: pl.LightningDataModule, **options: Any) -> "TartanModule":

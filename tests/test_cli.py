@@ -1023,9 +1023,12 @@ def test_a_run_whose_encoder_folder_moved_says_how_to_load_it(tiny_encoder, data
     assert result.returncode == 2 and "Traceback" not in result.stderr
     last_line = result.stderr.splitlines()[-1]
     assert f"--model.encoder_name_or_path {encoder}: no such folder. It is the encoder the checkpoint" in last_line
-    assert "TartanModule.load_from_checkpoint(path, encoder_name_or_path=<folder>" in last_line
-    module = TartanModule.load_from_checkpoint(
-        run / "checkpoints" / "last.ckpt", encoder_name_or_path=str(moved), tokenizer_name_or_path=str(moved)
-    )
+    assert "name its new place with --model.encoder_name_or_path <folder>" in last_line
+    best = next((run / "checkpoints").glob("epoch=*.ckpt"))
+    for ckpt_path in ("best", best):  # from the run's config, or from the checkpoint file's options
+        result = run_tartan("test", f"--config={run / 'config.yaml'}", f"--ckpt_path={ckpt_path}",
+                            f"--model.encoder_name_or_path={moved}")
+        assert result.returncode == 0, result.stderr[-3000:]
+    module = TartanModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt", encoder_name_or_path=str(moved))
     module.save_end_task_model(tmp_path / "classifier")
     assert AutoTokenizer.from_pretrained(tmp_path / "classifier").model_max_length == 32

@@ -946,24 +946,38 @@ def test_encoder_given_as_path_keeps_checkpoints_loadable(tiny_encoder, tmp_path
 
 def test_a_checkpoint_whose_encoder_folder_moved_names_the_options_that_load_it(tiny_encoder, tmp_path):
     """From Python the checkpoint is rebuilt from the folder it was trained from: gone, the error names the option
-    and the call that loads it from the folder's new place; an export writes nothing until its tokenizer loads."""
+    and the call that loads it from the folder's new place, which is the tokenizer's too when the run's tokenizer
+    was the encoder's; an export writes nothing until its tokenizer loads."""
     encoder = shutil.copytree(tiny_encoder, tmp_path / "encoder")
     fit(make_module(str(encoder)), make_batches(1)).save_checkpoint(tmp_path / "run.ckpt")
     moved = encoder.rename(tmp_path / "moved")
     gone = re.escape(str(encoder))
     with pytest.raises(OSError, match=rf"^encoder_name_or_path='{gone}': neither a local folder") as err:
         TartanModule.load_from_checkpoint(tmp_path / "run.ckpt")
-    hint = "load_from_checkpoint(path, encoder_name_or_path=<folder>, tokenizer_name_or_path=<folder>)"
-    assert hint in str(err.value)
+    assert "load_from_checkpoint(path, encoder_name_or_path=<folder>)" in str(err.value)
+    # the run's tokenizer was the encoder's: it moved with it
     only_encoder = TartanModule.load_from_checkpoint(tmp_path / "run.ckpt", encoder_name_or_path=str(moved))
-    with pytest.raises(OSError, match=rf"^tokenizer_name_or_path='{gone}': neither a local folder"):
-        only_encoder.save_end_task_model(tmp_path / "classifier")
-    assert not (tmp_path / "classifier").exists()
-    both = TartanModule.load_from_checkpoint(
-        tmp_path / "run.ckpt", encoder_name_or_path=str(moved), tokenizer_name_or_path=str(moved)
+    assert only_encoder.hparams.tokenizer_name_or_path == str(moved)
+    only_encoder.save_end_task_model(tmp_path / "classifier")
+    # a tokenizer of its own stays where it was, and is named with the encoder when it moved too
+    fit(make_module(str(moved), tokenizer_name_or_path=tiny_encoder), make_batches(1)).save_checkpoint(
+        tmp_path / "own_tokenizer.ckpt"
     )
-    both.save_end_task_model(tmp_path / "classifier")
+    elsewhere = moved.rename(tmp_path / "elsewhere")
+    loaded = TartanModule.load_from_checkpoint(tmp_path / "own_tokenizer.ckpt", encoder_name_or_path=str(elsewhere))
+    assert loaded.hparams.tokenizer_name_or_path == tiny_encoder
+    both = TartanModule.load_from_checkpoint(
+        tmp_path / "run.ckpt", encoder_name_or_path=str(elsewhere), tokenizer_name_or_path=str(elsewhere)
+    )
+    both.save_end_task_model(tmp_path / "classifier2")
     assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "classifier").num_labels == 3
+    gone_tokenizer = TartanModule.load_from_checkpoint(
+        tmp_path / "own_tokenizer.ckpt", encoder_name_or_path=str(elsewhere), tokenizer_name_or_path=str(encoder)
+    )
+    with pytest.raises(OSError, match=rf"^tokenizer_name_or_path='{gone}': neither a local folder"):
+        gone_tokenizer.save_end_task_model(tmp_path / "not_written")
+    assert not (tmp_path / "not_written").exists()
+
 
 def without_head_tensors(tiny_encoder: str, folder: Path, dropped: str) -> str:
     """A copy of the tiny masked-LM checkpoint whose MLM-head tensors starting with `dropped` are removed."""
