@@ -374,7 +374,12 @@ class TartanModule(pl.LightningModule):
         are."""
         attached = self._trainer_attached()
         if not isinstance(batch, Mapping):
-            if attached and not self.trainer.training:
+            if attached and self.trainer.training:
+                raise BatchFormatError(
+                    f"a training batch maps each source (end_task, each MLM corpus, META-TARTAN's meta_dev and "
+                    f"meta_dev_grad) to its micro-batch or list of micro-batches; got a {type(batch).__name__}"
+                )
+            if attached:
                 check_evaluation_batch(batch)
             return batch
         batch = dict(batch)  # transformers' collators give a `BatchEncoding`, a mapping but no dict
@@ -465,6 +470,13 @@ class TartanModule(pl.LightningModule):
                 datamodule.include_meta_dev = self.weighting.needs_dev_samples
 
     def on_fit_start(self) -> None:
+        if self.trainer.gradient_clip_val is not None:
+            # Lightning refuses other values for manual optimization up front, and 0 in the middle of the first step
+            raise ValueError(
+                f"TartanModule optimizes manually and clips its gradients itself: set its max_grad_norm "
+                f"(--model.max_grad_norm) instead of Trainer(gradient_clip_val={self.trainer.gradient_clip_val}); "
+                "max_grad_norm=float('inf') does not clip"
+            )
         trains_mlm = any(name != END_TASK for name in self.weighting.active)
         # a checkpoint or init_checkpoint brings a trained head; with the encoder frozen (the head warm-up itself)
         # the random head's gradients reach no encoder weight
@@ -567,7 +579,12 @@ class TartanModule(pl.LightningModule):
         batches = self.trainer.estimated_stepping_batches
         if math.isinf(batches):
             raise ValueError("set Trainer max_steps or max_epochs: the LR schedule needs the run's length")
-        return max(1, int(batches))  # a training batch is one optimizer step
+        if batches < 1:  # Lightning's estimate for a training loader without a length: its max_steps, -1
+            raise ValueError(
+                "set Trainer max_steps: the LR schedule needs the run's length, which max_epochs cannot give with a "
+                "training loader of unknown length (an IterableDataset's, say)"
+            )
+        return int(batches)  # a training batch is one optimizer step
 
     # ----- evaluation ---------------------------------------------------------------------------------------
 
@@ -794,16 +811,16 @@ def micro_batches(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
     counts = {name: len(source) for name, source in batch.items() if grouped[name]}
     if not all(grouped.values()):
         single = sorted(name for name, is_list in grouped.items() if not is_list)
-        raise ValueError(
+        raise BatchFormatError(
             f"with gradient accumulation every source of a training batch is a list of micro-batches, but {single} "
             f"{'is' if len(single) == 1 else 'are'} a single one (the dev samples too: META-TARTAN reads one pair per "
             f"micro-batch); the others hold {counts}"
         )
     if len(set(counts.values())) != 1:
-        raise ValueError(
-            f"every source of a training batch needs the same number of micro-batches, got {counts}: a source whose "
-            "loader ran out and restarted (CombinedLoader's max_size_cycle) brings its short last batch mid-epoch; "
-            "give every source's DataLoader drop_last=True"
+        raise BatchFormatError(
+            f"every source of a training batch needs the same number of micro-batches, got {counts} (a source whose "
+            "loader ran out and restarted mid-step, in CombinedLoader's max_size_cycle, brings fewer: give every "
+            "source's DataLoader drop_last=True)"
         )
     return [{name: source[index] for name, source in batch.items()} for index in range(next(iter(counts.values())))]
 

@@ -1168,3 +1168,38 @@ def test_task_weights_live_on_the_models_device(tiny_encoder, weighting):
     weights = module.weighting.to("meta").weights()
     assert {weight.device.type for weight in weights.values()} == {"meta"}
     assert len(weights) == {"none": 1, "aux_only": 2}.get(weighting, 3)
+
+
+def test_trainer_options_a_manually_optimized_module_cannot_honour_are_refused_before_a_step(tiny_encoder):
+    """What a Lightning user types by habit, named with the module's option that does it instead."""
+    module = make_module(tiny_encoder)
+    with pytest.raises(ValueError, match=re.escape("set its max_grad_norm (--model.max_grad_norm) instead of Trainer(")):
+        fit(module, make_batches(1), gradient_clip_val=0)  # Lightning's "no clipping", refused mid-step otherwise
+    assert fit(module, make_batches(1), gradient_clip_val=None).global_step == 1
+
+
+def test_a_training_loader_without_a_length_needs_max_steps_for_the_schedule(tiny_encoder):
+    """Lightning's estimate of the run's length is -1 there: a linear schedule over one step trained at rate 0."""
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(make_batches(4))
+
+    stream = DataLoader(Stream(), batch_size=None)
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0)
+    with pytest.raises(ValueError, match=re.escape("set Trainer max_steps: the LR schedule needs the run's length")):
+        trainer.fit(make_module(tiny_encoder), train_dataloaders=stream)
+    trainer = pl.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0)
+    module = make_module(tiny_encoder)
+    before = params_of(module)
+    trainer.fit(module, train_dataloaders=stream)
+    assert trainer.global_step == 4 and not torch.equal(before["end_task_head.out_proj.weight"],
+                                                        module.end_task_head.out_proj.weight)
+
+
+def test_a_training_batch_that_is_not_a_mapping_of_sources_is_named(tiny_encoder):
+    batches = [tuple(batch.values()) for batch in make_batches(1)]
+    with pytest.raises(BatchFormatError, match=re.escape("a training batch maps each source (end_task, each MLM")):
+        fit(make_module(tiny_encoder), batches)
