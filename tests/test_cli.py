@@ -1029,6 +1029,10 @@ def test_a_run_whose_encoder_folder_moved_says_how_to_load_it(tiny_encoder, data
         result = run_tartan("test", f"--config={run / 'config.yaml'}", f"--ckpt_path={ckpt_path}",
                             f"--model.encoder_name_or_path={moved}")
         assert result.returncode == 0, result.stderr[-3000:]
+    resumed = run_tartan("fit", f"--config={run / 'config.yaml'}", "--ckpt_path=last", "--trainer.max_steps=3",
+                         f"--model.encoder_name_or_path={moved}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
     module = TartanModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt", encoder_name_or_path=str(moved))
     module.save_end_task_model(tmp_path / "classifier")
     assert AutoTokenizer.from_pretrained(tmp_path / "classifier").model_max_length == 32
