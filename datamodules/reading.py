@@ -166,8 +166,9 @@ def _label_kind(label: Any) -> Optional[str]:
         return "boolean"
     if isinstance(label, int):
         return "integer"
-    digits = isinstance(label, str) and label.strip().lstrip("-").isdecimal()
-    return "name" if isinstance(label, str) and label and not digits and label not in ("true", "false") else None
+    if not isinstance(label, str) or not label or label in ("true", "false"):
+        return None
+    return None if label.strip().lstrip("-").isdecimal() else "name"
 
 
 def _read_delimited(path: Path, tsv: bool, fields: Fields, require_label: bool) -> list[Example]:
