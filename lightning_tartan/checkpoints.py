@@ -16,6 +16,10 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info
 
 
+#: the file LightningCLI writes into a run's log folder when its command starts
+RUN_CONFIG = "config.yaml"
+
+
 class ResumableCheckpoint(ModelCheckpoint):
     """`ModelCheckpoint` (best dev checkpoints as configured) whose `last.ckpt` is the run's latest state.
 
@@ -30,8 +34,8 @@ class ResumableCheckpoint(ModelCheckpoint):
     Lightning's handling, which stops without writing a checkpoint. `save_last=False` turns `last.ckpt` (and the
     signal handling) off.
 
-    A command that fails before its run logs anything (a data error, say) removes the run's empty log folder, so that
-    the next run takes its `version_<n>`.
+    A command that fails before its run logs anything (a data error, a checkpoint of another task) removes the run's
+    log folder, empty but for LightningCLI's `config.yaml`, so that the next run takes its `version_<n>`.
 
     A fit resumed from a checkpoint in the callback's own folder (`resume_from`, which `tartan fit --ckpt_path last`
     sets) writes on into that folder without Lightning's warning that it is not empty: that is the point.
@@ -155,7 +159,9 @@ class ResumableCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:  # a run that failed before it logged anything (bad data, say) leaves no folder
             for logger in trainer.loggers:
                 folder = logger.log_dir
-                if folder and os.path.isdir(folder) and not os.listdir(folder):
+                if folder and os.path.isdir(folder) and set(os.listdir(folder)) <= {RUN_CONFIG}:
+                    if os.path.exists(os.path.join(folder, RUN_CONFIG)):
+                        os.remove(os.path.join(folder, RUN_CONFIG))
                     os.rmdir(folder)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:

@@ -65,8 +65,9 @@ def needs_dev_samples(weighting: str) -> bool:
         return False  # the model refuses it, naming the option
 
 
-def encoder_moved(saved: Optional[str], asked: Optional[str]) -> bool:
-    """Whether `asked` names the new place of a run's encoder folder `saved`: that one is gone, this one exists."""
+def folder_moved(saved: Optional[str], asked: Optional[str]) -> bool:
+    """Whether `asked` names the new place of a run's encoder (or tokenizer) folder `saved`: that one is gone, this
+    one exists."""
     if not saved or not asked or saved == asked:
         return False
     return not Path(local_copy(saved)).exists() and not is_hub_model_id(saved) and Path(asked).is_dir()
@@ -236,6 +237,11 @@ class TartanCLI(LightningCLI):
                 "TartanModule optimizes manually: set --model.accumulate_grad_batches instead of "
                 f"--trainer.accumulate_grad_batches (got {config.trainer.accumulate_grad_batches})"
             )
+        if config.trainer.gradient_clip_val is not None:
+            error(
+                "TartanModule optimizes manually and clips its gradients itself: set --model.max_grad_norm instead of "
+                f"--trainer.gradient_clip_val (got {config.trainer.gradient_clip_val}; max_grad_norm inf does not clip)"
+            )
         try:
             weighting_class(config.model.weighting)  # before the data is read: a typo is the error to report
         except ValueError as err:
@@ -313,7 +319,7 @@ class TartanCLI(LightningCLI):
                 init_args.save_dir = str(Path(init_args.save_dir).resolve())
         self._log_beside_a_moved_run(config, loggers)
         if ckpt_path and Path(ckpt_path).is_file():
-            self._encoder_in_its_new_place(config)
+            self._folders_in_their_new_place(config)
         # The model records the tokenizer the data (linked at parse time) tokenizes with; the run's config.yaml
         # keeps the option as given (`after_instantiate_classes`), so that reused with another encoder it takes
         # that encoder's tokenizer.
@@ -323,6 +329,7 @@ class TartanCLI(LightningCLI):
         )
         _fill_task(config)
         self._check_encoder(config.model.encoder_name_or_path, ckpt_path)
+        self._check_tokenizer(config.model.tokenizer_name_or_path, ckpt_path)
         if ckpt_path == "last" or (self.subcommand != "fit" and ckpt_path == "best"):
             self._find_run_checkpoint(config)
         if self.subcommand in ("validate", "test", "predict") and config.ckpt_path and Path(config.ckpt_path).is_file():
@@ -347,8 +354,8 @@ class TartanCLI(LightningCLI):
                 continue
             if isinstance(asked, str):
                 asked = asked.replace(TASK, task)
-            if key == "encoder_name_or_path" and encoder_moved(options.get(key), asked):
-                continue  # the run's encoder folder, moved since
+            if key in ("encoder_name_or_path", "tokenizer_name_or_path") and folder_moved(options.get(key), asked):
+                continue  # the run's folder, moved since
             if asked is not None and key in options and _plain(options[key]) != _plain(asked):
                 changed.append(f"--model.{key} {asked} (the checkpoint's: {options[key]})")
         # the data: its loaders' saved positions would be restored into another dataset's
@@ -366,19 +373,21 @@ class TartanCLI(LightningCLI):
                 f"--model.init_checkpoint {config.ckpt_path}"
             )
 
-    def _encoder_in_its_new_place(self, config: Namespace) -> None:
-        """LightningCLI builds the model from a checkpoint file's options, over the command's: an encoder folder moved
-        since is taken from the command's `--model.encoder_name_or_path`, with its tokenizer when the run's tokenizer
-        was the encoder's. (The checkpoint's weights then replace the folder's.)"""
-        saved, asked = config.model.encoder_name_or_path, self.asked_model.encoder_name_or_path
-        if not encoder_moved(saved, asked):
-            return
-        if config.model.tokenizer_name_or_path in (None, saved):
-            config.model.tokenizer_name_or_path = self.asked_model.tokenizer_name_or_path
-            data = getattr(config.data, "init_args", None)  # linked from the checkpoint's options too
-            if getattr(data, "tokenizer_name_or_path", None) == saved:
-                data.tokenizer_name_or_path = the_tokenizer(asked, self.asked_model.tokenizer_name_or_path)
-        config.model.encoder_name_or_path = asked
+    def _folders_in_their_new_place(self, config: Namespace) -> None:
+        """LightningCLI builds the model from a checkpoint file's options, over the command's: an encoder (or
+        tokenizer) folder moved since is taken from the command's `--model.encoder_name_or_path` (or
+        `--model.tokenizer_name_or_path`); a tokenizer that was the encoder's moves with it. (The checkpoint's weights
+        then replace the folder's.)"""
+        model, asked, data = config.model, self.asked_model, getattr(config.data, "init_args", None)
+        saved_encoder, saved_tokenizer = model.encoder_name_or_path, model.tokenizer_name_or_path
+        if folder_moved(saved_encoder, asked.encoder_name_or_path):
+            model.encoder_name_or_path = asked.encoder_name_or_path
+            if saved_tokenizer in (None, saved_encoder):
+                model.tokenizer_name_or_path = asked.tokenizer_name_or_path
+        if folder_moved(saved_tokenizer, asked.tokenizer_name_or_path):
+            model.tokenizer_name_or_path = asked.tokenizer_name_or_path
+        if getattr(data, "tokenizer_name_or_path", None) in (saved_encoder, saved_tokenizer):  # linked from them
+            data.tokenizer_name_or_path = the_tokenizer(model.encoder_name_or_path, model.tokenizer_name_or_path)
 
     def _classes_from_checkpoint(self, config: Namespace) -> None:
         """Validate, test and predict with the checkpoint's classes (unless `--data.init_args.label_names` names
@@ -437,6 +446,17 @@ class TartanCLI(LightningCLI):
                 f"--model.encoder_name_or_path {encoder}: neither a local folder nor reachable on the Hugging Face "
                 f"Hub ({reason})"
             )
+
+    def _check_tokenizer(self, tokenizer: str, ckpt_path: Optional[str]) -> None:
+        if Path(local_copy(tokenizer)).exists() or is_hub_model_id(tokenizer):
+            return  # a Hub name that cannot be reached fails as the encoder's would, when the data module loads it
+        trained = ""
+        if ckpt_path:
+            trained = (
+                f". It is the tokenizer the checkpoint ({ckpt_path}) was trained with: put the folder back, or name its "
+                "new place with --model.tokenizer_name_or_path <folder>"
+            )
+        self.parser.error(f"--model.tokenizer_name_or_path {tokenizer}: no such folder{trained}")
 
     def _find_run_checkpoint(self, config: Namespace) -> None:
         """`--ckpt_path last` (and, but for fit, `best`): the newest earlier run of this command's task and method,
@@ -599,7 +619,7 @@ def _run_differences(config: Namespace, run_config: Path) -> list[str]:
         theirs, mine = _dotted(saved, key), _dotted(ours, key)
         if key.endswith("data_dir"):
             theirs, mine = (None if value is None else str(Path(value).resolve()) for value in (theirs, mine))
-        if key.endswith("encoder_name_or_path") and encoder_moved(theirs, mine):
+        if key.endswith("encoder_name_or_path") and folder_moved(theirs, mine):
             continue
         if theirs != mine:
             differences.append(f"{key}: {theirs}, not {mine}")

@@ -472,6 +472,8 @@ def test_checkpoints_of_another_task_or_method_are_refused_in_one_line(
     with pytest.raises(CheckpointMismatch, match="the checkpoint was made with label_names=.*ZBackground"):
         tartan_cli(["test", *common, f"--data.data_dir={renamed}", "--ckpt_path", best,
                     f"--data.init_args.label_names={renamed_classes}"])
+    # the failed commands left no run folder behind (the second had written its config.yaml)
+    assert [folder.name for folder in (tmp_path / "lightning_logs").iterdir()] == ["version_0"]
 
 
 def test_ckpt_path_last_from_the_working_directory_keeps_the_best_dev_score(
@@ -761,6 +763,8 @@ def test_bad_data_file_is_one_line_naming_file_and_line(tiny_encoder, data_root,
         ("--data.batch_size=0", "`batch_size` must be >= 1, got 0"),
         ("--model.encoder_lr=0", "encoder_lr must be > 0"),
         ("--model.attn_implementation=flash_attention_2", "attn_implementation='flash_attention_2' for "),
+        ("--trainer.gradient_clip_val=1.0", "TartanModule optimizes manually and clips its gradients itself: set "
+                                            "--model.max_grad_norm instead"),
     ],
 )
 def test_bad_option_value_is_one_line_naming_it(tiny_encoder, data_root, tmp_path, option, message):
@@ -1025,10 +1029,16 @@ def test_a_run_whose_encoder_folder_moved_says_how_to_load_it(tiny_encoder, data
     assert f"--model.encoder_name_or_path {encoder}: no such folder. It is the encoder the checkpoint" in last_line
     assert "name its new place with --model.encoder_name_or_path <folder>" in last_line
     best = next((run / "checkpoints").glob("epoch=*.ckpt"))
-    for ckpt_path in ("best", best):  # from the run's config, or from the checkpoint file's options
+    # from the run's config, or from the checkpoint file's options; a tokenizer named on its own moves too
+    for ckpt_path, tokenizer in (("best", []), (best, []), (best, [f"--model.tokenizer_name_or_path={moved}"])):
         result = run_tartan("test", f"--config={run / 'config.yaml'}", f"--ckpt_path={ckpt_path}",
-                            f"--model.encoder_name_or_path={moved}")
+                            f"--model.encoder_name_or_path={moved}", *tokenizer)
         assert result.returncode == 0, result.stderr[-3000:]
+    result = run_tartan("test", f"--config={run / 'config.yaml'}", f"--ckpt_path={best}",
+                        f"--model.encoder_name_or_path={moved}", f"--model.tokenizer_name_or_path={encoder}")
+    assert result.returncode == 2 and result.stderr.splitlines()[-1].startswith(
+        f"error: --model.tokenizer_name_or_path {encoder}: no such folder. It is the tokenizer the checkpoint"
+    )
     resumed = run_tartan("fit", f"--config={run / 'config.yaml'}", "--ckpt_path=last", "--trainer.max_steps=3",
                          f"--model.encoder_name_or_path={moved}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
