@@ -573,9 +573,8 @@ class TartanModule(pl.LightningModule):
         return {"fused": True, "foreach": None} if fused else {"fused": None, "foreach": True}
 
     def num_optimizer_steps(self) -> int:
-        """Optimizer steps in the whole fit; `Trainer.max_steps` counts optimizer steps in manual optimization."""
-        if self.trainer.max_steps > 0:
-            return self.trainer.max_steps
+        """Optimizer steps in the whole fit: Lightning's estimate, the fewer of `max_steps` and `max_epochs` epochs'
+        batches (a training batch is one optimizer step, so `max_steps` counts optimizer steps)."""
         batches = self.trainer.estimated_stepping_batches
         if math.isinf(batches):
             raise ValueError("set Trainer max_steps or max_epochs: the LR schedule needs the run's length")

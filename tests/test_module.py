@@ -1199,6 +1199,19 @@ def test_a_training_loader_without_a_length_needs_max_steps_for_the_schedule(tin
                                                         module.end_task_head.out_proj.weight)
 
 
+def test_the_schedule_spans_the_run_when_max_epochs_ends_it_before_max_steps(tiny_encoder):
+    """`max_steps` as a cap beside `max_epochs`: planned over the cap, the schedule would still be warming up when
+    the epochs ran out."""
+    planned = []
+
+    class Plan(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            planned.append(pl_module.num_optimizer_steps())
+
+    trainer = fit(make_module(tiny_encoder), make_batches(4), max_epochs=2, max_steps=1000, callbacks=[Plan()])
+    assert planned == [8] and trainer.global_step == 8
+
+
 def test_a_training_batch_that_is_not_a_mapping_of_sources_is_named(tiny_encoder):
     batches = [tuple(batch.values()) for batch in make_batches(1)]
     with pytest.raises(BatchFormatError, match=re.escape("a training batch maps each source (end_task, each MLM")):
