@@ -477,6 +477,7 @@ class TartanModule(pl.LightningModule):
                 f"(--model.max_grad_norm) instead of Trainer(gradient_clip_val={self.trainer.gradient_clip_val}); "
                 "max_grad_norm=float('inf') does not clip"
             )
+        self._check_monitored_losses()
         trains_mlm = any(name != END_TASK for name in self.weighting.active)
         # a checkpoint or init_checkpoint brings a trained head; with the encoder frozen (the head warm-up itself)
         # the random head's gradients reach no encoder weight
@@ -491,6 +492,20 @@ class TartanModule(pl.LightningModule):
                 "heads unused): Trainer(strategy='ddp_find_unused_parameters_true') or "
                 "DDPStrategy(find_unused_parameters=True); the `tartan` command sets it for --trainer.strategy ddp"
             )
+
+    def _check_monitored_losses(self) -> None:
+        """A callback monitoring an objective's loss or weight that this run does not log (a typo, or a corpus it does
+        not train) would fail only when it first looks, after training up to it; say so before the first step."""
+        logged = [f"train/loss_{name}" for name in self.weighting.active]
+        logged += [f"train/weight_{name}" for name in self.weighting.weights()]
+        for callback in self.trainer.callbacks:
+            monitor = getattr(callback, "monitor", None)
+            objective_key = isinstance(monitor, str) and monitor.startswith(("train/loss_", "train/weight_"))
+            if objective_key and monitor not in logged:
+                raise ValueError(
+                    f"{type(callback).__name__}(monitor={monitor!r}): this run logs no such key; its objectives' are "
+                    f"{', '.join(logged)}"
+                )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """One optimizer step over the batch's micro-batches (see `micro_batches`)."""

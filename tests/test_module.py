@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from synthetic import group, loader, make_batches, with_padding
+from pytorch_lightning.callbacks import EarlyStopping
 from pytorch_lightning.plugins.precision import MixedPrecision
 from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader
@@ -1197,6 +1198,14 @@ def test_a_training_loader_without_a_length_needs_max_steps_for_the_schedule(tin
     trainer.fit(module, train_dataloaders=stream)
     assert trainer.global_step == 4 and not torch.equal(before["end_task_head.out_proj.weight"],
                                                         module.end_task_head.out_proj.weight)
+
+
+def test_a_callback_monitoring_a_loss_the_run_does_not_log_is_refused_before_the_first_step(tiny_encoder):
+    watching = EarlyStopping(monitor="train/loss_tpt", check_on_train_epoch_end=True)
+    with pytest.raises(ValueError, match=re.escape("EarlyStopping(monitor='train/loss_tpt'): this run logs no such")):
+        fit(make_module(tiny_encoder, weighting="equal"), make_batches(1), callbacks=[watching])
+    watching = EarlyStopping(monitor="train/loss_tapt", check_on_train_epoch_end=True)
+    assert fit(make_module(tiny_encoder, weighting="equal"), make_batches(1), callbacks=[watching]).global_step == 1
 
 
 def test_the_schedule_spans_the_run_when_max_epochs_ends_it_before_max_steps(tiny_encoder):
