@@ -453,8 +453,8 @@ class TartanCLI(LightningCLI):
         trained = ""
         if ckpt_path:
             trained = (
-                f". It is the tokenizer the checkpoint ({ckpt_path}) was trained with: put the folder back, or name its "
-                "new place with --model.tokenizer_name_or_path <folder>"
+                f". It is the tokenizer the checkpoint ({ckpt_path}) was trained with: put the folder back, or name "
+                "its new place with --model.tokenizer_name_or_path <folder>"
             )
         self.parser.error(f"--model.tokenizer_name_or_path {tokenizer}: no such folder{trained}")
 
