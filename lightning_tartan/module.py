@@ -503,7 +503,7 @@ class TartanModule(pl.LightningModule):
             objective_key = isinstance(monitor, str) and monitor.startswith(("train/loss_", "train/weight_"))
             if objective_key and monitor not in logged:
                 raise ValueError(
-                    f"{type(callback).__name__}(monitor={monitor!r}): this run logs no such key; its objectives' are "
+                    f"{type(callback).__name__}(monitor={monitor!r}): this run logs no such key; the objectives' keys are "
                     f"{', '.join(logged)}"
                 )
 
