@@ -503,8 +503,8 @@ class TartanModule(pl.LightningModule):
             objective_key = isinstance(monitor, str) and monitor.startswith(("train/loss_", "train/weight_"))
             if objective_key and monitor not in logged:
                 raise ValueError(
-                    f"{type(callback).__name__}(monitor={monitor!r}): this run logs no such key; the objectives' keys are "
-                    f"{', '.join(logged)}"
+                    f"{type(callback).__name__}(monitor={monitor!r}): this run logs no such key; the objectives' keys "
+                    f"are {', '.join(logged)}"
                 )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
