@@ -5,12 +5,15 @@ Lightning's `ModelCheckpoint(save_last=True)` rewrites `last.ckpt` only when it 
 so after a run's last improvement `last.ckpt` falls behind and a resumed run repeats (or loses) the steps since.
 """
 import os
+import pickle
 import re
 import signal
 import warnings
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Union
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info
@@ -18,6 +21,21 @@ from pytorch_lightning.utilities import rank_zero_info
 
 #: the file LightningCLI writes into a run's log folder when its command starts
 RUN_CONFIG = "config.yaml"
+
+
+#: what `torch.load` raises for a file that is not a whole checkpoint (cut off while being written, say)
+UNREADABLE = (RuntimeError, EOFError, OSError, pickle.UnpicklingError)
+
+
+def load_lazily(path: Union[str, Path]) -> dict[str, Any]:
+    """A checkpoint file's contents with its tensors left on disk until read (mmap), so reading its options or its
+    callbacks' states reads no weights. A file in torch's format before 1.6, which mmap cannot read, loads whole."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 class ResumableCheckpoint(ModelCheckpoint):

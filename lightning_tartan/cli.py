@@ -9,7 +9,6 @@ by) is linked into the model and the default callbacks, so it is never typed twi
 import difflib
 import importlib
 import inspect
-import pickle
 import re
 import sys
 import warnings
@@ -28,7 +27,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from transformers import AutoConfig
 
 from datamodules import DataFormatError, EndTaskDataModule  # the import registers every task for `--data <Name>`
-from lightning_tartan.checkpoints import ResumableCheckpoint
+from lightning_tartan.checkpoints import UNREADABLE, ResumableCheckpoint, load_lazily
 from lightning_tartan.heads import EncoderInputMismatch
 from lightning_tartan.module import (
     DATAMODULE_OPTIONS,
@@ -210,13 +209,8 @@ class TartanCLI(LightningCLI):
         """A checkpoint file's contents, its tensors left on disk until read; one line naming the file when it cannot
         be read (a job killed while writing it, say), and the other checkpoints beside it."""
         try:
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as err:
-                if "mmap" not in str(err):
-                    raise
-                return torch.load(path, map_location="cpu", weights_only=True)  # torch's format before 1.6
-        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+            return load_lazily(path)
+        except UNREADABLE as err:
             others = sorted(other.name for other in path.parent.glob("*.ckpt") if other.name != path.name)
             beside = f"; beside it: {', '.join(others)}" if others else ""
             reason = str(err).splitlines()[0].split(". ")[0]  # torch adds paragraphs of advice on re-saving

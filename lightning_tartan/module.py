@@ -36,6 +36,7 @@ from lightning_tartan.batch_checks import (
     check_training_sources,
     checked_source,
 )
+from lightning_tartan.checkpoints import UNREADABLE, load_lazily
 from lightning_tartan.export import check_exportable, classification_model, masked_lm_model
 from lightning_tartan.heads import (
     ClassificationHead,
@@ -287,9 +288,9 @@ class TartanModule(pl.LightningModule):
         the encoder's takes it from there too."""
         if "encoder_name_or_path" in kwargs and "tokenizer_name_or_path" not in kwargs:
             if isinstance(checkpoint_path, (str, Path)) and Path(checkpoint_path).is_file():
-                try:  # only the options are read: the tensors stay on disk
-                    saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
-                except RuntimeError:  # not a file mmap reads: Lightning's loading below says what it is
+                try:
+                    saved = load_lazily(checkpoint_path)
+                except UNREADABLE:  # Lightning's loading below says what the file is
                     saved = {}
                 options = saved.get("hyper_parameters", {})
                 if options and options.get("tokenizer_name_or_path") == options.get("encoder_name_or_path"):
